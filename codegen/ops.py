@@ -1,0 +1,349 @@
+"""The compiled op (pipeline step 6): ``nsa_dsl.compile(spec) -> NSAOps``.
+
+``NSAOps`` composes the generated kernels into the reference's forward (``forward`` has the signature of
+``nsa_dsl.reference.nsa_attention`` minus ``spec``). Each stage resolves its kernel's config per call shape:
+an explicit ``config`` given to ``compile``/``with_config`` wins, else ``nsa_dsl.tuning.lookup`` (memory ->
+user cache -> shipped -> None), else ``KernelDef.default`` for the device's architecture. Plans are rendered,
+written and imported once (``loader.load``); later calls are dictionary look-ups.
+
+A stage whose kernel is not registered (yet) falls back to the reference implementation, with a warning
+logged once per stage, so the op always works end to end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Mapping
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..spec import NSASpec
+from .loader import load
+from .plan import DeviceLimits, KernelPlan, all_kernels, make_plan
+
+__all__ = ["compile", "NSAOps", "STAGES"]
+
+log = logging.getLogger("nsa_dsl.codegen.ops")
+
+#: Stage name -> kernel name (the registry key whose emitted module's ``run`` implements it).
+STAGES = {
+    "cmp_fwd": "cmp_fwd",
+    "select": "slc_topk",
+    "slc_fwd": "slc_fwd",
+    "win_fwd": "win_fwd",
+    "combine": "combine_fwd",
+}
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(stage: str, why: str) -> None:
+    if stage not in _WARNED:
+        _WARNED.add(stage)
+        log.warning("stage %s: %s; using the PyTorch reference for it", stage, why)
+
+
+def _lookup_tuned(spec: NSASpec, kernel: str, T: int, B: int, limits: DeviceLimits) -> dict | None:  # noqa: N803
+    try:
+        from .. import tuning  # type: ignore[attr-defined]
+    except Exception:  # the tuner is optional here
+        return None
+    fn = getattr(tuning, "lookup", None)
+    if fn is None:
+        return None
+    try:
+        return fn(spec, kernel, T=T, B=B, limits=limits)
+    except Exception as e:  # a broken record must not break the op
+        log.warning("tuning.lookup(%s) failed: %s; using the default config", kernel, e)
+        return None
+
+
+def _bucket(T: int) -> int:  # noqa: N803
+    """Config-resolution cache bucket: the next power of two (the tuner stores per-T-bucket records)."""
+    return 1 << max(0, int(T - 1).bit_length())
+
+
+@dataclasses.dataclass
+class NSAOps:
+    """Generated NSA forward for one spec on one device. Build with ``nsa_dsl.compile(spec)``.
+
+    ``config``: kernel name -> params that override the defaults/tuned records for that kernel.
+    """
+
+    spec: NSASpec
+    limits: DeviceLimits
+    config: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    use_tuned: bool = True
+    _resolved: dict[tuple, KernelPlan] = dataclasses.field(default_factory=dict, repr=False)
+
+    # ---- plans and modules --------------------------------------------------------------------------
+    def has_kernel(self, kernel: str) -> bool:
+        kdef = all_kernels().get(kernel)
+        return kdef is not None and kdef.is_enabled(self.spec)
+
+    def config_for(self, kernel: str, *, T: int, B: int = 1) -> dict[str, Any]:  # noqa: N803
+        """The config ``kernel`` runs with at this shape (explicit > tuned > default)."""
+        return dict(self.plan(kernel, T=T, B=B).config)
+
+    def plan(self, kernel: str, *, T: int, B: int = 1) -> KernelPlan:  # noqa: N803
+        ck = (kernel, _bucket(T), B)
+        p = self._resolved.get(ck)
+        if p is not None:
+            return p
+        cfg = self.config.get(kernel)
+        if cfg is None and self.use_tuned:
+            cfg = _lookup_tuned(self.spec, kernel, T, B, self.limits)
+        p = make_plan(self.spec, kernel, cfg, self.limits)
+        self._resolved[ck] = p
+        return p
+
+    def module(self, kernel: str, *, T: int, B: int = 1) -> ModuleType:  # noqa: N803
+        """The imported generated module for ``kernel`` at this shape."""
+        return load(self.plan(kernel, T=T, B=B))
+
+    def with_config(self, kernel: str, params: Mapping[str, Any]) -> NSAOps:
+        """A copy whose ``kernel`` runs with ``params`` (validated now; other kernels unchanged)."""
+        make_plan(self.spec, kernel, params, self.limits)  # validate early: one-line ValueError
+        cfg = {k: dict(v) for k, v in self.config.items()}
+        cfg[kernel] = dict(params)
+        return NSAOps(spec=self.spec, limits=self.limits, config=cfg, use_tuned=self.use_tuned)
+
+    # ---- helpers --------------------------------------------------------------------------------
+    def _shape(self, q: Tensor, cu_seqlens: Tensor | None) -> tuple[int, int]:
+        if cu_seqlens is None:
+            return int(q.shape[1]), int(q.shape[0])
+        lens = cu_seqlens[1:] - cu_seqlens[:-1]
+        return int(lens.max().item()) if lens.numel() else 0, int(lens.numel())
+
+    def _cu_cmp(self, cu_seqlens: Tensor | None) -> Tensor | None:
+        if cu_seqlens is None:
+            return None
+        from ..reference import compressed_cu_seqlens
+
+        return compressed_cu_seqlens(cu_seqlens, self.spec)
+
+    def _per_seq(
+        self, fn: Callable[..., Any], cu_seqlens: Tensor | None, tensors: list, cmp_tensors: list
+    ) -> Any:
+        """Run a per-batch reference function once per packed sequence and concatenate (fallback path)."""
+        if cu_seqlens is None:
+            return fn(*tensors, *cmp_tensors)
+        offs = [int(x) for x in cu_seqlens.tolist()]
+        coffs = [int(x) for x in self._cu_cmp(cu_seqlens).tolist()]
+        parts = []
+        for s in range(len(offs) - 1):
+            a, b, ca, cb = offs[s], offs[s + 1], coffs[s], coffs[s + 1]
+            parts.append(fn(*[t[:, a:b] for t in tensors], *[t[:, ca:cb] for t in cmp_tensors]))
+        if isinstance(parts[0], tuple):
+            return tuple(torch.cat([p[i] for p in parts], 1) for i in range(len(parts[0])))
+        return torch.cat(parts, 1)
+
+    # ---- stages ---------------------------------------------------------------------------------
+    def cmp_fwd(
+        self, q: Tensor, k_cmp: Tensor, v_cmp: Tensor, cu_seqlens: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Compressed attention: (o_cmp [B,T,Hq,dv] in q's dtype, lse_cmp [B,T,Hq] float32, +inf if none)."""
+        T, B = self._shape(q, cu_seqlens)  # noqa: N806
+        if self.has_kernel("cmp_fwd"):
+            return self.module("cmp_fwd", T=T, B=B).run(q, k_cmp, v_cmp, cu_seqlens=cu_seqlens)
+        _warn_once("cmp_fwd", "kernel cmp_fwd not registered")
+        from ..reference import compressed_attention
+
+        o, lse = self._per_seq(
+            lambda a, b, c: compressed_attention(a, b, c, self.spec), cu_seqlens, [q], [k_cmp, v_cmp]
+        )
+        return o, lse.float()
+
+    def select(self, q: Tensor, k_cmp: Tensor, lse_cmp: Tensor, cu_seqlens: Tensor | None = None) -> Tensor:
+        """Selection scoring + top-n: indices [B,T,Hkv,n] int32 (-1 for unused slots)."""
+        T, B = self._shape(q, cu_seqlens)  # noqa: N806
+        if self.has_kernel("slc_topk"):
+            return self.module("slc_topk", T=T, B=B).run(q, k_cmp, lse_cmp, cu_seqlens=cu_seqlens)
+        _warn_once("select", "kernel slc_topk not registered")
+        from ..reference import compression_probs, select_blocks, selection_scores
+
+        def f(qq: Tensor, kc: Tensor) -> Tensor:
+            p = compression_probs(qq, kc, self.spec)
+            return select_blocks(selection_scores(p, self.spec, qq.shape[1]), self.spec, qq.shape[1])
+
+        return self._per_seq(f, cu_seqlens, [q], [k_cmp])
+
+    def slc_fwd(
+        self, q: Tensor, k: Tensor, v: Tensor, indices: Tensor, cu_seqlens: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Selected attention: (o_slc, lse_slc)."""
+        T, B = self._shape(q, cu_seqlens)  # noqa: N806
+        if self.has_kernel("slc_fwd"):
+            return self.module("slc_fwd", T=T, B=B).run(q, k, v, indices, cu_seqlens=cu_seqlens)
+        _warn_once("slc_fwd", "kernel slc_fwd not registered")
+        from ..reference import selected_attention
+
+        o, lse = self._per_seq(
+            lambda a, b, c, d: selected_attention(a, b, c, d, self.spec), cu_seqlens, [q, k, v, indices], []
+        )
+        return o, lse.float()
+
+    def win_fwd(
+        self, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Sliding-window attention: (o_win, lse_win)."""
+        T, B = self._shape(q, cu_seqlens)  # noqa: N806
+        if self.has_kernel("win_fwd"):
+            return self.module("win_fwd", T=T, B=B).run(q, k, v, cu_seqlens=cu_seqlens)
+        _warn_once("win_fwd", "kernel win_fwd not registered")
+        from ..reference import window_attention
+
+        o, lse = self._per_seq(
+            lambda a, b, c: window_attention(a, b, c, self.spec), cu_seqlens, [q, k, v], []
+        )
+        return o, lse.float()
+
+    def combine(self, o_cmp: Tensor, o_slc: Tensor, o_win: Tensor | None, g: Tensor) -> Tensor:
+        """o = g_cmp*o_cmp + g_slc*o_slc + g_win*o_win (fp32 math, output in o_cmp's dtype)."""
+        T, B = int(o_cmp.shape[1]), int(o_cmp.shape[0])  # noqa: N806
+        if self.has_kernel("combine_fwd"):
+            return self.module("combine_fwd", T=T, B=B).run(o_cmp, o_slc, o_win, g)
+        gf = g.float()
+        o = gf[..., 0:1] * o_cmp.float() + gf[..., 1:2] * o_slc.float()
+        if o_win is not None and self.spec.window_size > 0:
+            o = o + gf[..., 2:3] * o_win.float()
+        return o.to(o_cmp.dtype)
+
+    # ---- the op ---------------------------------------------------------------------------------
+    def forward_train(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        k_cmp: Tensor,
+        v_cmp: Tensor,
+        g: Tensor,
+        *,
+        cu_seqlens: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor | None]]:
+        """(o, saved): saved holds ``o_cmp, lse_cmp, o_slc, lse_slc, o_win, lse_win, indices`` (window
+        entries are None when the window is off)."""
+        _check_inputs(self.spec, q, k, v, k_cmp, v_cmp, g, cu_seqlens)
+        o_cmp, lse_cmp = self.cmp_fwd(q, k_cmp, v_cmp, cu_seqlens)
+        indices = self.select(q, k_cmp, lse_cmp, cu_seqlens)
+        o_slc, lse_slc = self.slc_fwd(q, k, v, indices, cu_seqlens)
+        o_win = lse_win = None
+        if self.spec.window_size > 0:
+            o_win, lse_win = self.win_fwd(q, k, v, cu_seqlens)
+        o = self.combine(o_cmp, o_slc, o_win, g)
+        saved = {
+            "o_cmp": o_cmp,
+            "lse_cmp": lse_cmp,
+            "o_slc": o_slc,
+            "lse_slc": lse_slc,
+            "o_win": o_win,
+            "lse_win": lse_win,
+            "indices": indices,
+        }
+        return o, saved
+
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        k_cmp: Tensor,
+        v_cmp: Tensor,
+        g: Tensor,
+        *,
+        cu_seqlens: Tensor | None = None,
+        return_indices: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """NSA forward with the reference's signature and semantics (``nsa_dsl.reference.nsa_attention``)."""
+        o, saved = self.forward_train(q, k, v, k_cmp, v_cmp, g, cu_seqlens=cu_seqlens)
+        if return_indices:
+            return o, saved["indices"]  # type: ignore[return-value]
+        return o
+
+    __call__ = forward
+
+
+def _check_inputs(spec: NSASpec, q, k, v, k_cmp, v_cmp, g, cu_seqlens) -> None:
+    """Shape/dtype/device checks (one-line ValueErrors naming the argument and the rule)."""
+    a = spec.attention
+    for name, x in (("q", q), ("k", k), ("v", v), ("k_cmp", k_cmp), ("v_cmp", v_cmp), ("g", g)):
+        if not isinstance(x, Tensor) or x.dim() != 4:
+            raise ValueError(
+                f"{name}: expected a 4-D torch.Tensor, got {getattr(x, 'shape', type(x).__name__)}"
+            )
+        if x.device != q.device:
+            raise ValueError(f"{name}: must be on q's device {q.device}, got {x.device}")
+    B, T, Hq, dk = q.shape  # noqa: N806
+    want = {
+        "q": (B, T, a.heads, a.head_dim_qk),
+        "k": (B, T, a.kv_heads, a.head_dim_qk),
+        "v": (B, T, a.kv_heads, a.head_dim_v),
+        "g": (B, T, a.heads, 3),
+    }
+    for name, x in (("q", q), ("k", k), ("v", v), ("g", g)):
+        if tuple(x.shape) != want[name]:
+            raise ValueError(f"{name}: expected shape {want[name]} (from spec and q), got {tuple(x.shape)}")
+    for name, x in (("k", k), ("v", v), ("k_cmp", k_cmp), ("v_cmp", v_cmp)):
+        if x.dtype != q.dtype:
+            raise ValueError(f"{name}: must have q's dtype {q.dtype}, got {x.dtype}")
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"q: dtype must be float32, float16 or bfloat16, got {q.dtype}")
+    if cu_seqlens is None:
+        tc = spec.num_compressed(T)
+    else:
+        if B != 1:
+            raise ValueError(f"cu_seqlens: requires B = 1 (packed sequences), got B = {B}")
+        if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
+            raise ValueError("cu_seqlens: expected a 1-D int32 tensor [N+1]")
+        if int(cu_seqlens[-1]) != T or int(cu_seqlens[0]) != 0:
+            raise ValueError(f"cu_seqlens: must start at 0 and end at T = {T}")
+        from ..reference import compressed_cu_seqlens
+
+        tc = int(compressed_cu_seqlens(cu_seqlens, spec)[-1])
+    if tuple(k_cmp.shape) != (B, tc, a.kv_heads, a.head_dim_qk):
+        raise ValueError(
+            f"k_cmp: expected shape {(B, tc, a.kv_heads, a.head_dim_qk)}, got {tuple(k_cmp.shape)}"
+        )
+    if tuple(v_cmp.shape) != (B, tc, a.kv_heads, a.head_dim_v):
+        raise ValueError(
+            f"v_cmp: expected shape {(B, tc, a.kv_heads, a.head_dim_v)}, got {tuple(v_cmp.shape)}"
+        )
+
+
+def compile(  # noqa: A001 - the public name the contract asks for
+    spec: NSASpec | str,
+    config: Mapping[str, Mapping[str, Any]] | None = None,
+    *,
+    tune: bool = False,
+    device: Any = None,
+) -> NSAOps:
+    """Build the generated NSA op for ``spec`` (an ``NSASpec``, a built-in name or a YAML path).
+
+    ``config``: kernel name -> params overriding that kernel's config. ``tune=True`` runs the tuner
+    (``nsa_dsl.tuning.tune``) for this spec and device first. ``device``: the CUDA device whose limits pick
+    default configs (default: current; CPU -> the Triton interpreter).
+    """
+    if not isinstance(spec, NSASpec):
+        from ..spec import load_spec
+
+        spec = load_spec(spec)
+    limits = DeviceLimits.detect(device)
+    known = all_kernels()
+    cfg: dict[str, dict[str, Any]] = {}
+    for kname, params in (config or {}).items():
+        if kname not in known:
+            raise ValueError(f"config.{kname}: unknown kernel (registered: {', '.join(sorted(known))})")
+        make_plan(spec, kname, params, limits)  # validates: one-line ValueError
+        cfg[kname] = dict(params)
+    ops = NSAOps(spec=spec, limits=limits, config=cfg)
+    if tune:
+        try:
+            from ..tuning import tune as _tune  # type: ignore[attr-defined]
+        except Exception as e:
+            raise RuntimeError(f"tune: the tuner is not available ({e})") from None
+        _tune(spec, limits=limits)
+    return ops

@@ -1,0 +1,65 @@
+"""Rendering (pipeline step 4): ``KernelPlan`` -> Triton source text.
+
+Templates live in ``codegen/templates`` (jinja2, ``StrictUndefined``: a missing constant is an error, never an
+empty string). Every template does ``{% import "_macros.j2" as m %}`` for the shared pieces. The emitted file
+starts with a header naming the spec (hash and values), the config and the generator version; it imports only
+torch/triton (and the standard library) and runs on its own.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+
+import jinja2
+
+from .plan import GENERATOR_VERSION, TEMPLATE_DIR, KernelPlan
+
+__all__ = ["render", "header", "environment"]
+
+
+@lru_cache(maxsize=1)
+def environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+    env.filters["pyrepr"] = repr
+    return env
+
+
+def header(plan: KernelPlan) -> str:
+    """The comment block every emitted file starts with."""
+    spec_yaml = plan.spec.to_yaml().rstrip("\n").splitlines()
+    lines = [
+        f"# nsa-dsl generated kernel: {plan.kernel}  (pass: {plan.kdef.pass_})",
+        f"# generator: {GENERATOR_VERSION}",
+        f"# key: {plan.key}",
+        f"# spec: {plan.spec.name}  hash: {plan.spec.hash}",
+        f"# config: {json.dumps(dict(plan.config), sort_keys=True)}",
+        f"# device: {plan.limits.name} ({plan.limits.arch})",
+        "# spec values:",
+        *[f"#   {ln}" for ln in spec_yaml],
+        "# DO NOT EDIT: regenerate with `nsa-compile SPEC -o DIR`.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def render(plan: KernelPlan) -> str:
+    """Render ``plan`` to Python/Triton source (header first)."""
+    tmpl = environment().get_template(plan.kdef.template)
+    body = tmpl.render(
+        plan=plan,
+        spec=plan.spec,
+        c=plan.constants,
+        cfg=plan.config,
+        kernel=plan.kernel,
+        key=plan.key,
+        spec_hash=plan.spec.hash,
+        generator_version=GENERATOR_VERSION,
+    )
+    return header(plan) + body
