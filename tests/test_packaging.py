@@ -1,0 +1,125 @@
+"""Packaging: the README's two commands, `.ci/run` running the test command verbatim, and a normal
+(non-editable) install that imports ``nsa_dsl.codegen`` / ``nsa_dsl.tuning`` and finds specs by name."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+CI_RUN = ROOT / ".ci" / "run"
+
+needs_source = pytest.mark.skipif(not README.exists(), reason="not running from a source checkout")
+
+
+def _setup_commands() -> list[str]:
+    text = README.read_text()
+    m = re.search(r"^## Set up\n(.*?)(?=^## )", text, flags=re.S | re.M)
+    assert m, "README has no '## Set up' section"
+    blocks = re.findall(r"```(?:bash|sh)?\n(.*?)```", m.group(1), flags=re.S)
+    return [b.strip() for b in blocks]
+
+
+@needs_source
+def test_readme_has_exactly_two_setup_commands():
+    cmds = _setup_commands()
+    assert len(cmds) == 2, cmds
+    assert all("\n" not in c for c in cmds), "each set-up command is one line"
+    main, test = cmds
+    assert main.startswith("pip install ") and "nsa-compile nsa_paper" in main
+    assert "'.[test]'" in test and "pytest" in test
+    assert "torch==" in main and "torch==" in test  # a bare `torch` would pull a multi-GB CUDA build
+
+
+@needs_source
+def test_ci_runs_the_readme_test_command_verbatim():
+    test_cmd = _setup_commands()[1]
+    lines = [ln.strip() for ln in CI_RUN.read_text().splitlines()]
+    assert test_cmd in lines, f"{test_cmd!r} is not a line of .ci/run"
+    assert os.access(CI_RUN, os.X_OK), ".ci/run must be executable"
+    assert CI_RUN.read_text().startswith("#!/usr/bin/env bash")
+
+
+@needs_source
+def test_semantics_document_is_linked():
+    assert "nsa_dsl/SEMANTICS.md" in README.read_text()
+
+
+def test_installed_layout_in_this_environment():
+    import nsa_dsl.codegen  # noqa: F401 - installs from codegen/
+    import nsa_dsl.tuning  # noqa: F401 - installs from tuning/
+
+    import nsa_dsl
+    from nsa_dsl import list_builtin_specs
+
+    assert {"nsa_paper", "fla_compat", "small_group", "tiny"} <= set(list_builtin_specs())
+    assert nsa_dsl.__version__
+
+
+_CHECK = textwrap.dedent(
+    """
+    import os, sys
+    import nsa_dsl, nsa_dsl.codegen, nsa_dsl.tuning
+    from nsa_dsl import load_spec, list_builtin_specs
+    site = os.path.realpath(sys.argv[1])
+    for mod in (nsa_dsl, nsa_dsl.codegen, nsa_dsl.tuning):
+        assert os.path.realpath(mod.__file__).startswith(site), (mod.__name__, mod.__file__)
+    assert {"nsa_paper", "fla_compat", "small_group", "tiny"} <= set(list_builtin_specs())
+    assert load_spec("nsa_paper").attention.heads == 64
+    print("OK", sorted(list_builtin_specs()))
+    """
+)
+
+
+@needs_source
+def test_normal_install_imports_codegen_tuning_and_finds_specs(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "build", "dist")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, src / name)
+    for name in ("nsa_dsl", "codegen", "tuning", "specs"):
+        shutil.copytree(ROOT / name, src / name, ignore=ignore)
+    wheels = tmp_path / "wheels"
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(src)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert build.returncode == 0, build.stdout + build.stderr
+    (wheel,) = wheels.glob("nsa_dsl-*.whl")
+    site = tmp_path / "site"
+    inst = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert inst.returncode == 0, inst.stdout + inst.stderr
+    # the wheel ships the spec files and maps codegen/ and tuning/ under nsa_dsl (never as top-level names)
+    assert (site / "nsa_dsl" / "specs" / "nsa_paper.yaml").is_file()
+    assert (site / "nsa_dsl" / "codegen" / "__init__.py").is_file()
+    assert (site / "nsa_dsl" / "tuning" / "__init__.py").is_file()
+    assert not (site / "codegen").exists() and not (site / "tuning").exists()
+    if (ROOT / "nsa_dsl" / "SEMANTICS.md").exists():
+        assert (site / "nsa_dsl" / "SEMANTICS.md").is_file()
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    run = subprocess.run(
+        [sys.executable, "-c", _CHECK, str(site)],
+        cwd=tmp_path,  # not the checkout: nothing importable from the source tree
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.startswith("OK")
