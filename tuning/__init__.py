@@ -1,0 +1,214 @@
+"""nsa_dsl.tuning: the autotuner (pipeline step 6) — Optuna search over generated kernels, per-GPU cache.
+
+Lookup order for a kernel's config (``lookup``): in-memory -> the user's cache
+(``<cache_root>/tuning/records.json``; ``NSA_DSL_CACHE_DIR`` overrides the root) -> configs shipped in the
+package (``nsa_dsl/tuning/configs/*.json``) -> None, in which case the caller uses the kernel's deterministic
+per-architecture default (``KernelDef.default``). Nothing is tuned implicitly unless
+``NSA_DSL_AUTOTUNE=1`` (then a missing record is tuned on first lookup) or the caller asks
+(``nsa_dsl.compile(spec, tune=True)`` -> ``tune_kernel``).
+
+Records are keyed by GPU name, compute capability, SM count, triton/torch/generator versions, spec hash,
+kernel and shape bucket (T and B rounded up to powers of two); see ``keys``.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import os
+import threading
+from typing import Any
+
+from .keys import bucket, canonical, key_fields, record_key
+
+__all__ = [
+    "lookup",
+    "tune_kernel",
+    "tune",
+    "TuneResult",
+    "autotune_enabled",
+    "clear_memory",
+    "export_records",
+    "import_records",
+    "bucket",
+    "key_fields",
+    "record_key",
+    "canonical",
+]
+
+log = logging.getLogger("nsa_dsl.tuning")
+
+_MEMORY: dict[str, dict[str, Any]] = {}
+_MEM_LOCK = threading.Lock()
+_TUNING: contextvars.ContextVar[bool] = contextvars.ContextVar("nsa_dsl_tuning_active", default=False)
+
+
+def _memory_put(key: str, config: dict[str, Any]) -> None:
+    with _MEM_LOCK:
+        _MEMORY[key] = dict(config)
+
+
+def clear_memory() -> None:
+    """Forget the in-memory tier (the next lookup reads the files again)."""
+    with _MEM_LOCK:
+        _MEMORY.clear()
+
+
+def autotune_enabled() -> bool:
+    """True when ``NSA_DSL_AUTOTUNE=1`` (tune missing records on lookup)."""
+    return os.environ.get("NSA_DSL_AUTOTUNE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _shipped_match(fields: dict[str, Any], kdef: Any, spec: Any, limits: Any) -> dict[str, Any] | None:
+    """Best shipped record for ``fields``: same spec hash, kernel and batch bucket; the same GPU
+    name (else the same compute capability); the nearest T bucket (ties -> the smaller). Software versions
+    are not compared (shipped configs are data, re-validated with ``KernelDef.check`` under the current
+    limits)."""
+    import math
+
+    from .store import shipped_records
+
+    best: tuple[tuple[int, float, int], dict[str, Any]] | None = None
+    for rec in shipped_records().values():
+        f = rec["fields"]
+        if (f.get("spec_hash"), f.get("kernel"), f.get("B_bucket")) != (
+            fields["spec_hash"],
+            fields["kernel"],
+            fields["B_bucket"],
+        ):
+            continue
+        if f.get("capability") != fields["capability"]:
+            continue
+        same_gpu = f.get("gpu") == fields["gpu"]
+        tb = int(f.get("T_bucket", 1))
+        rank = (0 if same_gpu else 1, abs(math.log2(tb) - math.log2(fields["T_bucket"])), tb)
+        if best is None or rank < best[0]:
+            best = (rank, rec)
+    if best is None:
+        return None
+    cfg = dict(best[1]["config"])
+    if kdef is not None:
+        try:
+            full = {**kdef.default(spec, limits), **cfg}
+            why = kdef.check(spec, full, limits)
+        except Exception as e:  # a stale shipped config must never break a lookup
+            why = f"{type(e).__name__}: {e}"
+        if why:
+            log.info("shipped config for %s ignored: %s", fields["kernel"], why)
+            return None
+        cfg = full
+    return cfg
+
+
+def lookup(
+    spec: Any,
+    kernel: str,
+    *,
+    T: int,  # noqa: N803
+    B: int = 1,  # noqa: N803
+    limits: Any = None,
+    registry: dict[str, Any] | None = None,
+) -> dict[str, Any] | None:
+    """The tuned config of ``kernel`` for ``spec`` at shape (T, B) on this device, or None (use the default).
+
+    Order: memory -> user cache -> shipped configs -> (tune now, only if ``NSA_DSL_AUTOTUNE=1``) -> None.
+    Never raises for cache problems (corrupt files are reported in the log and ignored).
+    """
+    from ._compat import detect_limits, get_registry
+    from .store import user_store
+
+    if limits is None:
+        limits = detect_limits()
+    fields = key_fields(spec, kernel, T=T, B=B, limits=limits)
+    key = record_key(fields)
+    with _MEM_LOCK:
+        hit = _MEMORY.get(key)
+    if hit is not None:
+        return dict(hit)
+    try:
+        rec = user_store().get(key, fields)
+    except Exception as e:  # unreadable cache dir etc.: never fatal
+        log.warning("tuning cache lookup failed (%s); ignoring the user cache", e)
+        rec = None
+    if rec is not None:
+        _memory_put(key, rec["config"])
+        return dict(rec["config"])
+    reg = get_registry() if registry is None else registry
+    cfg = _shipped_match(fields, reg.get(kernel), spec, limits)
+    if cfg is not None:
+        _memory_put(key, cfg)
+        return dict(cfg)
+    if autotune_enabled() and not _TUNING.get() and kernel in reg:
+        log.info("NSA_DSL_AUTOTUNE=1: tuning %s at T=%d B=%d", kernel, T, B)
+        try:
+            return dict(tune_kernel(spec, kernel, T=T, B=B, limits=limits, registry=registry).config)
+        except Exception as e:
+            log.warning("autotuning %s failed (%s); using the default config", kernel, e)
+    return None
+
+
+def tune_kernel(spec: Any, kernel: str, *, T: int, B: int = 1, **kwargs: Any) -> Any:  # noqa: N803
+    """Tune one kernel at one shape (see ``search.tune_kernel`` for the options); returns a ``TuneResult``.
+    Lookups made while tuning never trigger tuning themselves."""
+    from .search import tune_kernel as _tune
+
+    tok = _TUNING.set(True)
+    try:
+        return _tune(spec, kernel, T=T, B=B, **kwargs)
+    finally:
+        _TUNING.reset(tok)
+
+
+def tune(
+    spec: Any,
+    *,
+    kernels: list[str] | None = None,
+    seq_lens: list[int] = (8192,),
+    B: int = 1,  # type: ignore[assignment]  # noqa: N803
+    **kwargs: Any,
+) -> list[Any]:
+    """Tune several kernels (default: every registered forward kernel) at several sequence lengths."""
+    from ._compat import get_registry
+
+    reg = kwargs.get("registry") or get_registry()
+    names = kernels or sorted(k for k, d in reg.items() if getattr(d, "pass_", "fwd") == "fwd")
+    return [tune_kernel(spec, k, T=t, B=B, **kwargs) for t in seq_lens for k in names]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "TuneResult":
+        from .search import TuneResult
+
+        return TuneResult
+    raise AttributeError(f"module 'nsa_dsl.tuning' has no attribute {name!r}")
+
+
+def export_records(path: str | os.PathLike[str]) -> int:
+    """Write every record of the user cache to ``path`` (same file format); returns how many."""
+    from .store import RecordStore, user_store
+
+    recs = user_store().load()
+    out = RecordStore(path)
+    if os.path.exists(path):
+        os.unlink(path)
+    out.put_many(recs.values())
+    return len(recs)
+
+
+def import_records(path: str | os.PathLike[str]) -> int:
+    """Merge the records of ``path`` into the user cache (same key = replaced); returns how many."""
+    from pathlib import Path
+
+    from .store import _parse, user_store
+
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ValueError(f"import: cannot read {path}: {e.strerror or e}") from None
+    recs = _parse(text, str(p))
+    if recs is None:
+        raise ValueError(f"import: {path} is not a tuning-records file (corrupt or another format)")
+    n = user_store().put_many(recs.values())
+    clear_memory()
+    return n

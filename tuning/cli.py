@@ -1,0 +1,304 @@
+"""``nsa-tune``: tune a spec's generated kernels on this machine's GPU(s) and cache the result.
+
+    nsa-tune SPEC [--seq-lens 8k,32k,64k] [--kernels fwd,bwd,decode|NAMES] (--trials N | --budget-seconds S)
+                  [--batch B] [--workers N] [--seed S] [--force]
+    nsa-tune export FILE      # write every record of the user cache to FILE
+    nsa-tune import FILE      # merge FILE's records into the user cache
+
+A second run of the same command is a cache hit (seconds). An interrupted run resumes where it stopped (the
+Optuna study is stored beside the cache). Errors: one line on stderr, exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from typing import Any
+
+__all__ = ["main", "parse_seq_lens"]
+
+_GROUPS = ("fwd", "bwd", "decode")
+
+
+class CliError(Exception):
+    pass
+
+
+def parse_seq_lens(text: str) -> list[int]:
+    """``"8k,32k,65536"`` -> [8192, 32768, 65536] (k = 1024, m = 1024**2)."""
+    out = []
+    for part in text.split(","):
+        p = part.strip().lower()
+        if not p:
+            continue
+        mult = 1
+        if p[-1] in "km":
+            mult = 1024 if p[-1] == "k" else 1024 * 1024
+            p = p[:-1]
+        try:
+            v = int(float(p) * mult)
+        except ValueError:
+            raise CliError(f"--seq-lens: '{part}' is not a length (e.g. 8k, 32768)") from None
+        if v < 1:
+            raise CliError(f"--seq-lens: lengths must be positive, got '{part}'")
+        out.append(v)
+    if not out:
+        raise CliError("--seq-lens: give at least one length")
+    return out
+
+
+def _positive(name: str, cast: Any) -> Any:
+    def f(s: str) -> Any:
+        try:
+            v = cast(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name}: must be a positive number, got {s!r}") from None
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"{name}: must be positive, got {s!r}")
+        return v
+
+    return f
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        raise CliError(message)
+
+
+def _tune_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="nsa-tune", description="Tune the generated NSA kernels of a spec on this GPU.")
+    p.add_argument("spec", help="spec name (nsa_paper, ...) or YAML path")
+    p.add_argument("--seq-lens", default="8k", help="comma-separated T values, e.g. 8k,32k,64k (default 8k)")
+    p.add_argument("--kernels", default="fwd", help="groups fwd,bwd,decode and/or kernel names (default fwd)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(
+        "--trials", type=_positive("--trials", int), help="evaluated candidates per kernel and shape"
+    )
+    g.add_argument(
+        "--budget-seconds",
+        type=_positive("--budget-seconds", float),
+        help="total search time, split evenly over kernels and shapes",
+    )
+    p.add_argument("--batch", type=_positive("--batch", int), default=1, help="batch size B (default 1)")
+    p.add_argument(
+        "--workers",
+        type=_positive("--workers", int),
+        default=1,
+        help="worker processes, one GPU each, sharing one Optuna storage",
+    )
+    p.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
+    p.add_argument("--force", action="store_true", help="search again even if the cache has a record")
+    p.add_argument("--sampler", choices=("tpe", "random"), default="tpe", help=argparse.SUPPRESS)
+    p.add_argument("--fake", action="store_true", help=argparse.SUPPRESS)  # fake kernel/timer (tests, demos)
+    return p
+
+
+def _select_kernels(spec: Any, names: str, registry: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(kernels to tune, skip messages)."""
+    chosen: list[str] = []
+    notes: list[str] = []
+    for item in [s.strip() for s in names.split(",") if s.strip()]:
+        if item in _GROUPS:
+            ks = sorted(k for k, d in registry.items() if getattr(d, "pass_", None) == item)
+            if not ks:
+                notes.append(f"{item}: no {item} kernels are registered in nsa_dsl.codegen yet; skipped")
+            chosen += [k for k in ks if k not in chosen]
+        elif item in registry:
+            if item not in chosen:
+                chosen.append(item)
+        else:
+            known = ", ".join(sorted(registry)) or "none"
+            raise CliError(
+                f"--kernels: unknown kernel or group '{item}' (groups: fwd, bwd, decode; kernels: {known})"
+            )
+    out = []
+    for k in chosen:
+        d = registry[k]
+        enabled = getattr(d, "is_enabled", None)
+        if callable(enabled) and not enabled(spec):
+            notes.append(f"{k}: not used by this spec; skipped")
+        else:
+            out.append(k)
+    return out, notes
+
+
+def _fmt_ms(v: float | None) -> str:
+    return "-" if v is None else (f"{v:.4f}" if v < 1 else f"{v:.3f}")
+
+
+def _run_tune(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from nsa_dsl import load_spec
+
+    from . import tune_kernel
+    from ._compat import detect_limits, get_registry
+    from .targets import NoTarget
+
+    console = Console(width=None if sys.stdout.isatty() else 130)
+    spec = load_spec(args.spec)
+    seq_lens = parse_seq_lens(args.seq_lens)
+    trials = args.trials if args.trials or args.budget_seconds else 32
+    extra: dict[str, Any] = {}
+    if args.fake:
+        from .testing import fake_registry, fake_target_factory, fake_time
+        from .timing import FakeTimer
+
+        registry = fake_registry()
+        extra = {"registry": registry, "target_factory": fake_target_factory, "timer": FakeTimer(fake_time)}
+    else:
+        registry = get_registry()
+    kernels, notes = _select_kernels(spec, args.kernels, registry)
+    for n in notes:
+        console.print(f"[yellow]note[/]: {n}")
+    if not kernels:
+        raise CliError(f"--kernels: nothing to tune for '{args.kernels}' (see the notes above)")
+    limits = detect_limits()
+    jobs = [(k, t) for t in seq_lens for k in kernels]
+    budget = args.budget_seconds / len(jobs) if args.budget_seconds else None
+    console.print(
+        f"nsa-tune: spec {spec.name} ({spec.hash}) on {limits.name}; {len(jobs)} kernel x shape jobs, "
+        + (f"{trials} trials each" if budget is None else f"{budget:.1f} s each")
+        + (f", {args.workers} workers" if args.workers > 1 else "")
+    )
+    results = []
+    failures: list[str] = []
+    t0 = time.monotonic()
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as prog:
+        for k, t in jobs:
+            task = prog.add_task(f"{k} T={t}", total=trials)
+
+            def cb(done: int, total: int | None, _task: Any = task) -> None:
+                prog.update(_task, completed=done, total=total)
+
+            try:
+                res = tune_kernel(
+                    spec,
+                    k,
+                    T=t,
+                    B=args.batch,
+                    limits=limits,
+                    trials=None if budget else trials,
+                    budget_seconds=budget,
+                    seed=args.seed,
+                    force=args.force,
+                    workers=args.workers,
+                    sampler=args.sampler,
+                    progress=cb,
+                    **extra,
+                )
+            except NoTarget as e:
+                prog.update(task, description=f"{k} T={t} (skipped)")
+                console.print(f"[yellow]note[/]: {e}; skipped")
+                continue
+            except (RuntimeError, ValueError) as e:
+                prog.update(task, description=f"{k} T={t} (failed)")
+                failures.append(f"{k} T={t}: {str(e).strip().splitlines()[0] if str(e).strip() else e!r}")
+                continue
+            if res.from_cache:
+                prog.update(
+                    task, completed=res.trials, total=res.trials or 1, description=f"{k} T={t} (cached)"
+                )
+            results.append(res)
+    table = Table(title=f"nsa-tune {spec.name} on {limits.name} (B={args.batch})")
+    for col in ("kernel", "T", "default ms", "tuned ms", "speedup", "trials", "failed", "source", "seconds"):
+        table.add_column(col, justify="left" if col in ("kernel", "source") else "right")
+    sp = []
+    for r in results:
+        s = r.speedup
+        if s:
+            sp.append(s)
+        table.add_row(
+            r.kernel,
+            str(r.T),
+            _fmt_ms(r.default_ms),
+            _fmt_ms(r.time_ms),
+            "-" if s is None else f"{s:.2f}x",
+            str(r.trials),
+            str(r.failed + r.rejected),
+            "cache" if r.from_cache else "tuned",
+            f"{r.seconds:.1f}",
+        )
+    console.print(table)
+    if sp:
+        gm = math.exp(sum(math.log(x) for x in sp) / len(sp))
+        console.print(f"geometric-mean speedup over defaults: {gm:.3f}x; total {time.monotonic() - t0:.1f} s")
+    if failures:
+        for f in failures[1:]:
+            print(f"nsa-tune: failed: {f}", file=sys.stderr)
+        raise CliError(f"{len(failures)} job(s) failed; first: {failures[0]}")
+    return 0
+
+
+def _run_io(cmd: str, argv: list[str]) -> int:
+    from . import export_records, import_records
+    from ._compat import tuning_dir
+
+    p = _Parser(prog=f"nsa-tune {cmd}", description=f"{cmd} tuning records")
+    p.add_argument("file")
+    a = p.parse_args(argv)
+    if cmd == "export":
+        n = export_records(a.file)
+        print(f"exported {n} records from {tuning_dir()} to {a.file}")
+    else:
+        try:
+            n = import_records(a.file)
+        except ValueError as e:
+            raise CliError(str(e)) from None
+        print(f"imported {n} records from {a.file} into {tuning_dir()}")
+    return 0
+
+
+def _ensure_interpreter_without_gpu() -> None:
+    """Without a CUDA device the generated kernels can only run in Triton's interpreter."""
+    import os
+
+    if "TRITON_INTERPRET" in os.environ:
+        return
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["TRITON_INTERPRET"] = "1"
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _ensure_interpreter_without_gpu()
+    try:
+        if argv and argv[0] in ("export", "import"):
+            return _run_io(argv[0], argv[1:])
+        args = _tune_parser().parse_args(argv)
+        return _run_tune(args)
+    except KeyboardInterrupt:
+        print("nsa-tune: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the CLI reports every error in one line
+        from nsa_dsl.spec import SpecError
+
+        if isinstance(e, SpecError):
+            for line in str(e).splitlines():
+                print(f"nsa-tune: error: {line}", file=sys.stderr)
+        else:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if isinstance(e, KeyError) and msg.startswith(("'", '"')):
+                msg = msg.strip("'\"")
+            print(f"nsa-tune: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,639 @@
+"""The search: an Optuna study over a kernel's pruned space, one record per (device, versions, spec, kernel,
+shape bucket).
+
+Every evaluated trial compiles the candidate (``target.build``), checks its output against the reference on a
+small input (``target.gate``; a wrong candidate is a failed trial and can never win) and times it with the
+injected timer. Invalid points (``KernelDef.check`` + the tuner's device checks) are pruned before compiling;
+points already evaluated reuse their result. Compile errors and out-of-resource errors are failed trials.
+
+The study lives in an Optuna journal file under ``<cache_root>/tuning/studies/`` named after the record
+key, so an interrupted run resumes where it stopped and several worker processes (one per GPU) can share it.
+
+Sampler: TPE (seeded, multivariate). Reasoning and measurement: see ``compare_samplers`` and bench/RESULTS.md
+"## Autotuning". When the trial budget covers every valid point the search is exhaustive.
+
+The choice is deterministic: the best few candidates and the default are re-timed, then every candidate
+within ``tie_tol`` (relative) of the best counts as tied and the tie goes to the default config if it is
+tied, else to the candidate whose canonical config JSON sorts first. Every process reading the same study
+picks the same one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._compat import detect_limits, get_kernel_def, tuning_dir
+from .keys import canonical, key_fields, record_key
+from .space import full_config, valid_points, why_invalid
+from .timing import Candidate, default_timer
+
+__all__ = [
+    "TuneResult",
+    "CandidateRejected",
+    "tune_kernel",
+    "choose",
+    "study_storage",
+    "open_study",
+    "run_search",
+    "evaluated_trials",
+]
+
+log = logging.getLogger("nsa_dsl.tuning.search")
+
+DEFAULT_TIE_TOL = 0.02
+
+
+class CandidateRejected(RuntimeError):
+    """A candidate's output disagreed with the reference (the correctness gate)."""
+
+
+class _TrialFailed(RuntimeError):
+    """Internal: an evaluated trial failed (compile error, out of resources, rejected by the gate)."""
+
+
+@dataclass
+class TuneResult:
+    """Outcome of tuning one kernel at one shape bucket."""
+
+    kernel: str
+    T: int
+    B: int
+    key: str
+    config: dict[str, Any]
+    time_ms: float | None
+    default_config: dict[str, Any]
+    default_ms: float | None
+    trials: int = 0  # evaluated (compiled) candidates in the study
+    failed: int = 0  # compile / resource failures
+    rejected: int = 0  # wrong output (correctness gate)
+    invalid: int = 0  # pruned before compiling
+    grid: int = 0  # valid points in the pruned grid
+    seconds: float = 0.0
+    from_cache: bool = False
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def speedup(self) -> float | None:
+        if self.time_ms and self.default_ms:
+            return self.default_ms / self.time_ms
+        return None
+
+    def to_record(self) -> dict[str, Any]:
+        from nsa_dsl import __version__
+
+        return {
+            "fields": self.fields,
+            "config": self.config,
+            "time_ms": self.time_ms,
+            "default_config": self.default_config,
+            "default_ms": self.default_ms,
+            "trials": self.trials,
+            "failed": self.failed,
+            "rejected": self.rejected,
+            "grid": self.grid,
+            "tuning_seconds": round(self.seconds, 3),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "nsa_dsl": __version__,
+        }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# storage
+# ----------------------------------------------------------------------------------------------------------
+
+
+def study_storage(path: str | os.PathLike[str] | None, key: str) -> tuple[Any, str]:
+    """(Optuna JournalStorage, study name) for a record key; ``path`` None = the default journal file."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
+    if path is None:
+        path = tuning_dir() / "studies" / f"{key}.journal"
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    backend = JournalFileBackend(str(p), lock_obj=JournalFileOpenLock(str(p) + ".lock"))
+    _ = optuna  # imported for its side effects on logging config below
+    return JournalStorage(backend), f"nsa-tune:{key}"
+
+
+@contextlib.contextmanager
+def _quiet_optuna() -> Iterator[None]:
+    import optuna
+
+    old = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(old)
+
+
+def _sampler(name: str, seed: int, n_startup: int) -> Any:
+    import optuna
+
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=n_startup)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise ValueError(f"sampler: must be 'tpe' or 'random', got {name!r}")
+
+
+def open_study(storage: Any, name: str, *, sampler: str = "tpe", seed: int = 0, n_startup: int = 8) -> Any:
+    import optuna
+
+    with _quiet_optuna():
+        return optuna.create_study(
+            study_name=name,
+            storage=storage,
+            direction="minimize",
+            sampler=_sampler(sampler, seed, n_startup),
+            load_if_exists=True,
+        )
+
+
+def evaluated_trials(study: Any) -> list[Any]:
+    """Trials that compiled a candidate (complete, not duplicates) or failed while doing so."""
+    import optuna
+
+    out = []
+    for t in study.get_trials(deepcopy=False):
+        if t.state == optuna.trial.TrialState.COMPLETE and not t.user_attrs.get("duplicate"):
+            out.append(t)
+        elif t.state == optuna.trial.TrialState.FAIL and t.user_attrs.get("evaluated"):
+            out.append(t)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# objective
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Ctx:
+    kdef: Any
+    spec: Any
+    limits: Any
+    space: dict[str, list[Any]]
+    target: Any
+    timer: Callable[[Candidate], float]
+
+
+def _evaluate(ctx: _Ctx, cfg: dict[str, Any]) -> float:
+    """Compile, gate, time one config; raises on failure (message says which step)."""
+    try:
+        built = ctx.target.build(cfg)
+    except Exception as e:
+        raise _TrialFailed(f"compile: {type(e).__name__}: {_first_line(e)}") from e
+    try:
+        why = ctx.target.gate(built, cfg)
+    except Exception as e:
+        raise _TrialFailed(f"run: {type(e).__name__}: {_first_line(e)}") from e
+    if why:
+        raise CandidateRejected(f"gate: {why}")
+    cand = ctx.target.candidate(built, cfg)
+    try:
+        ms = float(ctx.timer(cand))
+    except Exception as e:
+        raise _TrialFailed(f"timing: {type(e).__name__}: {_first_line(e)}") from e
+    if not ms == ms or ms <= 0:  # NaN or nonsense
+        raise _TrialFailed(f"timing: invalid time {ms!r}")
+    return ms
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return s[0][:300] if s else ""
+
+
+def _objective(ctx: _Ctx) -> Callable[[Any], float]:
+    import optuna
+
+    def objective(trial: Any) -> float:
+        point = {p: trial.suggest_categorical(p, list(ctx.space[p])) for p in sorted(ctx.space)}
+        cfg = full_config(ctx.kdef, ctx.spec, point, ctx.limits)
+        c = canonical(cfg)
+        trial.set_user_attr("config", c)
+        why = why_invalid(ctx.kdef, ctx.spec, cfg, ctx.limits)
+        if why:
+            trial.set_user_attr("invalid", why)
+            raise optuna.TrialPruned(why)
+        for t in trial.study.get_trials(deepcopy=False):
+            if t.number == trial.number or t.user_attrs.get("config") != c:
+                continue
+            if t.state == optuna.trial.TrialState.COMPLETE:
+                trial.set_user_attr("duplicate", True)
+                return float(t.value)
+            if t.state == optuna.trial.TrialState.FAIL and t.user_attrs.get("evaluated"):
+                trial.set_user_attr("duplicate", True)
+                raise optuna.TrialPruned("duplicate of a failed candidate")
+        trial.set_user_attr("evaluated", True)
+        try:
+            return _evaluate(ctx, cfg)
+        except CandidateRejected as e:
+            trial.set_user_attr("rejected", str(e))
+            log.info("candidate %s rejected: %s", c, e)
+            raise _TrialFailed(str(e)) from None
+        except _TrialFailed as e:
+            trial.set_user_attr("error", str(e))
+            log.info("candidate %s failed: %s", c, e)
+            raise
+
+    return objective
+
+
+def run_search(
+    study: Any,
+    ctx: _Ctx,
+    *,
+    trials: int | None,
+    budget_seconds: float | None,
+    n_valid: int,
+    progress: Callable[[int, int | None], None] | None = None,
+    max_attempts: int | None = None,
+) -> None:
+    """Run trials until the study holds ``trials`` evaluated candidates (counted study-wide, so several
+    workers share one budget), the time budget is spent, or every valid point has been evaluated."""
+    t0 = time.monotonic()
+    target = min(trials, n_valid) if trials is not None else n_valid
+    attempts = 0
+    cap = max_attempts if max_attempts is not None else 30 * max(target, 1) + 100
+    obj = _objective(ctx)
+    with _quiet_optuna():
+        while True:
+            done = len(evaluated_trials(study))
+            if progress:
+                progress(done, target if trials is not None else None)
+            if done >= target:
+                break
+            if budget_seconds is not None and time.monotonic() - t0 >= budget_seconds:
+                break
+            if attempts >= cap:
+                log.warning("search stopped after %d attempts with %d evaluated candidates", attempts, done)
+                break
+            study.optimize(obj, n_trials=1, catch=(_TrialFailed,))
+            attempts += 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# choice
+# ----------------------------------------------------------------------------------------------------------
+
+
+def choose(times: dict[str, float], *, default: str | None = None, tie_tol: float = DEFAULT_TIE_TOL) -> str:
+    """The winning canonical config among ``times`` (canonical JSON -> ms). Every config within ``tie_tol`` of
+    the fastest is tied; ties go to ``default`` if it is tied, else to the lexicographically first JSON."""
+    if not times:
+        raise ValueError("times: no candidate to choose from")
+    best = min(times.values())
+    tied = sorted(c for c, ms in times.items() if ms <= best * (1.0 + tie_tol))
+    if default is not None and default in tied:
+        return default
+    return tied[0]
+
+
+def _study_times(study: Any) -> dict[str, float]:
+    import optuna
+
+    out: dict[str, float] = {}
+    for t in study.get_trials(deepcopy=False):
+        if t.state == optuna.trial.TrialState.COMPLETE and not t.user_attrs.get("duplicate"):
+            c = t.user_attrs["config"]
+            out[c] = min(out.get(c, float("inf")), float(t.value))
+    return out
+
+
+def _study_counts(study: Any) -> dict[str, int]:
+    import optuna
+
+    counts = {"trials": 0, "failed": 0, "rejected": 0, "invalid": 0}
+    for t in study.get_trials(deepcopy=False):
+        if t.user_attrs.get("invalid"):
+            counts["invalid"] += 1
+        if t.user_attrs.get("evaluated"):
+            counts["trials"] += 1
+            if t.state == optuna.trial.TrialState.FAIL:
+                counts["rejected" if t.user_attrs.get("rejected") else "failed"] += 1
+    return counts
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the entry point
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _in_grid(point: dict[str, Any], space: dict[str, list[Any]]) -> bool:
+    return all(p in point and point[p] in space[p] for p in space)
+
+
+def tune_kernel(
+    spec: Any,
+    kernel: str,
+    *,
+    T: int,  # noqa: N803
+    B: int = 1,  # noqa: N803
+    limits: Any = None,
+    trials: int | None = 32,
+    budget_seconds: float | None = None,
+    timer: Callable[[Candidate], float] | None = None,
+    target: Any = None,
+    target_factory: Callable[..., Any] | None = None,
+    registry: dict[str, Any] | None = None,
+    seed: int = 0,
+    sampler: str = "tpe",
+    storage_path: str | os.PathLike[str] | None = None,
+    tie_tol: float = DEFAULT_TIE_TOL,
+    confirm: int = 3,
+    save: bool = True,
+    force: bool = False,
+    workers: int = 1,
+    device: Any = None,
+    progress: Callable[[int, int | None], None] | None = None,
+) -> TuneResult:
+    """Tune ``kernel`` of ``spec`` for shape (T, B) and store the record in the user cache.
+
+    ``trials``: evaluated candidates (None = until ``budget_seconds`` or the grid is exhausted).
+    ``timer`` (default ``EventTimer``) and ``target`` (default ``targets.default_target``) are injectable.
+    ``force``: search even when the user cache already holds a record (otherwise that record is returned
+    at once). ``workers`` > 1: that many processes, worker i pinned to GPU i through ``CUDA_VISIBLE_DEVICES``,
+    sharing the study's journal storage (Optuna's distributed optimisation).
+    """
+    from . import _memory_put
+    from .store import user_store
+
+    t_start = time.monotonic()
+    kdef = get_kernel_def(kernel, registry)
+    if limits is None:
+        limits = detect_limits(device)
+    fields = key_fields(spec, kernel, T=T, B=B, limits=limits)
+    key = record_key(fields)
+    default_cfg = dict(kdef.default(spec, limits))
+    if trials is not None and trials < 1:
+        raise ValueError(f"trials: must be >= 1, got {trials}")
+    if trials is None and budget_seconds is None:
+        raise ValueError("trials: give a trial count or budget_seconds")
+
+    if not force:
+        rec = user_store().get(key, fields)
+        if rec is not None:
+            _memory_put(key, rec["config"])
+            return TuneResult(
+                kernel=kernel,
+                T=T,
+                B=B,
+                key=key,
+                config=dict(rec["config"]),
+                time_ms=rec.get("time_ms"),
+                default_config=dict(rec.get("default_config") or default_cfg),
+                default_ms=rec.get("default_ms"),
+                trials=int(rec.get("trials", 0)),
+                failed=int(rec.get("failed", 0)),
+                rejected=int(rec.get("rejected", 0)),
+                grid=int(rec.get("grid", 0)),
+                seconds=time.monotonic() - t_start,
+                from_cache=True,
+                fields=fields,
+            )
+
+    space = kdef.space(spec, limits)
+    good, _bad = valid_points(kdef, spec, limits)
+    if not good:
+        raise RuntimeError(f"kernel {kernel}: no valid point in its search space for this spec and device")
+    storage, name = study_storage(storage_path, key)
+    n_startup = max(4, min(10, (trials or 32) // 4))
+    study = open_study(storage, name, sampler=sampler, seed=seed, n_startup=n_startup)
+    if not study.get_trials(deepcopy=False):
+        # The default goes first (it is the baseline); an exhaustive budget enqueues the whole grid.
+        dpoint = {p: default_cfg.get(p) for p in space}
+        first = (
+            [dpoint]
+            if _in_grid(dpoint, space) and why_invalid(kdef, spec, default_cfg, limits) is None
+            else []
+        )
+        if trials is not None and trials >= len(good):
+            first += [{p: c[p] for p in space} for c in good]
+        seen: set[str] = set()
+        for p in first:
+            cp = canonical(p)
+            if cp not in seen:
+                seen.add(cp)
+                study.enqueue_trial(p, skip_if_exists=True)
+
+    if workers > 1:
+        _run_workers(
+            workers,
+            spec=spec,
+            kernel=kernel,
+            T=T,
+            B=B,
+            limits=limits,
+            trials=trials,
+            budget_seconds=budget_seconds,
+            timer=timer,
+            target_factory=target_factory,
+            registry=registry,
+            seed=seed,
+            sampler=sampler,
+            storage_path=storage_path,
+            key=key,
+            n_startup=n_startup,
+            n_valid=len(good),
+            progress=progress,
+            study=study,
+        )
+        # The parent re-times on GPU 0 for the confirmation step.
+    if target is None:
+        target = _make_target(target_factory, spec, kernel, T, B, limits, device)
+    timer = timer or default_timer()
+    ctx = _Ctx(kdef=kdef, spec=spec, limits=limits, space=space, target=target, timer=timer)
+    if workers <= 1:
+        run_search(
+            study, ctx, trials=trials, budget_seconds=budget_seconds, n_valid=len(good), progress=progress
+        )
+
+    times = _study_times(study)
+    dc = canonical(default_cfg)
+    default_ms = times.get(dc)
+    if default_ms is None:
+        try:
+            default_ms = _evaluate(ctx, default_cfg)
+        except Exception as e:  # the default itself failed: record it, any valid candidate beats it
+            log.warning("kernel %s: the default config failed (%s)", kernel, _first_line(e))
+    if not times:
+        errs = [
+            t.user_attrs.get("error") or t.user_attrs.get("rejected")
+            for t in study.get_trials(deepcopy=False)
+        ]
+        first = next((e for e in errs if e), "no candidate was evaluated")
+        raise RuntimeError(f"kernel {kernel}: every candidate failed (first: {first})")
+
+    # Confirmation: re-time the best few (and the default) in a fixed order; keep the faster of both readings
+    # only for the re-timed set, so that one lucky reading cannot decide.
+    if confirm > 0 and len(times) > 1:
+        ranked = sorted(times, key=lambda c: (times[c], c))[:confirm]
+        if default_ms is not None and dc not in ranked:
+            ranked.append(dc)
+        cfgs = {c: _cfg_from_canonical(c) for c in ranked}
+        fresh: dict[str, float] = {}
+        for c in sorted(ranked):
+            try:
+                fresh[c] = _evaluate(ctx, cfgs[c])
+            except Exception as e:
+                log.warning("re-timing %s failed (%s); dropped", c, _first_line(e))
+        if fresh:
+            times = fresh
+            default_ms = fresh.get(dc, default_ms)
+    win = choose(times, default=dc if dc in times else None, tie_tol=tie_tol)
+    counts = _study_counts(study)
+    res = TuneResult(
+        kernel=kernel,
+        T=T,
+        B=B,
+        key=key,
+        config=_cfg_from_canonical(win),
+        time_ms=times[win],
+        default_config=default_cfg,
+        default_ms=default_ms,
+        grid=len(good),
+        seconds=time.monotonic() - t_start,
+        fields=fields,
+        **counts,
+    )
+    if save:
+        user_store().put(res.to_record())
+    _memory_put(key, res.config)
+    return res
+
+
+def _cfg_from_canonical(c: str) -> dict[str, Any]:
+    import json
+
+    return json.loads(c)
+
+
+def _make_target(
+    factory: Callable[..., Any] | None,
+    spec: Any,
+    kernel: str,
+    T: int,
+    B: int,  # noqa: N803
+    limits: Any,
+    device: Any,
+) -> Any:
+    if factory is None:
+        from .targets import default_target
+
+        factory = default_target
+    return factory(spec, kernel, T=T, B=B, limits=limits, device=device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# distributed workers
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _worker_main(args: dict[str, Any]) -> None:
+    """One worker process: open the shared study and search until the study-wide budget is reached."""
+    from nsa_dsl.spec import NSASpec
+
+    spec = NSASpec.from_dict(args["spec"])
+    kdef = get_kernel_def(args["kernel"], args["registry"])
+    limits = args["limits"]
+    storage, name = study_storage(args["storage_path"], args["key"])
+    study = open_study(storage, name, sampler=args["sampler"], seed=args["seed"], n_startup=args["n_startup"])
+    target = _make_target(args["target_factory"], spec, args["kernel"], args["T"], args["B"], limits, None)
+    ctx = _Ctx(
+        kdef=kdef,
+        spec=spec,
+        limits=limits,
+        space=kdef.space(spec, limits),
+        target=target,
+        timer=args["timer"] or default_timer(),
+    )
+    run_search(
+        study, ctx, trials=args["trials"], budget_seconds=args["budget_seconds"], n_valid=args["n_valid"]
+    )
+
+
+def _run_workers(
+    n: int,
+    *,
+    spec: Any,
+    kernel: str,
+    T: int,
+    B: int,
+    limits: Any,
+    trials: int | None,  # noqa: N803
+    budget_seconds: float | None,
+    timer: Any,
+    target_factory: Any,
+    registry: Any,
+    seed: int,
+    sampler: str,
+    storage_path: Any,
+    key: str,
+    n_startup: int,
+    n_valid: int,
+    progress: Callable[[int, int | None], None] | None,
+    study: Any,
+) -> None:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    procs = []
+    old = os.environ.get("CUDA_VISIBLE_DEVICES")
+    visible = old.split(",") if old else [str(i) for i in range(n)]
+    try:
+        for rank in range(n):
+            # Each worker sees exactly one GPU (set before the child starts: CUDA reads it at init).
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible[rank % len(visible)]
+            args = dict(
+                spec=spec.to_dict(),
+                kernel=kernel,
+                T=T,
+                B=B,
+                limits=limits,
+                trials=trials,
+                budget_seconds=budget_seconds,
+                timer=timer,
+                target_factory=target_factory,
+                registry=registry,
+                seed=seed + rank,
+                sampler=sampler,
+                storage_path=storage_path,
+                key=key,
+                n_startup=n_startup,
+                n_valid=n_valid,
+            )
+            p = ctx.Process(target=_worker_main, args=(args,), name=f"nsa-tune-worker-{rank}")
+            p.start()
+            procs.append(p)
+    finally:
+        if old is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = old
+    target = min(trials, n_valid) if trials is not None else None
+    while any(p.is_alive() for p in procs):
+        if progress:
+            progress(len(evaluated_trials(study)), target)
+        for p in procs:
+            p.join(timeout=0.5)
+    bad = [p.name for p in procs if p.exitcode != 0]
+    if bad:
+        raise RuntimeError(f"workers: {', '.join(bad)} exited with an error")
+    if progress:
+        progress(len(evaluated_trials(study)), target)
+
+
+def result_dict(res: TuneResult) -> dict[str, Any]:
+    return asdict(res)

@@ -1,0 +1,92 @@
+"""Fakes for tests and demos of the tuner without a GPU: a kernel definition, a target and a time landscape.
+
+All are module-level and picklable, so they also travel to worker processes (``--workers`` tests).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from .timing import Candidate
+
+__all__ = ["FakeKernelDef", "FakeTarget", "fake_time", "fake_registry", "fake_target_factory", "flat_time"]
+
+
+@dataclass(frozen=True)
+class FakeKernelDef:
+    """A kernel-definition look-alike with tiles, warps, stages and a schedule variant."""
+
+    name: str = "fake_fwd"
+    pass_: str = "fwd"
+    template: str = "fake.py.j2"
+
+    def space(self, spec: Any, limits: Any) -> dict[str, list[Any]]:
+        return {
+            "BLOCK_M": [16, 32, 64, 128],
+            "BLOCK_N": [16, 32, 64],
+            "num_warps": [2, 4, 8],
+            "num_stages": [1, 2, 3],
+            "schedule": ["group", "kv_outer"],
+        }
+
+    def check(self, spec: Any, config: dict[str, Any], limits: Any) -> str | None:
+        if config["BLOCK_M"] * config["BLOCK_N"] > 4096:
+            return f"BLOCK_M*BLOCK_N: must be <= 4096, got {config['BLOCK_M'] * config['BLOCK_N']}"
+        return None
+
+    def default(self, spec: Any, limits: Any) -> dict[str, Any]:
+        return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "schedule": "group"}
+
+
+def fake_registry() -> dict[str, Any]:
+    return {"fake_fwd": FakeKernelDef()}
+
+
+def fake_time(cfg: dict[str, Any]) -> float:
+    """A deterministic, structured landscape (ms): best near BLOCK_M=64, BLOCK_N=32, 4 warps, 3 stages,
+    kv_outer schedule."""
+    t = 1.0
+    t += 0.15 * abs(math.log2(cfg["BLOCK_M"]) - 6) + 0.1 * abs(math.log2(cfg["BLOCK_N"]) - 5)
+    t += 0.2 * abs(math.log2(cfg["num_warps"]) - 2) + 0.05 * abs(cfg["num_stages"] - 3)
+    t += 0.0 if cfg["schedule"] == "kv_outer" else 0.12
+    return t
+
+
+def flat_time(cfg: dict[str, Any]) -> float:
+    """Every config equally fast (for tie-breaking tests)."""
+    return 1.0
+
+
+class FakeTarget:
+    """Builds nothing; ``fail`` configs raise at build (compile failure), ``wrong`` configs fail the gate."""
+
+    def __init__(self, fail: Any = None, wrong: Any = None):
+        self.fail = fail or (lambda c: c["BLOCK_M"] == 16 and c["num_warps"] == 8)
+        self.wrong = wrong or (lambda c: False)
+        self.built = 0
+
+    def build(self, config: dict[str, Any]) -> Any:
+        if self.fail(config):
+            raise RuntimeError("out of resources: shared memory, Required: 300000, Hardware limit: 232448")
+        self.built += 1
+        return dict(config)
+
+    def gate(self, built: Any, config: dict[str, Any]) -> str | None:
+        return "o: output differs from the reference" if self.wrong(config) else None
+
+    def candidate(self, built: Any, config: dict[str, Any]) -> Candidate:
+        return Candidate(config=config, run=lambda i: None, n_inputs=1)
+
+
+def fake_target_factory(
+    spec: Any,
+    kernel: str,
+    *,
+    T: int,
+    B: int = 1,
+    limits: Any = None,  # noqa: N803
+    device: Any = None,
+) -> FakeTarget:
+    return FakeTarget()
