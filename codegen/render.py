@@ -28,8 +28,15 @@ def environment() -> jinja2.Environment:
         keep_trailing_newline=True,
         autoescape=False,
     )
-    env.filters["pyrepr"] = repr
+    env.filters["pyrepr"] = _pyrepr
+    env.globals["GENERATOR_VERSION"] = GENERATOR_VERSION
     return env
+
+
+def _pyrepr(x: object) -> str:
+    if isinstance(x, jinja2.Undefined):
+        x._fail_with_undefined_error()  # StrictUndefined: a missing value is an error, never a string
+    return repr(x)
 
 
 def header(plan: KernelPlan) -> str:

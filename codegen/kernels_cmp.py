@@ -1,0 +1,240 @@
+"""Kernel family: compressed attention forward (``cmp_fwd``) and selection scoring + top-n (``slc_topk``).
+
+Config parameters (constexprs baked into the emitted source):
+  BLOCK_M   rows per program = BLOCK_T query tokens x GP (G padded to a power of two) query heads;
+  BLOCK_N   compressed keys per inner tile (cmp_fwd);
+  BLOCK_S   selection blocks scored per inner step (slc_topk; >= next_pow2(n));
+  num_warps, num_stages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from ..spec import NSASpec
+from .plan import DeviceLimits, KernelDef, next_pow2, register, split_dim
+
+_POW2 = (16, 32, 64, 128, 256)
+
+
+def _elt_bytes(spec: NSASpec) -> int:
+    return 4 if spec.attention.dtype == "float32" else 2
+
+
+def _padded(dim: int) -> int:
+    return sum(w for _, w, _ in split_dim(dim))
+
+
+def _rows_ok(spec: NSASpec, cfg: Mapping[str, Any]) -> str | None:
+    bm, gp = cfg["BLOCK_M"], next_pow2(spec.G)
+    if bm not in _POW2 and bm not in (512,):
+        return f"BLOCK_M: must be a power of two in 16..512, got {bm}"
+    if bm < gp:
+        return f"BLOCK_M: must be >= next_pow2(G) = {gp} (all heads of a group in one program), got {bm}"
+    if cfg.get("num_warps") not in (1, 2, 4, 8, 16):
+        return f"num_warps: must be one of 1, 2, 4, 8, 16, got {cfg.get('num_warps')}"
+    if not isinstance(cfg.get("num_stages"), int) or not 1 <= cfg["num_stages"] <= 6:
+        return f"num_stages: must be an integer in 1..6, got {cfg.get('num_stages')}"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# cmp_fwd
+# ------------------------------------------------------------------------------------------------
+
+
+def _cmp_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
+    gp = next_pow2(spec.G)
+    return {
+        "BLOCK_M": [b for b in (16, 32, 64, 128, 256) if b >= gp],
+        "BLOCK_N": [16, 32, 64, 128],
+        "num_warps": [4, 8],
+        "num_stages": [1, 2, 3, 4],
+    }
+
+
+def _cmp_smem(spec: NSASpec, cfg: Mapping[str, Any]) -> int:
+    e = _elt_bytes(spec)
+    dk, dv = _padded(spec.attention.head_dim_qk), _padded(spec.attention.head_dim_v)
+    q = cfg["BLOCK_M"] * dk * e
+    kv = cfg["BLOCK_N"] * (dk + dv) * e * max(1, cfg["num_stages"])
+    p = cfg["BLOCK_M"] * cfg["BLOCK_N"] * e
+    return q + kv + p
+
+
+def _cmp_check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) -> str | None:
+    why = _rows_ok(spec, cfg)
+    if why:
+        return why
+    if cfg["BLOCK_N"] not in _POW2:
+        return f"BLOCK_N: must be a power of two in 16..256, got {cfg['BLOCK_N']}"
+    if not limits.interpreter:
+        need = _cmp_smem(spec, cfg)
+        if need > limits.smem_per_block:
+            return f"shared memory: needs ~{need} bytes > {limits.smem_per_block} on {limits.name}"
+        if (
+            cfg["BLOCK_M"] * (_padded(spec.attention.head_dim_v) + cfg["BLOCK_N"])
+            > 256 * 32 * cfg["num_warps"]
+        ):
+            return "registers: BLOCK_M x (dv + BLOCK_N) fp32 accumulators exceed 256 per thread"
+    return None
+
+
+def _cmp_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
+    gp = next_pow2(spec.G)
+    if limits.interpreter:
+        return {"BLOCK_M": max(16, gp), "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+    big = spec.attention.head_dim_qk > 128
+    cfg = {"BLOCK_M": max(128, gp), "BLOCK_N": 32 if big else 64, "num_warps": 8, "num_stages": 2}
+    while _cmp_check(spec, cfg, limits) and cfg["num_stages"] > 1:
+        cfg["num_stages"] -= 1
+    while _cmp_check(spec, cfg, limits) and cfg["BLOCK_M"] > max(16, gp):
+        cfg["BLOCK_M"] //= 2
+    return cfg
+
+
+register(
+    KernelDef(
+        name="cmp_fwd",
+        template="cmp_fwd.py.j2",
+        pass_="fwd",
+        space=_cmp_space,
+        check=_cmp_check,
+        default=_cmp_default,
+        doc="compressed attention forward: (o_cmp, lse_cmp)",
+    )
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# slc_topk (scoring + top-n) and cmp_topk (fused compressed attention + scoring + top-n)
+# ------------------------------------------------------------------------------------------------
+
+
+def _levels(spec: NSASpec) -> list[list[float]]:
+    """Overlap weights split by how many groups (of RATIO compressed blocks) a tap lies ahead."""
+    from ..derived import derive
+
+    der = derive(spec)
+    r, w = der.ratio, der.overlap
+    nq = -(-len(w) // r)
+    return [[float(w[q * r + i]) if q * r + i < len(w) else 0.0 for i in range(r)] for q in range(nq)]
+
+
+def _topk_constants(fused: bool):
+    def constants(spec: NSASpec, cfg: Mapping[str, Any]) -> dict[str, Any]:
+        from ..derived import derive
+
+        rp = next_pow2(derive(spec).ratio)
+        levels = _levels(spec)
+        return {
+            "FUSED": fused,
+            "RP": rp,
+            "BLOCK_C": cfg["BLOCK_S"] * rp,
+            "LEVELS": levels,
+            "STEP": cfg["BLOCK_S"] - (len(levels) - 1),
+        }
+
+    return constants
+
+
+def _topk_space(fused: bool):
+    def space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
+        gp, np_ = next_pow2(spec.G), next_pow2(spec.selection.top_n)
+        sp = {
+            "BLOCK_M": [b for b in (16, 32, 64, 128, 256) if b >= gp],
+            "BLOCK_S": [b for b in (8, 16, 32, 64) if b >= max(np_, 2)],
+            "num_warps": [4, 8],
+            "num_stages": [1, 2, 3],
+        }
+        if fused:
+            sp["BLOCK_N"] = [16, 32, 64, 128]
+        return sp
+
+    return space
+
+
+def _topk_check(fused: bool):
+    def check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) -> str | None:
+        why = _rows_ok(spec, cfg)
+        if why:
+            return why
+        from ..derived import derive
+
+        np_ = next_pow2(spec.selection.top_n)
+        bs = cfg["BLOCK_S"]
+        if bs & (bs - 1) or bs < np_:
+            return f"BLOCK_S: must be a power of two >= next_pow2(top_n) = {np_}, got {bs}"
+        if bs - (len(_levels(spec)) - 1) < 1:
+            return f"BLOCK_S: must be > {len(_levels(spec)) - 1} (overlap spans that many extra groups)"
+        cols = bs * next_pow2(derive(spec).ratio)
+        if cols < 16:
+            return f"BLOCK_S: BLOCK_S x next_pow2(l'/d) = {cols} compressed columns, need >= 16 for tl.dot"
+        if cols > 256:
+            return f"BLOCK_S: BLOCK_S x next_pow2(l'/d) = {cols} compressed columns, at most 256"
+        if fused and cfg.get("BLOCK_N") not in _POW2:
+            return f"BLOCK_N: must be a power of two in 16..256, got {cfg.get('BLOCK_N')}"
+        if not limits.interpreter:
+            e = _elt_bytes(spec)
+            dk, dv = _padded(spec.attention.head_dim_qk), _padded(spec.attention.head_dim_v)
+            need = cfg["BLOCK_M"] * dk * e + cols * (dk + (dv if fused else 0)) * e * cfg["num_stages"]
+            if need > limits.smem_per_block:
+                return f"shared memory: needs ~{need} bytes > {limits.smem_per_block} on {limits.name}"
+        return None
+
+    return check
+
+
+def _topk_default(fused: bool):
+    def default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
+        from ..derived import derive
+
+        gp, np_ = next_pow2(spec.G), next_pow2(spec.selection.top_n)
+        rp = next_pow2(derive(spec).ratio)
+        bs = max(np_, 2)
+        while bs * rp < 16:
+            bs *= 2
+        if limits.interpreter:
+            cfg = {"BLOCK_M": max(16, gp), "BLOCK_S": bs, "num_warps": 4, "num_stages": 1}
+            if fused:
+                cfg["BLOCK_N"] = 16
+            return cfg
+        while bs * rp < 64 and bs * 2 * rp <= 128:
+            bs *= 2
+        cfg = {"BLOCK_M": max(64, gp), "BLOCK_S": bs, "num_warps": 8, "num_stages": 2}
+        if fused:
+            cfg["BLOCK_N"] = 64
+        chk = _topk_check(fused)
+        while chk(spec, cfg, limits) and cfg["num_stages"] > 1:
+            cfg["num_stages"] -= 1
+        return cfg
+
+    return default
+
+
+register(
+    KernelDef(
+        name="slc_topk",
+        template="slc_topk.py.j2",
+        pass_="fwd",
+        space=_topk_space(False),
+        check=_topk_check(False),
+        default=_topk_default(False),
+        constants=_topk_constants(False),
+        doc="selection scoring + top-n from (q, k_cmp, lse_cmp): indices",
+    )
+)
+
+register(
+    KernelDef(
+        name="cmp_topk",
+        template="slc_topk.py.j2",
+        pass_="fwd",
+        space=_topk_space(True),
+        check=_topk_check(True),
+        default=_topk_default(True),
+        constants=_topk_constants(True),
+        doc="fused compressed attention + scoring + top-n: (o_cmp, lse_cmp, indices)",
+    )
+)
