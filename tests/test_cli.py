@@ -191,8 +191,9 @@ def _real_codegen_available() -> bool:
 def test_output_with_real_codegen(tmp_path, capsys):
     rc, out, err = _run(capsys, "tiny", "-o", str(tmp_path / "kernels"))
     assert rc == 0, err
-    files = [p for p in (tmp_path / "kernels").rglob("*") if p.is_file()]
-    assert files and all(p.stat().st_size > 0 for p in files)
+    sources = list((tmp_path / "kernels").rglob("*.py"))
+    assert sources and all(p.stat().st_size > 0 for p in sources)
+    assert all(str(p) in out for p in sources)  # every emitted kernel is listed
 
 
 # ---- the installed console script -------------------------------------------------------------------
