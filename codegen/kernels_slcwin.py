@@ -1,0 +1,193 @@
+"""Kernel family: selected attention (group-centric and KV-outer schedules), sliding window, gated combine.
+
+Each ``register(KernelDef(...))`` block below is self-contained: template, search space, validity check
+(power-of-two tiles, shared-memory and register estimates against the device limits) and the deterministic
+per-architecture default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from ..spec import NSASpec
+from .plan import DeviceLimits, KernelDef, next_pow2, register, split_dim
+
+_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+def _pow2(x: Any) -> bool:
+    return isinstance(x, int) and x > 0 and (x & (x - 1)) == 0
+
+
+def _padded(dim: int) -> int:
+    """Columns a head dim really costs after splitting into power-of-two chunks (192 -> 192, 72 -> 80)."""
+    return sum(w for (_, w, _) in split_dim(dim))
+
+
+def _common_check(config: Mapping[str, Any], tiles: tuple[str, ...], limits: DeviceLimits) -> str | None:
+    for t in tiles:
+        v = config.get(t)
+        if not _pow2(v) or v < 16:
+            return f"{t}: must be a power of two >= 16, got {v!r}"
+    nw = config.get("num_warps")
+    if not _pow2(nw) or nw > min(16, limits.max_num_warps):
+        return f"num_warps: must be a power of two <= 16, got {nw!r}"
+    ns = config.get("num_stages")
+    if not isinstance(ns, int) or not 1 <= ns <= 6:
+        return f"num_stages: must be an integer in 1..6, got {ns!r}"
+    return None
+
+
+def _regs_per_thread(elems_fp32: int, elems_16: int, num_warps: int) -> float:
+    """Rough 32-bit registers per thread for the live tiles (accumulators fp32, operands 16-bit)."""
+    return (elems_fp32 + elems_16 / 2) / (num_warps * 32)
+
+
+# ------------------------------------------------------------------------------------------------
+# slc_fwd: group-centric selected attention
+# ------------------------------------------------------------------------------------------------
+
+
+def _gpad(spec: NSASpec) -> int:
+    """MMA rows of one (token, KV head) program: G padded to a power of two >= 16."""
+    return max(16, next_pow2(spec.G))
+
+
+def _slc_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
+    top = max(16, min(128, next_pow2(spec.selection.block)))
+    return {
+        "BLOCK_N": [b for b in (16, 32, 64, 128) if b <= top],
+        "num_warps": [1, 2, 4, 8],
+        "num_stages": [1, 2, 3, 4],
+        "schedule": ["group"],
+    }
+
+
+def _slc_check(spec: NSASpec, config: Mapping[str, Any], limits: DeviceLimits) -> str | None:
+    why = _common_check(config, ("BLOCK_N",), limits)
+    if why:
+        return why
+    if config.get("schedule") not in _slc_space(spec, limits)["schedule"]:
+        known = _slc_space(spec, limits)["schedule"]
+        return f"schedule: must be one of {known}, got {config.get('schedule')!r}"
+    bn = config["BLOCK_N"]
+    if bn > max(16, next_pow2(spec.selection.block)):
+        return f"BLOCK_N: {bn} > the selection block l'={spec.selection.block} rounded up to a power of two"
+    if limits.interpreter:
+        return None
+    a = spec.attention
+    dk, dv, esz = _padded(a.head_dim_qk), _padded(a.head_dim_v), _BYTES[a.dtype]
+    smem = (config["num_stages"] * bn * (dk + dv) + _gpad(spec) * dk) * esz
+    if smem > limits.smem_per_block:
+        return f"num_stages/BLOCK_N: ~{smem} bytes of shared memory > the device's {limits.smem_per_block}"
+    regs = _regs_per_thread(_gpad(spec) * (dv + bn), _gpad(spec) * dk, config["num_warps"])
+    if regs > 192:
+        return f"num_warps: {config['num_warps']} warps leave ~{regs:.0f} regs/thread for live tiles (> 192)"
+    return None
+
+
+def _slc_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
+    bn = max(16, min(64, next_pow2(spec.selection.block)))
+    if limits.interpreter:
+        return {"BLOCK_N": bn, "num_warps": 4, "num_stages": 1, "schedule": "group"}
+    return {"BLOCK_N": bn, "num_warps": 4, "num_stages": 2, "schedule": "group"}
+
+
+def _slc_constants(spec: NSASpec, config: Mapping[str, Any]) -> dict[str, Any]:
+    bn = int(config["BLOCK_N"])
+    return {"GPAD": _gpad(spec), "NSUB": -(-spec.selection.block // bn)}
+
+
+register(
+    KernelDef(
+        name="slc_fwd",
+        template="slc_fwd.py.j2",
+        pass_="fwd",
+        space=_slc_space,
+        check=_slc_check,
+        default=_slc_default,
+        constants=_slc_constants,
+        doc="selected attention, group-centric: one program per (token, KV head), G heads as MMA rows",
+    )
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# win_fwd: sliding-window attention
+# ------------------------------------------------------------------------------------------------
+
+
+def _win_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
+    return {
+        "BLOCK_M": [16, 32, 64, 128],
+        "BLOCK_N": [16, 32, 64, 128],
+        "num_warps": [2, 4, 8],
+        "num_stages": [1, 2, 3, 4],
+    }
+
+
+def _win_check(spec: NSASpec, config: Mapping[str, Any], limits: DeviceLimits) -> str | None:
+    why = _common_check(config, ("BLOCK_M", "BLOCK_N"), limits)
+    if why:
+        return why
+    if limits.interpreter:
+        return None
+    a = spec.attention
+    dk, dv, esz = _padded(a.head_dim_qk), _padded(a.head_dim_v), _BYTES[a.dtype]
+    bm, bn = config["BLOCK_M"], config["BLOCK_N"]
+    smem = (config["num_stages"] * bn * (dk + dv) + bm * dk) * esz
+    if smem > limits.smem_per_block:
+        return f"num_stages/BLOCK_N/BLOCK_M: ~{smem} bytes of shared memory > {limits.smem_per_block}"
+    regs = _regs_per_thread(bm * (dv + bn), bm * dk, config["num_warps"])
+    if regs > 224:
+        return f"num_warps: {config['num_warps']} warps leave ~{regs:.0f} regs/thread for live tiles (> 224)"
+    return None
+
+
+def _win_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
+    if limits.interpreter:
+        return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+    return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+
+
+register(
+    KernelDef(
+        name="win_fwd",
+        template="win_fwd.py.j2",
+        pass_="fwd",
+        space=_win_space,
+        check=_win_check,
+        default=_win_default,
+        enabled=lambda spec: spec.window_size > 0,
+        doc="sliding-window attention over tiles of BLOCK_M queries, only the KV range the tile needs",
+    )
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# combine_fwd: the gated sum as a stand-alone elementwise kernel
+# ------------------------------------------------------------------------------------------------
+
+
+def _combine_check(spec: NSASpec, config: Mapping[str, Any], limits: DeviceLimits) -> str | None:
+    v = config.get("BLOCK_R")
+    if not _pow2(v) or not 1 <= v <= 256:
+        return f"BLOCK_R: must be a power of two in 1..256, got {v!r}"
+    nw = config.get("num_warps")
+    if not _pow2(nw) or nw > 16:
+        return f"num_warps: must be a power of two <= 16, got {nw!r}"
+    return None
+
+
+register(
+    KernelDef(
+        name="combine_fwd",
+        template="combine_fwd.py.j2",
+        pass_="fwd",
+        space=lambda spec, limits: {"BLOCK_R": [8, 16, 32, 64], "num_warps": [2, 4, 8]},
+        check=_combine_check,
+        default=lambda spec, limits: {"BLOCK_R": 16 if limits.interpreter else 32, "num_warps": 4},
+        doc="gated sum o = g_cmp*o_cmp + g_slc*o_slc + g_win*o_win (when no branch kernel fuses it)",
+    )
+)
