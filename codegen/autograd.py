@@ -1,0 +1,318 @@
+"""The differentiable NSA op (issue 4): generated forward + generated backward, one PyTorch custom op.
+
+``nsa_attention(q, k, v, k_cmp, v_cmp, g, ops_or_spec, *, cu_seqlens=None, deterministic=False)`` runs
+``NSAOps.forward_train`` and keeps only what the backward needs: the three branch outputs (for D_b and the
+gate gradients), the three branch LSEs (fp32) and the selected indices; scores, probabilities and the top-n
+are never recomputed in the backward (indices are not differentiated, as in the paper), attention
+probabilities are recomputed tile by tile from the LSEs.
+
+The forward and the backward are ``torch.library.custom_op``s (``nsa_dsl::nsa_fwd``, ``nsa_dsl::nsa_bwd``)
+with fake (meta) implementations, so ``torch.compile`` traces through them without graph breaks. The compiled
+ops object travels as a string key into a process-local registry (custom ops take no Python objects).
+
+Determinism: no backward kernel uses atomics (the selection dK/dV scatter goes through a GPU-built reverse
+index, see ``nsa_dsl.codegen.reverse_index``; split reductions are summed in a fixed order), so the default
+path is already bitwise reproducible run to run; ``deterministic=True`` is accepted and guarantees it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..spec import NSASpec
+from . import reverse_index
+from .ops import NSAOps
+from .ops import compile as _compile
+
+__all__ = [
+    "nsa_attention",
+    "nsa_backward",
+    "activation_bytes_per_token",
+    "register_ops",
+    "BACKWARD_KERNELS",
+]
+
+log = logging.getLogger("nsa_dsl.codegen.autograd")
+
+#: The generated kernels the backward runs (registry names; ``bwd_win`` only when the window is on).
+BACKWARD_KERNELS = ("bwd_pre", "bwd_cmp", "bwd_slc", "bwd_win")
+
+_OPS: dict[str, NSAOps] = {}
+
+
+def register_ops(ops: NSAOps) -> str:
+    """Key under which the custom ops find ``ops`` (kept alive for the process)."""
+    key = f"{ops.spec.hash}:{id(ops):x}"
+    _OPS.setdefault(key, ops)
+    return key
+
+
+def _as_ops(ops_or_spec: Any) -> NSAOps:
+    if isinstance(ops_or_spec, NSAOps):
+        return ops_or_spec
+    if isinstance(ops_or_spec, (NSASpec, str)):
+        return _compile(ops_or_spec)
+    raise ValueError(
+        f"ops_or_spec: expected an NSAOps (nsa_dsl.compile(spec)), an NSASpec or a spec name, "
+        f"got {type(ops_or_spec).__name__}"
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# backward driver
+# ------------------------------------------------------------------------------------------------
+
+
+def nsa_backward(
+    ops_or_spec: Any,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_cmp: Tensor,
+    v_cmp: Tensor,
+    g: Tensor,
+    do: Tensor,
+    saved: dict[str, Tensor | None],
+    *,
+    cu_seqlens: Tensor | None = None,
+    deterministic: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (dq, dk, dv, dk_cmp, dv_cmp, dg) of o = sum_b g_b * O_b for the upstream gradient ``do``.
+
+    ``saved``: what ``NSAOps.forward_train`` returned (``o_cmp, lse_cmp, o_slc, lse_slc, o_win, lse_win,
+    indices``; window entries may be None when the window is off). Gradients come back in the inputs'
+    dtypes; all accumulation is fp32. Rows whose branch saw no key (lse = +inf) contribute exactly zero.
+    ``deterministic``: accepted for API symmetry; every path is already atomic-free and reproducible.
+    """
+    ops = _as_ops(ops_or_spec)
+    spec = ops.spec
+    B, T, Hq, _ = q.shape  # noqa: N806
+    hkv, n = spec.attention.kv_heads, spec.selection.top_n
+    q, k, v, k_cmp, v_cmp, g, do = (x.contiguous() for x in (q, k, v, k_cmp, v_cmp, g, do))
+    f32 = torch.float32
+    dq = torch.empty(q.shape, device=q.device, dtype=f32)
+    dk = torch.zeros(k.shape, device=q.device, dtype=f32)
+    dv = torch.zeros(v.shape, device=q.device, dtype=f32)
+    dkc = torch.zeros(k_cmp.shape, device=q.device, dtype=f32)
+    dvc = torch.zeros(v_cmp.shape, device=q.device, dtype=f32)
+    if T == 0 or B == 0:
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dkc.to(k_cmp.dtype), dvc.to(v_cmp.dtype),
+                torch.zeros_like(g))
+    if cu_seqlens is None:
+        max_len, nseq = T, B
+        cu_packed = torch.arange(B + 1, device=q.device, dtype=torch.int32) * T
+        cu_cmp = None
+    else:
+        cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32)
+        lens = cu_seqlens[1:] - cu_seqlens[:-1]
+        max_len, nseq = (int(lens.max().item()) if lens.numel() else 0), int(lens.numel())
+        cu_packed = cu_seqlens
+        from ..reference import compressed_cu_seqlens
+
+        cu_cmp = compressed_cu_seqlens(cu_seqlens, spec)
+
+    def mod(name: str):
+        return ops.module(name, T=max_len, B=nseq)
+
+    def f32c(x: Tensor | None) -> Tensor | None:
+        return None if x is None else x.to(f32).contiguous()
+
+    o_cmp, o_slc, o_win = (saved["o_cmp"], saved["o_slc"], saved.get("o_win"))
+    win_on = spec.window_size > 0 and o_win is not None and o_win.numel() > 0
+    dg, delta = mod("bwd_pre").run(do, o_cmp, o_slc, o_win if win_on else None, g)
+    # compressed branch: writes dq (no accumulation) and dk_cmp / dv_cmp
+    mod("bwd_cmp").run(q, k_cmp, v_cmp, do, g, f32c(saved["lse_cmp"]), delta[0], dq, dkc, dvc,
+                       cu_seqlens=cu_seqlens, cu_cmp=cu_cmp, max_len=max_len)
+    # selection branch: dq += ; dk/dv written per selected block through the reverse index
+    slc = mod("bwd_slc")
+    indices = saved["indices"].to(torch.int32).contiguous()
+    rev = reverse_index.build(indices.view(B * T, hkv, n), cu_packed, spec.selection.block, slc.CHUNK)
+    slc.run(q, k, v, do, g, f32c(saved["lse_slc"]), delta[1], indices, rev, dq, dk, dv,
+            cu_seqlens=cu_seqlens, max_len=max_len, accum_q=True)
+    if win_on:
+        mod("bwd_win").run(q, k, v, do, g, f32c(saved["lse_win"]), delta[2], dq, dk, dv,
+                           cu_seqlens=cu_seqlens, max_len=max_len, accum_q=True, accum_kv=True)
+    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dkc.to(k_cmp.dtype), dvc.to(v_cmp.dtype),
+            dg.to(g.dtype))
+
+
+# ------------------------------------------------------------------------------------------------
+# activation memory
+# ------------------------------------------------------------------------------------------------
+
+
+def activation_bytes_per_token(spec: NSASpec | str, dtype: torch.dtype | str | None = None) -> dict[str, int]:
+    """Bytes per token the op saves for its backward, beyond references to its inputs.
+
+    Returns a dict: ``branch_outputs`` (O_cmp, O_slc, O_win: Hq x dv each in the activation dtype),
+    ``lse`` (three fp32 LSEs per query head), ``indices`` (Hkv x n int32), ``total`` (their sum), and
+    ``inputs`` (q, k, v, g and the compressed K/V per token, referenced not copied; the compressed part
+    amortised as Tc/T ~ 1/d). Everything else (probabilities, scores) is recomputed.
+    """
+    if isinstance(spec, str):
+        from ..spec import load_spec
+
+        spec = load_spec(spec)
+    if dtype is None:
+        dtype = spec.attention.dtype
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    e = torch.empty((), dtype=dtype).element_size()
+    a = spec.attention
+    nbr = 3 if spec.window_size > 0 else 2
+    out = {
+        "branch_outputs": nbr * a.heads * a.head_dim_v * e,
+        "lse": nbr * a.heads * 4,
+        "indices": a.kv_heads * spec.selection.top_n * 4,
+    }
+    out["total"] = sum(out.values())
+    kv_tok = a.kv_heads * (a.head_dim_qk + a.head_dim_v) * e
+    out["inputs"] = (
+        a.heads * a.head_dim_qk * e + kv_tok + a.heads * 3 * e + kv_tok // spec.compression.stride
+    )
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# custom ops
+# ------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("nsa_dsl::nsa_fwd", mutates_args=())
+def _nsa_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_cmp: Tensor,
+    v_cmp: Tensor,
+    g: Tensor,
+    cu_seqlens: Tensor | None,
+    ops_key: str,
+    deterministic: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    ops = _OPS[ops_key]
+    o, saved = ops.forward_train(q, k, v, k_cmp, v_cmp, g, cu_seqlens=cu_seqlens)
+    empty = q.new_empty(0)
+    return (
+        o,
+        saved["o_cmp"].contiguous(),
+        saved["lse_cmp"].float().contiguous(),
+        saved["o_slc"].contiguous(),
+        saved["lse_slc"].float().contiguous(),
+        saved["o_win"].contiguous() if saved.get("o_win") is not None else empty,
+        saved["lse_win"].float().contiguous() if saved.get("lse_win") is not None else empty.float(),
+        saved["indices"].to(torch.int32).contiguous(),
+    )
+
+
+@_nsa_fwd.register_fake
+def _nsa_fwd_fake(q, k, v, k_cmp, v_cmp, g, cu_seqlens, ops_key, deterministic):
+    spec = _OPS[ops_key].spec
+    B, T, Hq, _ = q.shape  # noqa: N806
+    dv = spec.attention.head_dim_v
+    o = q.new_empty((B, T, Hq, dv))
+    lse = q.new_empty((B, T, Hq), dtype=torch.float32)
+    win = spec.window_size > 0
+    return (
+        o,
+        q.new_empty((B, T, Hq, dv)),
+        lse.new_empty((B, T, Hq)),
+        q.new_empty((B, T, Hq, dv)),
+        lse.new_empty((B, T, Hq)),
+        q.new_empty((B, T, Hq, dv)) if win else q.new_empty(0),
+        lse.new_empty((B, T, Hq)) if win else lse.new_empty(0),
+        q.new_empty((B, T, spec.attention.kv_heads, spec.selection.top_n), dtype=torch.int32),
+    )
+
+
+@torch.library.custom_op("nsa_dsl::nsa_bwd", mutates_args=())
+def _nsa_bwd(
+    do: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_cmp: Tensor,
+    v_cmp: Tensor,
+    g: Tensor,
+    o_cmp: Tensor,
+    lse_cmp: Tensor,
+    o_slc: Tensor,
+    lse_slc: Tensor,
+    o_win: Tensor,
+    lse_win: Tensor,
+    indices: Tensor,
+    cu_seqlens: Tensor | None,
+    ops_key: str,
+    deterministic: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    saved = {
+        "o_cmp": o_cmp,
+        "lse_cmp": lse_cmp,
+        "o_slc": o_slc,
+        "lse_slc": lse_slc,
+        "o_win": o_win if o_win.numel() else None,
+        "lse_win": lse_win if lse_win.numel() else None,
+        "indices": indices,
+    }
+    return nsa_backward(
+        _OPS[ops_key], q, k, v, k_cmp, v_cmp, g, do, saved, cu_seqlens=cu_seqlens,
+        deterministic=deterministic,
+    )
+
+
+@_nsa_bwd.register_fake
+def _nsa_bwd_fake(do, q, k, v, k_cmp, v_cmp, g, *rest):
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(k_cmp),
+            torch.empty_like(v_cmp), torch.empty_like(g))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, k_cmp, v_cmp, g, cu_seqlens, ops_key, deterministic = inputs
+    _, o_cmp, lse_cmp, o_slc, lse_slc, o_win, lse_win, indices = output
+    ctx.save_for_backward(q, k, v, k_cmp, v_cmp, g, o_cmp, lse_cmp, o_slc, lse_slc, o_win, lse_win, indices)
+    ctx.cu_seqlens = cu_seqlens
+    ctx.ops_key = ops_key
+    ctx.deterministic = deterministic
+
+
+def _backward(ctx, do, *unused):
+    q, k, v, k_cmp, v_cmp, g, o_cmp, lse_cmp, o_slc, lse_slc, o_win, lse_win, indices = ctx.saved_tensors
+    grads = torch.ops.nsa_dsl.nsa_bwd(
+        do.contiguous(), q, k, v, k_cmp, v_cmp, g, o_cmp, lse_cmp, o_slc, lse_slc, o_win, lse_win, indices,
+        ctx.cu_seqlens, ctx.ops_key, ctx.deterministic,
+    )
+    return (*grads, None, None, None)
+
+
+_nsa_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def nsa_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_cmp: Tensor,
+    v_cmp: Tensor,
+    g: Tensor,
+    ops_or_spec: Any,
+    *,
+    cu_seqlens: Tensor | None = None,
+    deterministic: bool = False,
+    return_indices: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Differentiable NSA with the generated kernels (forward and backward).
+
+    Same tensors and semantics as ``nsa_dsl.reference.nsa_attention``; ``ops_or_spec`` is an ``NSAOps``
+    (``nsa_dsl.compile(spec)``), an ``NSASpec`` or a spec name. Gradients reach q, k, v, k_cmp, v_cmp and g
+    (not the indices). ``deterministic=True``: bitwise-reproducible backward (the default already is).
+    """
+    ops = _as_ops(ops_or_spec)
+    key = register_ops(ops)
+    out = torch.ops.nsa_dsl.nsa_fwd(q, k, v, k_cmp, v_cmp, g, cu_seqlens, key, bool(deterministic))
+    if return_indices:
+        return out[0], out[7]
+    return out[0]

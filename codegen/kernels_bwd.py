@@ -1,0 +1,226 @@
+"""Kernel family: the backward pass (issue 4) — ``bwd_pre``, ``bwd_cmp``, ``bwd_slc``, ``bwd_win``.
+
+* ``bwd_pre`` (bwd_pre.py.j2): per query row and branch, r_b = rowsum(dO * O_b) -> dg and D_b = g_b * r_b.
+* ``bwd_cmp`` / ``bwd_win`` (one template, bwd_dense.py.j2, two plans): FA2-style backward of a dense-masked
+  branch; the compressed branch puts key n at token n*d + l - 1, the window masks t - w < n <= t.
+* ``bwd_slc`` (bwd_slc.py.j2): group-centric dQ and block-outer dK/dV over a GPU-built reverse index
+  (``nsa_dsl.codegen.reverse_index``).
+
+Config parameters (constexprs baked into the emitted source):
+  BLOCK_M, BLOCK_N  query / key tile (bwd_cmp, bwd_win);
+  Q_CHUNK           query tokens per dK/dV program before the query range is split over more programs
+                    (fp32 partials summed in order; 0 = never split);
+  BLOCK_T           tokens per dK/dV tile of bwd_slc (rows = BLOCK_T x G);
+  CHUNK             most tokens per bwd_slc work item (longer reverse-index lists are split);
+  BLOCK_R           rows per program of bwd_pre;
+  num_warps, num_stages (and dq_warps for the bwd_slc dQ kernel).
+No kernel uses atomics, so every config is bitwise reproducible run to run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from ..spec import NSASpec
+from .plan import DeviceLimits, KernelDef, next_pow2, register, split_dim
+
+_POW2 = (16, 32, 64, 128, 256)
+
+
+def _padded(dim: int) -> int:
+    return sum(w for _, w, _ in split_dim(dim))
+
+
+def _elt(spec: NSASpec) -> int:
+    return 4 if spec.attention.dtype == "float32" else 2
+
+
+def _common_check(cfg: Mapping[str, Any]) -> str | None:
+    if cfg.get("num_warps") not in (1, 2, 4, 8, 16):
+        return f"num_warps: must be one of 1, 2, 4, 8, 16, got {cfg.get('num_warps')}"
+    ns = cfg.get("num_stages", 1)
+    if not isinstance(ns, int) or not 1 <= ns <= 6:
+        return f"num_stages: must be an integer in 1..6, got {ns}"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# bwd_pre
+# ------------------------------------------------------------------------------------------------
+
+
+def _pre_constants(spec: NSASpec, cfg: Mapping[str, Any]) -> dict[str, Any]:
+    return {"BWD_BRANCHES": ["cmp", "slc"] + (["win"] if spec.window_size > 0 else [])}
+
+
+def _pre_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
+    return {"BLOCK_R": 16 if limits.interpreter else 64, "num_warps": 4}
+
+
+def _pre_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
+    return {"BLOCK_R": [16, 32, 64, 128], "num_warps": [2, 4, 8]}
+
+
+def _pre_check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) -> str | None:
+    if cfg["BLOCK_R"] not in (16, 32, 64, 128, 256):
+        return f"BLOCK_R: must be a power of two in 16..256, got {cfg['BLOCK_R']}"
+    return _common_check(cfg)
+
+
+register(
+    KernelDef(
+        name="bwd_pre",
+        template="bwd_pre.py.j2",
+        pass_="bwd",
+        space=_pre_space,
+        check=_pre_check,
+        default=_pre_default,
+        constants=_pre_constants,
+        doc="backward preprocessing: dg and D_b = g_b * rowsum(dO * O_b)",
+    )
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# bwd_cmp / bwd_win (one template)
+# ------------------------------------------------------------------------------------------------
+
+
+def _dense_constants(branch: str):
+    def constants(spec: NSASpec, cfg: Mapping[str, Any]) -> dict[str, Any]:
+        if branch == "cmp":
+            return {
+                "BWD_BRANCH": "cmp",
+                "KEY_STRIDE": spec.compression.stride,
+                "KEY_OFF": spec.compression.block - 1,
+                "GATE_IDX": 0,
+            }
+        return {"BWD_BRANCH": "win", "KEY_STRIDE": 1, "KEY_OFF": 0, "GATE_IDX": 2}
+
+    return constants
+
+
+def _dense_default(branch: str):
+    def default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
+        if limits.interpreter:
+            return {"BLOCK_M": 16, "BLOCK_N": 16, "Q_CHUNK": 0, "num_warps": 4, "num_stages": 1}
+        wide = _padded(spec.attention.head_dim_qk) + _padded(spec.attention.head_dim_v) > 256
+        return {
+            "BLOCK_M": 64,
+            "BLOCK_N": 64,
+            # the compressed branch's key tiles see (almost) every query: split long query ranges
+            "Q_CHUNK": 2048 if branch == "cmp" else 0,
+            "num_warps": 8 if wide else 4,
+            "num_stages": 2,
+        }
+
+    return default
+
+
+def _dense_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
+    return {
+        "BLOCK_M": [16, 32, 64, 128],
+        "BLOCK_N": [16, 32, 64, 128],
+        "Q_CHUNK": [0, 1024, 2048, 4096, 8192],
+        "num_warps": [4, 8],
+        "num_stages": [1, 2, 3],
+    }
+
+
+def _dense_smem(spec: NSASpec, cfg: Mapping[str, Any]) -> int:
+    e = _elt(spec)
+    dk, dv = _padded(spec.attention.head_dim_qk), _padded(spec.attention.head_dim_v)
+    kv = cfg["BLOCK_N"] * (dk + dv) * e
+    qdo = cfg["BLOCK_M"] * (dk + dv) * e * max(1, cfg["num_stages"])
+    tiles = 2 * cfg["BLOCK_M"] * cfg["BLOCK_N"] * e
+    return kv + qdo + tiles
+
+
+def _dense_check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) -> str | None:
+    for key in ("BLOCK_M", "BLOCK_N"):
+        if cfg[key] not in _POW2:
+            return f"{key}: must be a power of two in 16..256, got {cfg[key]}"
+    if not isinstance(cfg["Q_CHUNK"], int) or cfg["Q_CHUNK"] < 0:
+        return f"Q_CHUNK: must be an integer >= 0, got {cfg['Q_CHUNK']}"
+    why = _common_check(cfg)
+    if why:
+        return why
+    if not limits.interpreter:
+        need = _dense_smem(spec, cfg)
+        if need > limits.smem_per_block:
+            return f"shared memory: needs ~{need} bytes > {limits.smem_per_block} on {limits.name}"
+        acc = cfg["BLOCK_N"] * (_padded(spec.attention.head_dim_qk) + _padded(spec.attention.head_dim_v))
+        if acc > 192 * 32 * cfg["num_warps"]:
+            return "registers: BLOCK_N x (dk + dv) fp32 dK/dV accumulators exceed 192 per thread"
+    return None
+
+
+for _branch, _enabled in (("cmp", None), ("win", lambda s: s.window_size > 0)):
+    register(
+        KernelDef(
+            name=f"bwd_{_branch}",
+            template="bwd_dense.py.j2",
+            pass_="bwd",
+            space=_dense_space,
+            check=_dense_check,
+            default=_dense_default(_branch),
+            constants=_dense_constants(_branch),
+            enabled=_enabled,
+            doc=f"FA2-style backward of the {'compressed' if _branch == 'cmp' else 'window'} branch",
+        )
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# bwd_slc
+# ------------------------------------------------------------------------------------------------
+
+
+def _slc_constants(spec: NSASpec, cfg: Mapping[str, Any]) -> dict[str, Any]:
+    return {"GP_BWD": max(16, next_pow2(spec.G)), "LPP": max(16, next_pow2(spec.selection.block))}
+
+
+def _slc_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
+    G = spec.G  # noqa: N806
+    if limits.interpreter:
+        return {"BLOCK_T": max(1, 16 // G), "CHUNK": 8, "num_warps": 4, "dq_warps": 4, "num_stages": 1}
+    return {"BLOCK_T": max(1, 64 // G), "CHUNK": 1024, "num_warps": 4, "dq_warps": 4, "num_stages": 2}
+
+
+def _slc_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
+    G = spec.G  # noqa: N806
+    return {
+        "BLOCK_T": sorted({max(1, r // G) for r in (16, 32, 64, 128)}),
+        "CHUNK": [256, 512, 1024, 2048, 4096],
+        "num_warps": [4, 8],
+        "dq_warps": [2, 4, 8],
+        "num_stages": [1, 2, 3],
+    }
+
+
+def _slc_check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) -> str | None:
+    rows = cfg["BLOCK_T"] * spec.G
+    if not isinstance(cfg["BLOCK_T"], int) or cfg["BLOCK_T"] < 1 or rows != next_pow2(rows) or rows < 16:
+        return f"BLOCK_T: BLOCK_T x G must be a power of two >= 16, got {cfg['BLOCK_T']} x {spec.G}"
+    if rows > 256:
+        return f"BLOCK_T: BLOCK_T x G must be <= 256 rows, got {rows}"
+    if not isinstance(cfg["CHUNK"], int) or cfg["CHUNK"] < 1:
+        return f"CHUNK: must be an integer >= 1, got {cfg['CHUNK']}"
+    if cfg.get("dq_warps") not in (1, 2, 4, 8, 16):
+        return f"dq_warps: must be one of 1, 2, 4, 8, 16, got {cfg.get('dq_warps')}"
+    return _common_check(cfg)
+
+
+register(
+    KernelDef(
+        name="bwd_slc",
+        template="bwd_slc.py.j2",
+        pass_="bwd",
+        space=_slc_space,
+        check=_slc_check,
+        default=_slc_default,
+        constants=_slc_constants,
+        doc="selection backward: group-centric dQ, reverse-index block-outer dK/dV",
+    )
+)
