@@ -1,0 +1,122 @@
+"""slc_topk (scoring + top-n) and the fused cmp_topk under the Triton interpreter vs the float64 reference.
+
+Indices are compared through the reference scores of the selected blocks (ties are legal), plus structural
+checks (ascending, unique, valid, forced blocks present, -1 only trailing and as many as the reference).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _cmp_helpers import (
+    check_indices,
+    make_inputs,
+    make_spec,
+    poisoned_empty,
+    ref_cmp,
+    ref_scores_and_indices,
+)
+from nsa_dsl.codegen.loader import load
+from nsa_dsl.codegen.plan import make_plan
+
+from nsa_dsl.derived import derive
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _cache(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("NSA_DSL_CACHE_DIR", str(tmp_path_factory.mktemp("nsa_cache")))
+    yield
+    mp.undo()
+
+
+def _check(spec, B, T, dtype=torch.float32, cu=None, config=None, fused=False):  # noqa: N803
+    q, kc, vc = make_inputs(spec, B, T, dtype, cu, seed=T)
+    ro, rl = ref_cmp(spec, q, kc, vc, cu)
+    scores, ref_idx = ref_scores_and_indices(spec, q, kc, cu)
+    if fused:
+        mod = load(make_plan(spec, "cmp_topk", config))
+        with poisoned_empty():
+            o, lse, idx = mod.run(q, kc, vc, cu_seqlens=cu)
+        tol = 2e-5 if dtype == torch.float32 else 3e-3
+        assert not torch.isnan(o).any() and not torch.isnan(lse).any()
+        torch.testing.assert_close(o.double(), ro, rtol=tol, atol=tol)
+        assert torch.equal(torch.isinf(lse), torch.isinf(rl))
+        torch.testing.assert_close(
+            lse.double()[torch.isfinite(rl)], rl[torch.isfinite(rl)], rtol=1e-5, atol=tol
+        )
+    else:
+        mod = load(make_plan(spec, "slc_topk", config))
+        with poisoned_empty():
+            idx = mod.run(q, kc, rl.float(), cu_seqlens=cu)
+    assert not (idx == -7).any(), "unwritten index slots"
+    rtol = 1e-4 if dtype == torch.float32 else 2e-2
+    check_indices(spec, idx, ref_idx, scores, cu, rtol=rtol, atol=1e-5 if dtype == torch.float32 else 1e-3)
+    return idx
+
+
+# (spec kwargs, B, T, config); large BLOCK_M keeps the interpreter fast (few programs).
+CASES = [
+    pytest.param(dict(hq=2, hkv=2, l=8, d=4, lp=16, n=3, fi=1, fl=1), 2, 77, {"BLOCK_M": 64}, id="G1-d<l<l'"),
+    pytest.param(
+        dict(hq=4, hkv=2, l=4, d=4, lp=8, n=2, fi=0, fl=0), 1, 50, {"BLOCK_M": 64}, id="G2-l=d-noforce"
+    ),
+    pytest.param(
+        dict(hq=4, hkv=1, l=8, d=4, lp=8, n=4, fi=1, fl=2, dk=24),
+        1,
+        70,
+        {"BLOCK_M": 64, "BLOCK_S": 8},
+        id="G4-l'=l",
+    ),
+    pytest.param(
+        dict(hq=16, hkv=1, l=8, d=8, lp=8, n=2, fi=0, fl=1), 1, 40, {"BLOCK_M": 128}, id="G16-l=d=l'"
+    ),
+    pytest.param(dict(hq=4, hkv=2, l=4, d=4, lp=12, n=3, fi=1, fl=1), 1, 61, {"BLOCK_M": 64}, id="ratio3"),
+    pytest.param(
+        dict(hq=4, hkv=2, l=12, d=4, lp=24, n=2, fi=1, fl=0), 1, 97, {"BLOCK_M": 128}, id="l12d4lp24"
+    ),
+    pytest.param(dict(hq=4, hkv=2, l=8, d=4, lp=16, n=3, fi=1, fl=1), 1, 10, None, id="T<l'"),
+    pytest.param(dict(hq=4, hkv=2, l=8, d=4, lp=16, n=3, fi=1, fl=1), 1, 5, None, id="T<l"),
+    pytest.param(
+        dict(hq=4, hkv=2, l=8, d=4, lp=8, n=3, fi=0, fl=1),
+        1,
+        83,
+        {"BLOCK_M": 16, "BLOCK_S": 8},
+        id="small-tiles",
+    ),
+]
+
+
+@pytest.mark.parametrize("kw,B,T,config", CASES)
+def test_slc_topk_matches_reference(kw, B, T, config):  # noqa: N803
+    _check(make_spec(**kw), B, T, config=config)
+
+
+@pytest.mark.parametrize("kw,B,T,config", CASES[:4] + CASES[5:6])
+def test_fused_cmp_topk_matches_reference(kw, B, T, config):  # noqa: N803
+    _check(make_spec(**kw), B, T, config=config, fused=True)
+
+
+def test_topk_varlen_matches_per_sequence():
+    spec = make_spec(hq=4, hkv=2, l=8, d=4, lp=16, n=3, fi=1, fl=1)
+    cu = torch.tensor([0, 6, 45, 46, 90], dtype=torch.int32)
+    _check(spec, 1, 90, cu=cu, config={"BLOCK_M": 64})
+    _check(spec, 1, 90, cu=cu, config={"BLOCK_M": 64}, fused=True)
+
+
+def test_topk_fp16():
+    _check(make_spec(hq=4, hkv=2, l=8, d=4, lp=16, n=3), 1, 70, dtype=torch.float16, config={"BLOCK_M": 64})
+
+
+def test_overlap_levels_exercised():
+    # The l=12, d=4, l'=24 case spans two groups per block (taps moved back by a gather).
+    der = derive(make_spec(l=12, d=4, lp=24, n=2, fi=1, fl=0))
+    assert len(der.overlap) > der.ratio
+
+
+def test_topk_config_check():
+    spec = make_spec(n=3)
+    with pytest.raises(ValueError, match="BLOCK_S"):
+        make_plan(spec, "slc_topk", {"BLOCK_S": 2})
+    with pytest.raises(ValueError, match="unknown parameter"):
+        make_plan(spec, "slc_topk", {"BLOCK_Q": 16})
