@@ -46,8 +46,9 @@ _OPS: dict[str, NSAOps] = {}
 
 def register_ops(ops: NSAOps) -> str:
     """Key under which the custom ops find ``ops`` (kept alive for the process)."""
-    key = f"{ops.spec.hash}:{id(ops):x}"
-    _OPS.setdefault(key, ops)
+    key = f"nsa_ops_{id(ops):x}"
+    if key not in _OPS:
+        _OPS[key] = ops
     return key
 
 

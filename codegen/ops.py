@@ -258,7 +258,16 @@ class NSAOps:
         cu_seqlens: Tensor | None = None,
         return_indices: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
-        """NSA forward with the reference's signature and semantics (``nsa_dsl.reference.nsa_attention``)."""
+        """NSA forward with the reference's signature and semantics (``nsa_dsl.reference.nsa_attention``).
+
+        Differentiable: when grad mode is on and an input requires grad, it runs as the custom op of
+        ``nsa_dsl.codegen.autograd`` (generated backward kernels, torch.compile-friendly)."""
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, k_cmp, v_cmp, g)):
+            from .autograd import nsa_attention
+
+            return nsa_attention(
+                q, k, v, k_cmp, v_cmp, g, self, cu_seqlens=cu_seqlens, return_indices=return_indices
+            )
         o, saved = self.forward_train(q, k, v, k_cmp, v_cmp, g, cu_seqlens=cu_seqlens)
         if return_indices:
             return o, saved["indices"]  # type: ignore[return-value]

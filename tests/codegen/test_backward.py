@@ -1,0 +1,279 @@
+"""Backward kernels (issue 4) against the reference's autograd.
+
+CPU: the Triton interpreter at tiny shapes in fp32: every gradient (q, k, v, k_cmp, v_cmp, g) of the generated
+backward, fed with the reference's forward intermediates (branch outputs, LSEs, indices), against
+``torch.autograd`` through ``nsa_dsl.reference.nsa_attention``. Matrix: G in {1, 2, 4, 16}, odd T, B = 2,
+varlen packs (with a sequence shorter than the compressed block), window off, dk != dv and dk not a power of
+two, both reverse-index paths (split lists with partial sums / direct writes), the query-split dK/dV path.
+GPU (marked): bf16 against fp32, bitwise determinism, a short training run through NSAttention.
+Fresh random inputs per case; fp32 gradient buffers that a kernel must fully write are poisoned (NaN).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from nsa_dsl.codegen import reverse_index
+from nsa_dsl.codegen.autograd import activation_bytes_per_token, nsa_attention, nsa_backward
+from nsa_dsl.codegen.ops import NSAOps
+from nsa_dsl.codegen.plan import DeviceLimits
+
+import nsa_dsl
+from nsa_dsl import load_spec
+from nsa_dsl import reference as R
+
+TINY = load_spec("tiny")
+
+
+@contextlib.contextmanager
+def poisoned_empty():
+    """torch.empty / empty_like return NaN-filled float tensors inside the block (unwritten rows show)."""
+    real_empty, real_like = torch.empty, torch.empty_like
+
+    def fill(x):
+        return x.fill_(float("nan")) if x.is_floating_point() else x
+
+    torch.empty = lambda *a, **k: fill(real_empty(*a, **k))  # type: ignore[assignment]
+    torch.empty_like = lambda *a, **k: fill(real_like(*a, **k))  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like = real_empty, real_like
+
+
+def make_spec(G=2, hkv=2, dk=16, dv=16, l=8, d=4, blk=16, n=3, fi=1, fl=1, w=16):  # noqa: E741
+    return TINY.replace(
+        attention={
+            "heads": G * hkv, "kv_heads": hkv, "head_dim_qk": dk, "head_dim_v": dv, "dtype": "float32"
+        },
+        compression={"block": l, "stride": d},
+        selection={"block": blk, "top_n": n, "force_initial": fi, "force_local": fl},
+        window={"size": w},
+    )
+
+
+def make_inputs(spec, B, T, gen, tc=None, dtype=torch.float32, device="cpu"):
+    a = spec.attention
+    tc = spec.num_compressed(T) if tc is None else tc
+
+    def r(*shape):
+        return torch.randn(*shape, generator=gen).to(device, dtype)
+
+    q = r(B, T, a.heads, a.head_dim_qk)
+    k = r(B, T, a.kv_heads, a.head_dim_qk)
+    v = r(B, T, a.kv_heads, a.head_dim_v)
+    kc = r(B, tc, a.kv_heads, a.head_dim_qk)
+    vc = r(B, tc, a.kv_heads, a.head_dim_v)
+    g = torch.rand(B, T, a.heads, 3, generator=gen).to(device, dtype)
+    return q, k, v, kc, vc, g
+
+
+def ref_grads(spec, xs, do, cu_seqlens=None):
+    xs = [x.detach().clone().requires_grad_(True) for x in xs]
+    o = R.nsa_attention(*xs, spec, cu_seqlens=cu_seqlens)
+    o.backward(do)
+    return [x.grad for x in xs]
+
+
+def kernel_grads(spec, xs, do, cu_seqlens=None, config=None, ops=None):
+    q, k, v, kc, vc, g = (x.detach() for x in xs)
+    saved = R.nsa_branches(q, k, v, kc, vc, spec, cu_seqlens=cu_seqlens)
+    saved = {key: (t.float() if key.startswith("lse") else t) for key, t in saved.items()}
+    if spec.window_size == 0:
+        saved["o_win"] = saved["lse_win"] = None
+    ops = ops or NSAOps(spec=spec, limits=DeviceLimits.detect(q.device), config=config or {})
+    with poisoned_empty():
+        return nsa_backward(ops, q, k, v, kc, vc, g, do, saved, cu_seqlens=cu_seqlens)
+
+
+NAMES = ("dq", "dk", "dv", "dk_cmp", "dv_cmp", "dg")
+
+
+def assert_close(got, want, atol=2e-4, rtol=2e-4):
+    for name, a, b in zip(NAMES, got, want, strict=True):
+        assert a.shape == b.shape, name
+        assert bool(torch.isfinite(a).all()), f"{name}: non-finite values"
+        torch.testing.assert_close(a, b.to(a.dtype), atol=atol, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+CASES = {
+    # id: (spec kwargs, B, T)
+    "G1": (dict(G=1, hkv=2), 1, 37),
+    "G2-B2": (dict(G=2, hkv=2, dk=32, dv=16), 2, 29),
+    "G4-l=d": (dict(G=4, hkv=1, l=8, d=8, blk=8, n=4, fi=0, fl=2, w=8), 1, 41),
+    "G16-dk48": (dict(G=16, hkv=1, dk=48, dv=16, n=2, fi=0, fl=1, w=8), 1, 23),
+    "G2-nowin": (dict(G=2, hkv=2, w=0, l=16, d=8, blk=16), 1, 35),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_grads_match_reference(case):
+    kw, B, T = CASES[case]
+    spec = make_spec(**kw)
+    gen = torch.Generator().manual_seed(hash(case) % 2**31)
+    xs = make_inputs(spec, B, T, gen)
+    do = torch.randn(B, T, spec.attention.heads, spec.attention.head_dim_v, generator=gen)
+    assert_close(kernel_grads(spec, xs, do), ref_grads(spec, xs, do))
+
+
+def test_grads_varlen():
+    spec = make_spec(G=2, hkv=2, n=2)
+    cu = torch.tensor([0, 5, 26, 47], dtype=torch.int32)  # first sequence shorter than l = 8: no cmp block
+    gen = torch.Generator().manual_seed(7)
+    tc = int(R.compressed_cu_seqlens(cu, spec)[-1])
+    xs = make_inputs(spec, 1, 47, gen, tc=tc)
+    do = torch.randn(1, 47, spec.attention.heads, spec.attention.head_dim_v, generator=gen)
+    assert_close(kernel_grads(spec, xs, do, cu_seqlens=cu), ref_grads(spec, xs, do, cu_seqlens=cu))
+
+
+def test_schedule_variants_agree():
+    """Reverse-index chunking (split lists with fp32 partials vs direct writes) and the query-split dK/dV of
+    the compressed branch change the schedule, not the result."""
+    spec = make_spec(G=2, hkv=1, n=2)
+    gen = torch.Generator().manual_seed(11)
+    xs = make_inputs(spec, 1, 53, gen)
+    do = torch.randn(1, 53, spec.attention.heads, spec.attention.head_dim_v, generator=gen)
+    want = ref_grads(spec, xs, do)
+    cfg = {"bwd_slc": {"CHUNK": 4096, "BLOCK_T": 16}, "bwd_cmp": {"Q_CHUNK": 16, "BLOCK_M": 16}}
+    assert_close(kernel_grads(spec, xs, do, config=cfg), want)
+
+
+def test_deterministic_interpreter():
+    spec = make_spec(G=2, hkv=2)
+    gen = torch.Generator().manual_seed(3)
+    xs = make_inputs(spec, 1, 33, gen)
+    do = torch.randn(1, 33, spec.attention.heads, spec.attention.head_dim_v, generator=gen)
+    a = kernel_grads(spec, xs, do)
+    b = kernel_grads(spec, xs, do)
+    for name, x, y in zip(NAMES, a, b, strict=True):
+        assert torch.equal(x, y), name
+
+
+def test_reverse_index_brute_force():
+    gen = torch.Generator().manual_seed(5)
+    cu = torch.tensor([0, 9, 9, 40], dtype=torch.int32)
+    T, hkv, n, lp = 40, 2, 3, 8
+    idx = torch.full((T, hkv, n), -1, dtype=torch.int32)
+    for t in range(T):
+        s = 0 if t < 9 else 2
+        local = t - int(cu[s])
+        nb = local // lp + 1
+        pick = torch.randperm(nb, generator=gen)[: min(n, nb)]
+        for h in range(hkv):
+            idx[t, h, : len(pick)] = pick.sort().values.to(torch.int32)
+    rev = reverse_index.build(idx, cu, lp, chunk=3)
+    got: dict[tuple[int, int], list[int]] = {}
+    for w in range(rev.n_items):
+        key = (int(rev.item_tok0[w]), int(rev.item_hkv[w]))
+        toks = rev.tokens[int(rev.item_lo[w]) : int(rev.item_hi[w])].tolist()
+        assert 1 <= len(toks) <= 3
+        got.setdefault(key, []).extend(toks)
+    want: dict[tuple[int, int], list[int]] = {}
+    for t in range(T):
+        s = 0 if t < 9 else 2
+        for h in range(hkv):
+            for j in idx[t, h].tolist():
+                if j >= 0:
+                    want.setdefault((int(cu[s]) + j * lp, h), []).append(t)
+    assert got == want  # same blocks, same tokens, ascending order
+    split_blocks = sum(1 for toks in want.values() if len(toks) > 3)
+    assert rev.n_reduce == split_blocks
+
+
+def test_custom_op_end_to_end_and_compile():
+    """The custom op trains through the generated forward + backward and traces under torch.compile
+    without graph breaks (fullgraph=True)."""
+    spec = make_spec(G=2, hkv=1, n=2)
+    ops = nsa_dsl.compile(spec)
+    gen = torch.Generator().manual_seed(13)
+    xs = [x.requires_grad_(True) for x in make_inputs(spec, 1, 27, gen)]
+    o = nsa_attention(*xs, ops)
+    do = torch.randn_like(o)
+    torch.testing.assert_close(o, R.nsa_attention(*[x.detach() for x in xs], spec), atol=1e-4, rtol=1e-4)
+    grads = torch.autograd.grad(o, xs, do)
+    assert_close(grads, ref_grads(spec, xs, do))
+    fn = torch.compile(lambda *a: nsa_attention(*a, ops), backend="aot_eager", fullgraph=True)
+    o2 = fn(*xs)
+    grads2 = torch.autograd.grad(o2, xs, do)
+    for name, a, b in zip(NAMES, grads, grads2, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_activation_memory_paper():
+    m = activation_bytes_per_token(load_spec("nsa_paper"))
+    # 3 branch outputs x 64 heads x 128 x bf16, 3 fp32 LSEs x 64 heads, 4 KV heads x 16 int32 indices
+    assert m["branch_outputs"] == 3 * 64 * 128 * 2
+    assert m["lse"] == 3 * 64 * 4
+    assert m["indices"] == 4 * 16 * 4
+    assert m["total"] == 49152 + 768 + 256
+    nowin = activation_bytes_per_token(load_spec("fla_compat"))
+    assert nowin["branch_outputs"] == 2 * 64 * 128 * 2
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU
+# ------------------------------------------------------------------------------------------------
+
+
+def _paper_case(T, seed, device="cuda", dtype=torch.bfloat16):
+    spec = load_spec("nsa_paper")
+    gen = torch.Generator().manual_seed(seed)
+    xs = make_inputs(spec, 1, T, gen, dtype=dtype, device=device)
+    do = torch.randn(1, T, 64, 128, generator=gen).to(device, dtype)
+    return spec, xs, do
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_paper_vs_fp32_reference():
+    spec, xs, do = _paper_case(1024 + 37, 0)
+    ops = nsa_dsl.compile(spec)
+    xs_b = [x.requires_grad_(True) for x in xs]
+    o = nsa_attention(*xs_b, ops)
+    got = torch.autograd.grad(o, xs_b, do)
+    want = ref_grads(spec, [x.float() for x in xs], do.float())
+    for name, a, b in zip(NAMES, got, want, strict=True):
+        assert bool(torch.isfinite(a).all()), name
+        err = (a.float() - b).norm() / b.norm().clamp_min(1e-6)
+        assert err < 2e-2, f"{name}: relative error {err:.3e}"
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic_bitwise():
+    spec, xs, do = _paper_case(4096 + 5, 1)
+    ops = nsa_dsl.compile(spec)
+    runs = []
+    for _ in range(2):
+        xs_b = [x.detach().clone().requires_grad_(True) for x in xs]
+        o = nsa_attention(*xs_b, ops, deterministic=True)
+        runs.append(torch.autograd.grad(o, xs_b, do))
+    for name, a, b in zip(NAMES, *runs, strict=True):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.gpu
+def test_gpu_training_tracks_reference():
+    from nsa_dsl import NSAttention
+
+    spec = make_spec(G=4, hkv=2, dk=64, dv=64, l=16, d=8, blk=32, n=4, fi=1, fl=2, w=64)
+    losses = {}
+    for backend in ("reference", "triton"):
+        torch.manual_seed(0)
+        layer = NSAttention(128, spec, backend=backend).cuda()
+        head = torch.nn.Linear(128, 128).cuda()
+        opt = torch.optim.AdamW([*layer.parameters(), *head.parameters()], lr=3e-3)
+        gen = torch.Generator(device="cuda").manual_seed(1)
+        x = torch.randn(2, 256, 128, device="cuda", generator=gen)
+        y = torch.roll(x, 1, dims=1)
+        hist = []
+        for _ in range(30):
+            loss = torch.nn.functional.mse_loss(head(layer(x)), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            hist.append(float(loss))
+        losses[backend] = hist
+    ref, tri = torch.tensor(losses["reference"]), torch.tensor(losses["triton"])
+    assert tri[-1] < tri[0] * 0.9
+    assert bool(((tri - ref).abs() / ref).max() < 0.05), (losses["reference"], losses["triton"])
