@@ -50,6 +50,8 @@ log = logging.getLogger("nsa_dsl.reference")
 
 # Bytes of intermediate data one chunk of queries may hold (per branch). Keeps T = 4096+ runs within RAM.
 _CHUNK_BYTES = 64 * 2**20
+# Selection branch strategy: None = pick per chunk by cost; "union" or "gather" forces one (tests use this).
+_SELECTION_PATH: str | None = None
 _INF = float("inf")
 
 
@@ -458,6 +460,12 @@ def _check_indices(indices: Any, q: Tensor, spec: NSASpec) -> None:
         )
     _check_dim("indices", indices, 2, spec.attention.kv_heads, "attention.kv_heads (Hkv)")
     _check_dim("indices", indices, 3, spec.selection.top_n, "selection.top_n (n)")
+    nslc = spec.num_selection_blocks(q.shape[1])
+    if indices.numel() and (int(indices.min()) < -1 or int(indices.max()) >= nslc):
+        raise ValueError(
+            f"indices: values must lie in -1..{nslc - 1} (ceil(T/l') blocks for T={q.shape[1]}), "
+            f"got {int(indices.min())}..{int(indices.max())}"
+        )
 
 
 def selected_attention(
@@ -467,7 +475,7 @@ def selected_attention(
     (``indices`` [B, T, Hkv, n], -1 = unused slot) with token index <= t.
 
     Returns (o_slc [B, T, Hq, dv] in q's dtype, lse_slc [B, T, Hq] compute dtype, +inf where no key is seen).
-    Duplicate indices in a row would count their tokens twice; ``select_blocks`` never produces them.
+    A block listed twice in a row counts once. Indices must lie in -1..ceil(T/l')-1.
     """
     _check_spec(spec)
     _check_q(q, spec)
@@ -478,35 +486,67 @@ def selected_attention(
 
 
 def _selected_attention(q, k, v, indices, spec, scale):
+    """Per chunk of queries, whichever is cheaper: gather the union of the blocks any query of the chunk
+    selected (per KV head) and do one batched matmul against them with a mask keeping each query's own
+    blocks; or gather each query's own n blocks. Both mask tokens > t. Same result either way."""
     B, T, Hq, _ = q.shape  # noqa: N806
     hkv, dk, dv = k.shape[2], k.shape[3], v.shape[3]
     cdt = _compute_dtype(q.dtype)
     lp, n = spec.selection.block, spec.selection.top_n
     if T == 0:
         return q.new_zeros((B, 0, Hq, dv), dtype=cdt), q.new_zeros((B, 0, Hq), dtype=cdt)
-    S = n * lp  # noqa: N806
+    nslc = spec.num_selection_blocks(T)
+    dev = q.device
     qg = _group(q.to(cdt), spec)
     kf = k.to(cdt).permute(0, 2, 1, 3).reshape(B * hkv * T, dk)
     vf = v.to(cdt).permute(0, 2, 1, 3).reshape(B * hkv * T, dv)
-    base = (
-        (torch.arange(B, device=q.device)[:, None] * hkv + torch.arange(hkv, device=q.device)[None, :]) * T
-    )[:, None, :, None]  # [B, 1, Hkv, 1]
-    offs = torch.arange(lp, device=q.device)
-    C = _chunk_size(T, B * hkv * S * (dk + dv + 2 * spec.G + 3) * 8)  # noqa: N806
+    base = ((torch.arange(B, device=dev)[:, None] * hkv + torch.arange(hkv, device=dev)[None, :]) * T)[
+        :, :, None
+    ]  # [B, Hkv, 1]
+    offs = torch.arange(lp, device=dev)
+    # Worst case the union is every block: size the chunk for [C, Hq, T] logits (x3 for softmax/backward).
+    per_query = max(Hq * T * 4, hkv * n * lp * (dk + dv + 2 * spec.G + 4)) * 8
+    C = max(min(T, 16), _chunk_size(T, B * per_query))  # noqa: N806
     outs, lses = [], []
     for t0 in range(0, T, C):
         t1 = min(T, t0 + C)
-        t_pos = torch.arange(t0, t1, device=q.device)
+        t_pos = torch.arange(t0, t1, device=dev)
         idx = indices[:, t0:t1].long()  # [B, C, Hkv, n]
-        pos = (idx[..., None] * lp + offs).reshape(B, t1 - t0, hkv, S)
-        ok = (idx >= 0)[..., None].expand(*idx.shape, lp).reshape(B, t1 - t0, hkv, S)
-        ok = ok & (pos <= t_pos[None, :, None, None])
-        lin = (base + torch.where(ok, pos, torch.zeros_like(pos))).reshape(-1)
-        kg = kf.index_select(0, lin).view(B, t1 - t0, hkv, S, dk)
-        vg = vf.index_select(0, lin).view(B, t1 - t0, hkv, S, dv)
-        logits = torch.einsum("bchgd,bchsd->bchgs", qg[:, t0:t1], kg) * scale
-        p, ls = _masked_softmax(logits, ok[:, :, :, None, :])
-        outs.append(_ungroup(torch.einsum("bchgs,bchsv->bchgv", p, vg)))
+        sel = torch.zeros((*idx.shape[:3], nslc + 1), dtype=torch.bool, device=dev)
+        sel.scatter_(-1, torch.where(idx >= 0, idx, nslc), True)
+        sel = sel[..., :nslc]  # [B, C, Hkv, Nslc]: query c selected block j
+        union = sel.any(1)  # [B, Hkv, Nslc]
+        nu = max(1, int(union.sum(-1).max()))
+        # Union blocks first, in ascending order (stable sort of the "not in union" flags).
+        ub = torch.sort((~union).to(torch.uint8), dim=-1, stable=True)[1][..., :nu]  # [B, Hkv, U]
+        uok = torch.gather(union, -1, ub)
+        q_c = qg[:, t0:t1]
+        path = _SELECTION_PATH or ("union" if Hq * nu <= hkv * max(spec.G, 8) * n else "gather")
+        if path == "union":
+            # Few distinct blocks (or small G): one matmul per KV head against the union.
+            pos = (ub[..., None] * lp + offs).reshape(B, hkv, nu * lp)  # token positions [B, Hkv, S]
+            lin = (base + torch.where(pos < T, pos, torch.zeros_like(pos))).reshape(-1)
+            kg = kf.index_select(0, lin).view(B, hkv, nu * lp, dk)
+            vg = vf.index_select(0, lin).view(B, hkv, nu * lp, dv)
+            mine = torch.gather(sel, -1, ub[:, None].expand(-1, t1 - t0, -1, -1)) & uok[:, None]
+            mask = mine[..., None].expand(-1, -1, -1, -1, lp).reshape(B, t1 - t0, hkv, nu * lp)
+            mask = mask & (pos[:, None] <= t_pos[None, :, None, None])
+            logits = torch.einsum("bchgd,bhsd->bchgs", q_c, kg) * scale
+            p, ls = _masked_softmax(logits, mask[:, :, :, None, :])
+            outs.append(_ungroup(torch.einsum("bchgs,bhsv->bchgv", p, vg)))
+        else:
+            # Per query: gather its own n blocks (the G heads of a KV head share them); repeats count once.
+            srt = torch.sort(idx, dim=-1)[0]
+            idx = torch.cat([srt[..., :1], srt[..., 1:].masked_fill(srt[..., 1:] == srt[..., :-1], -1)], -1)
+            ipos = (idx[..., None] * lp + offs).reshape(B, t1 - t0, hkv, n * lp)
+            ok = (idx >= 0)[..., None].expand(-1, -1, -1, -1, lp).reshape(B, t1 - t0, hkv, n * lp)
+            ok = ok & (ipos <= t_pos[None, :, None, None])
+            ilin = (base[:, None] + torch.where(ok, ipos, torch.zeros_like(ipos))).reshape(-1)
+            kq = kf.index_select(0, ilin).view(B, t1 - t0, hkv, n * lp, dk)
+            vq = vf.index_select(0, ilin).view(B, t1 - t0, hkv, n * lp, dv)
+            logits = torch.einsum("bchgd,bchsd->bchgs", q_c, kq) * scale
+            p, ls = _masked_softmax(logits, ok[:, :, :, None, :])
+            outs.append(_ungroup(torch.einsum("bchgs,bchsv->bchgv", p, vq)))
         lses.append(ls.flatten(2))
     return torch.cat(outs, 1), torch.cat(lses, 1)
 

@@ -404,3 +404,29 @@ def test_validation_errors_are_one_line():
     with pytest.raises(ValueError, match="q: expected batch B = 1 with cu_seqlens"):
         q2, k2, v2, kc2, vc2, g2 = rand_inputs(spec, 2, T, seed=14)
         R.nsa_attention(q2, k2, v2, kc2, vc2, g2, spec, cu_seqlens=torch.tensor([0, 100], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("path", ["union", "gather"])
+def test_selected_attention_paths_against_loop(path, monkeypatch):
+    # Arbitrary index rows (not from select_blocks): -1 slots, a repeated block (counts once), future blocks.
+    monkeypatch.setattr(R, "_SELECTION_PATH", path)
+    spec = make_spec(heads=6, kv_heads=2, l=4, d=2, lp=4, n=3)
+    T = 23  # noqa: N806
+    q, k, v, *_ = rand_inputs(spec, 2, T, seed=15)
+    gen = torch.Generator().manual_seed(16)
+    idx = torch.randint(-1, 6, (2, T, 2, 3), generator=gen, dtype=torch.int32)
+    idx[0, 5, 0] = torch.tensor([1, 1, -1], dtype=torch.int32)
+    idx[1, 0, 1] = torch.tensor([-1, -1, -1], dtype=torch.int32)
+    o, lse = R.selected_attention(q, k, v, idx, spec)
+    for b in range(2):
+        for t in range(T):
+            for h in range(6):
+                hk = h // 3
+                blocks = {int(j) for j in idx[b, t, hk] if j >= 0}
+                toks = sorted(s for j in blocks for s in range(4 * j, 4 * j + 4) if s <= t)
+                if not toks:
+                    assert torch.all(o[b, t, h] == 0) and lse[b, t, h] == math.inf
+                    continue
+                s = k[b, toks, hk] @ q[b, t, h] * spec.scale
+                torch.testing.assert_close(lse[b, t, h], torch.logsumexp(s, 0))
+                torch.testing.assert_close(o[b, t, h], torch.softmax(s, 0) @ v[b, toks, hk])
