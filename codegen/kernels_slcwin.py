@@ -60,7 +60,13 @@ def _slc_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
         "BLOCK_N": [b for b in (16, 32, 64, 128) if b <= top],
         "num_warps": [1, 2, 4, 8],
         "num_stages": [1, 2, 3, 4],
-        "schedule": ["group"],
+        "schedule": ["group", "kvouter"],
+        # KV-outer schedule only: MMA rows (tokens x heads of the group), entries per program, merge rows,
+        # whether the block's K/V stay loaded across the program's entries
+        "BLOCK_M": [16, 32, 64, 128],
+        "CHUNK": [16, 32, 64, 128, 256],
+        "BLOCK_R": [16, 32, 64, 128],
+        "KV_RESIDENT": [True, False],
     }
 
 
@@ -71,6 +77,10 @@ def _slc_check(spec: NSASpec, config: Mapping[str, Any], limits: DeviceLimits) -
     if config.get("schedule") not in _slc_space(spec, limits)["schedule"]:
         known = _slc_space(spec, limits)["schedule"]
         return f"schedule: must be one of {known}, got {config.get('schedule')!r}"
+    if config["schedule"] == "kvouter":
+        why = _kvouter_check(spec, config)
+        if why:
+            return why
     bn = config["BLOCK_N"]
     if bn > max(16, next_pow2(spec.selection.block)):
         return f"BLOCK_N: {bn} > the selection block l'={spec.selection.block} rounded up to a power of two"
@@ -87,16 +97,40 @@ def _slc_check(spec: NSASpec, config: Mapping[str, Any], limits: DeviceLimits) -
     return None
 
 
+def _kvouter_check(spec: NSASpec, config: Mapping[str, Any]) -> str | None:
+    gp2 = next_pow2(spec.G)
+    for t in ("BLOCK_M", "BLOCK_R"):
+        v = config.get(t)
+        if not _pow2(v) or v < max(16, gp2):
+            return f"{t}: must be a power of two >= max(16, G={spec.G} rounded up), got {v!r}"
+    bt = config["BLOCK_M"] // gp2
+    ch = config.get("CHUNK")
+    if not isinstance(ch, int) or ch < bt or ch % bt:
+        return f"CHUNK: must be a positive multiple of BLOCK_M / G (= {bt} tokens), got {ch!r}"
+    if not isinstance(config.get("KV_RESIDENT"), bool):
+        return f"KV_RESIDENT: must be true or false, got {config.get('KV_RESIDENT')!r}"
+    return None
+
+
 def _slc_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
     bn = max(16, min(64, next_pow2(spec.selection.block)))
     if limits.interpreter:
-        return {"BLOCK_N": bn, "num_warps": 4, "num_stages": 1, "schedule": "group"}
-    return {"BLOCK_N": bn, "num_warps": 4, "num_stages": 2, "schedule": "group"}
+        return {"BLOCK_N": bn, "num_warps": 4, "num_stages": 1, "schedule": "group", **_KV_DEFAULT}
+    return {"BLOCK_N": bn, "num_warps": 4, "num_stages": 2, "schedule": "group", **_KV_DEFAULT}
+
+
+_KV_DEFAULT = {"BLOCK_M": 64, "CHUNK": 64, "BLOCK_R": 64, "KV_RESIDENT": True}
 
 
 def _slc_constants(spec: NSASpec, config: Mapping[str, Any]) -> dict[str, Any]:
     bn = int(config["BLOCK_N"])
-    return {"GPAD": _gpad(spec), "NSUB": -(-spec.selection.block // bn)}
+    gp2 = next_pow2(spec.G)
+    return {
+        "GPAD": _gpad(spec),
+        "GP2": gp2,
+        "NSUB": -(-spec.selection.block // bn),
+        "BLOCK_T": max(1, int(config.get("BLOCK_M", 64)) // gp2),
+    }
 
 
 register(

@@ -99,13 +99,16 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"G{c[0]}-dk{c[2]}-dv{c[3]}-blk{c[4]}-T{c[8]}")
 def test_slc_fwd_matches_reference(case, schedule):
     G, hkv, dk, dv, blk, n, fi, fl, T, B, bn = case
-    if schedule == "kvouter" and case not in (CASES[0], CASES[2], CASES[3]):
+    if schedule == "kvouter" and not any(case is c for c in (CASES[0], CASES[2], CASES[3])):
         pytest.skip("KV-outer runs a subset (interpreter time)")
     spec = make_spec(G, hkv, dk, dv, blk, n, fi, fl)
     gen = torch.Generator().manual_seed(hash(case) % 2**31)
     q, k, v = inputs(spec, B, T, torch.float32, gen)
     idx = random_indices(spec, B, T, gen)
-    mod = kernel(spec, {"BLOCK_N": bn, "schedule": schedule})
+    cfg = {"BLOCK_N": bn, "schedule": schedule}
+    if schedule == "kvouter" and case is CASES[0]:  # several steps per work item, K/V reloaded per step
+        cfg.update({"BLOCK_M": 16, "CHUNK": 32, "KV_RESIDENT": False})
+    mod = kernel(spec, cfg)
     with poisoned_empty():
         o, lse = mod.run(q, k, v, idx)
     ro, rlse = selected_attention(q.double(), k.double(), v.double(), idx, spec)
