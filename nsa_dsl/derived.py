@@ -22,8 +22,10 @@ T = sp.Symbol("T", integer=True, positive=True)
 class Derived:
     """Compile-time constants of one spec.
 
-    ``overlap``: the cmp->slc weights. Selection block j receives ``sum_k overlap[k] * p_cmp[j*ratio + offset + k]``
-    with ``ratio = l'/d`` and ``offset = overlap_offset`` (negative: blocks that start before j*l').
+    ``overlap``: the cmp->slc weights. Selection block j receives
+    ``sum_k overlap[k] * p_cmp[j*ratio + offset + k]`` with ``ratio = l'/d`` and ``offset = overlap_offset``
+    (negative: blocks that start before j*l'); out-of-range compressed blocks are skipped.
+    ``Tc``: compressed blocks as a sympy expression in ``nsa_dsl.derived.T`` (valid for T >= l; 0 below).
     For l=32, d=16, l'=64: overlap = (1, 2, 2, 2, 1), offset = -1, ratio = 4.
     """
 
@@ -72,6 +74,7 @@ def overlap_weights(l: int, d: int, lp: int) -> tuple[tuple[int, ...], int]:  # 
 
 @lru_cache(maxsize=256)
 def derive(spec: NSASpec) -> Derived:
+    """The compile-time constants of ``spec`` (cached per spec)."""
     l, d, lp = spec.compression.block, spec.compression.stride, spec.selection.block  # noqa: E741
     weights, offset = overlap_weights(l, d, lp)
     return Derived(
