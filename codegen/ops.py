@@ -25,7 +25,7 @@ from ..spec import NSASpec
 from .loader import load
 from .plan import DeviceLimits, KernelPlan, all_kernels, make_plan
 
-__all__ = ["compile", "NSAOps", "STAGES"]
+__all__ = ["compile", "NSAOps", "STAGES", "SCHEDULES", "DEFAULT_SCHEDULE"]
 
 log = logging.getLogger("nsa_dsl.codegen.ops")
 
@@ -37,6 +37,10 @@ STAGES = {
     "win_fwd": "win_fwd",
     "combine": "combine_fwd",
 }
+
+#: Stage compositions the op can run (the tuner may compare them); first value = fallback order.
+SCHEDULES = {"cmp_select": ("fused", "separate"), "combine": ("epilogue", "kernel")}
+DEFAULT_SCHEDULE = {"cmp_select": "fused", "combine": "epilogue"}
 
 _WARNED: set[str] = set()
 
@@ -72,12 +76,17 @@ class NSAOps:
     """Generated NSA forward for one spec on one device. Build with ``nsa_dsl.compile(spec)``.
 
     ``config``: kernel name -> params that override the defaults/tuned records for that kernel.
+    ``schedule``: how stages are composed (see ``SCHEDULES``; missing keys take ``DEFAULT_SCHEDULE``):
+    ``cmp_select`` = "fused" (one kernel ``cmp_topk``: o_cmp, lse_cmp and indices) or "separate"
+    (``cmp_fwd`` then ``slc_topk``); ``combine`` = "epilogue" (the gated sum written by the selection
+    kernel's epilogue) or "kernel" (a separate ``combine_fwd`` pass).
     """
 
     spec: NSASpec
     limits: DeviceLimits
     config: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     use_tuned: bool = True
+    schedule: dict[str, str] = dataclasses.field(default_factory=dict)
     _resolved: dict[tuple, KernelPlan] = dataclasses.field(default_factory=dict, repr=False)
 
     # ---- plans and modules --------------------------------------------------------------------------
@@ -110,7 +119,32 @@ class NSAOps:
         make_plan(self.spec, kernel, params, self.limits)  # validate early: one-line ValueError
         cfg = {k: dict(v) for k, v in self.config.items()}
         cfg[kernel] = dict(params)
-        return NSAOps(spec=self.spec, limits=self.limits, config=cfg, use_tuned=self.use_tuned)
+        return NSAOps(
+            spec=self.spec,
+            limits=self.limits,
+            config=cfg,
+            use_tuned=self.use_tuned,
+            schedule=dict(self.schedule),
+        )
+
+    def with_schedule(self, **choices: str) -> NSAOps:
+        """A copy with some stage compositions changed, e.g. ``ops.with_schedule(cmp_select="separate")``."""
+        for k, v in choices.items():
+            if k not in SCHEDULES:
+                raise ValueError(f"schedule.{k}: unknown stage composition (known: {', '.join(SCHEDULES)})")
+            if v not in SCHEDULES[k]:
+                raise ValueError(f"schedule.{k}: must be one of {', '.join(SCHEDULES[k])}, got {v!r}")
+        cfg = {k: dict(v) for k, v in self.config.items()}
+        return NSAOps(
+            spec=self.spec,
+            limits=self.limits,
+            config=cfg,
+            use_tuned=self.use_tuned,
+            schedule={**self.schedule, **choices},
+        )
+
+    def schedule_for(self, name: str) -> str:
+        return self.schedule.get(name, DEFAULT_SCHEDULE[name])
 
     # ---- helpers --------------------------------------------------------------------------------
     def _shape(self, q: Tensor, cu_seqlens: Tensor | None) -> tuple[int, int]:
@@ -213,6 +247,16 @@ class NSAOps:
             o = o + gf[..., 2:3] * o_win.float()
         return o.to(o_cmp.dtype)
 
+    def cmp_select(
+        self, q: Tensor, k_cmp: Tensor, v_cmp: Tensor, cu_seqlens: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(o_cmp, lse_cmp, indices): fused ``cmp_topk`` or ``cmp_fwd`` + ``select``, per the schedule."""
+        if self.schedule_for("cmp_select") == "fused" and self.has_kernel("cmp_topk"):
+            T, B = self._shape(q, cu_seqlens)  # noqa: N806
+            return self.module("cmp_topk", T=T, B=B).run(q, k_cmp, v_cmp, cu_seqlens=cu_seqlens)
+        o_cmp, lse_cmp = self.cmp_fwd(q, k_cmp, v_cmp, cu_seqlens)
+        return o_cmp, lse_cmp, self.select(q, k_cmp, lse_cmp, cu_seqlens)
+
     # ---- the op ---------------------------------------------------------------------------------
     def forward_train(
         self,
@@ -228,13 +272,19 @@ class NSAOps:
         """(o, saved): saved holds ``o_cmp, lse_cmp, o_slc, lse_slc, o_win, lse_win, indices`` (window
         entries are None when the window is off)."""
         _check_inputs(self.spec, q, k, v, k_cmp, v_cmp, g, cu_seqlens)
-        o_cmp, lse_cmp = self.cmp_fwd(q, k_cmp, v_cmp, cu_seqlens)
-        indices = self.select(q, k_cmp, lse_cmp, cu_seqlens)
-        o_slc, lse_slc = self.slc_fwd(q, k, v, indices, cu_seqlens)
+        o_cmp, lse_cmp, indices = self.cmp_select(q, k_cmp, v_cmp, cu_seqlens)
         o_win = lse_win = None
         if self.spec.window_size > 0:
             o_win, lse_win = self.win_fwd(q, k, v, cu_seqlens)
-        o = self.combine(o_cmp, o_slc, o_win, g)
+        if self.schedule_for("combine") == "epilogue" and self.has_kernel("slc_fwd"):
+            T, B = self._shape(q, cu_seqlens)  # noqa: N806
+            mod = self.module("slc_fwd", T=T, B=B)
+            o_slc, lse_slc, o = mod.run(
+                q, k, v, indices, cu_seqlens=cu_seqlens, gate=g, o_cmp=o_cmp, o_win=o_win
+            )
+        else:
+            o_slc, lse_slc = self.slc_fwd(q, k, v, indices, cu_seqlens)
+            o = self.combine(o_cmp, o_slc, o_win, g)
         saved = {
             "o_cmp": o_cmp,
             "lse_cmp": lse_cmp,

@@ -1,0 +1,113 @@
+"""NSAOps (nsa_dsl.compile) end to end under the interpreter vs nsa_dsl.reference.nsa_attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _cmp_helpers import check_indices, make_spec, ref_scores_and_indices
+from nsa_dsl.codegen.ops import NSAOps
+
+import nsa_dsl
+from nsa_dsl.reference import compressed_cu_seqlens, nsa_attention
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _cache(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("NSA_DSL_CACHE_DIR", str(tmp_path_factory.mktemp("nsa_cache")))
+    yield
+    mp.undo()
+
+
+def _inputs(spec, B, T, cu=None, dtype=torch.float32, seed=0):  # noqa: N803
+    gen = torch.Generator().manual_seed(seed)
+    a = spec.attention
+    tc = spec.num_compressed(T) if cu is None else int(compressed_cu_seqlens(cu, spec)[-1])
+
+    def r(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype)
+
+    q = r(B, T, a.heads, a.head_dim_qk)
+    k = r(B, T, a.kv_heads, a.head_dim_qk)
+    v = r(B, T, a.kv_heads, a.head_dim_v)
+    kc = r(B, tc, a.kv_heads, a.head_dim_qk)
+    vc = r(B, tc, a.kv_heads, a.head_dim_v)
+    g = torch.rand(B, T, a.heads, 3, generator=gen).to(dtype)
+    return q, k, v, kc, vc, g
+
+
+def _compare(ops: NSAOps, spec, B, T, cu=None, dtype=torch.float32):  # noqa: N803
+    q, k, v, kc, vc, g = _inputs(spec, B, T, cu, dtype)
+    o, idx = ops.forward(q, k, v, kc, vc, g, cu_seqlens=cu, return_indices=True)
+    ro = nsa_attention(*(t.double() for t in (q, k, v, kc, vc, g)), spec, cu_seqlens=cu)
+    scores, ref_idx = ref_scores_and_indices(spec, q, kc, cu)
+    check_indices(spec, idx, ref_idx, scores, cu)
+    # Near-tie rows may legally select different blocks: compare o only where the selections agree.
+    same = (torch.sort(idx.long(), -1).values == torch.sort(ref_idx.long(), -1).values).all(-1)  # [B,T,Hkv]
+    rows = same.repeat_interleave(spec.G, dim=2)
+    assert rows.float().mean() > 0.9
+    tol = 3e-5 if dtype == torch.float32 else 3e-3
+    torch.testing.assert_close(o.double()[rows], ro[rows], rtol=tol, atol=tol)
+    return o
+
+
+SPEC_KW = dict(hq=4, hkv=2, dk=16, dv=16, l=8, d=4, lp=16, n=3, fi=1, fl=1, w=16)
+
+
+@pytest.mark.parametrize(
+    "sched", [{}, {"cmp_select": "separate", "combine": "kernel"}], ids=["fused+epilogue", "separate+kernel"]
+)
+def test_forward_matches_reference(sched):
+    spec = make_spec(**SPEC_KW)
+    ops = nsa_dsl.compile(spec).with_schedule(**sched)
+    _compare(ops, spec, 2, 53)
+
+
+def test_forward_no_window_dk_ne_dv_g4():
+    spec = make_spec(hq=8, hkv=2, dk=32, dv=16, l=4, d=4, lp=8, n=2, fi=0, fl=0, w=0)
+    _compare(nsa_dsl.compile(spec), spec, 1, 41)
+
+
+def test_forward_varlen():
+    spec = make_spec(**SPEC_KW)
+    cu = torch.tensor([0, 7, 40, 61], dtype=torch.int32)
+    _compare(nsa_dsl.compile(spec), spec, 1, 61, cu=cu)
+
+
+def test_forward_train_saved_and_fp16():
+    spec = make_spec(**SPEC_KW)
+    ops = nsa_dsl.compile(spec)
+    q, k, v, kc, vc, g = _inputs(spec, 1, 37, dtype=torch.float16)
+    o, saved = ops.forward_train(q, k, v, kc, vc, g)
+    assert set(saved) == {"o_cmp", "lse_cmp", "o_slc", "lse_slc", "o_win", "lse_win", "indices"}
+    assert saved["lse_cmp"].dtype == torch.float32 and saved["indices"].dtype == torch.int32
+    assert o.dtype == torch.float16 and o.shape == (1, 37, 4, 16)
+    ro = nsa_attention(*(t.double() for t in (q, k, v, kc, vc, g)), spec)
+    torch.testing.assert_close(o.double(), ro, rtol=5e-3, atol=5e-3)
+
+
+def test_config_override_and_with_config():
+    spec = make_spec(**SPEC_KW)
+    ops = nsa_dsl.compile(spec, {"cmp_topk": {"BLOCK_M": 32}})
+    assert ops.config_for("cmp_topk", T=64)["BLOCK_M"] == 32
+    ops2 = ops.with_config("cmp_topk", {"BLOCK_M": 64})
+    assert (
+        ops2.config_for("cmp_topk", T=64)["BLOCK_M"] == 64
+        and ops.config_for("cmp_topk", T=64)["BLOCK_M"] == 32
+    )
+    with pytest.raises(ValueError, match="config.nope"):
+        nsa_dsl.compile(spec, {"nope": {}})
+    with pytest.raises(ValueError, match="BLOCK_M"):
+        nsa_dsl.compile(spec, {"cmp_fwd": {"BLOCK_M": 24}})
+    with pytest.raises(ValueError, match="schedule.cmp_select"):
+        ops.with_schedule(cmp_select="magic")
+
+
+def test_forward_rejects_bad_shapes():
+    spec = make_spec(**SPEC_KW)
+    ops = nsa_dsl.compile(spec)
+    q, k, v, kc, vc, g = _inputs(spec, 1, 20)
+    with pytest.raises(ValueError, match="k_cmp"):
+        ops.forward(q, k, v, kc[:, :-1], vc, g)
+    with pytest.raises(ValueError, match="^g:"):
+        ops.forward(q, k, v, kc, vc, g[..., :2])
