@@ -1,0 +1,202 @@
+"""The host side of the decode step: ``ops.decode(q, cache, g)`` and a CUDA-graph captured step.
+
+``decode`` resolves the ``decode`` kernel's plan for the step shape (explicit config > tuned record > default,
+with ``tokens`` raised to cover S), picks the context splits (``kernels_decode.auto_splits``: flash-decoding
+when B x Hkv programs cannot fill the GPU), keeps the kernels' scratch buffers in the cache's workspace and
+launches the generated kernels. It never reads device memory on the host.
+
+``CapturedDecodeStep`` captures "append the new tokens' K/V (+ compress completed blocks) and decode" for a
+fixed batch and S into CUDA graphs (one with the compressor, one without; the host's length mirror picks
+which to replay), so a step costs one graph launch.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from ..cache import NSACache, _check_decode_inputs, decode_reference
+from .loader import load
+from .plan import KernelPlan, make_plan, next_pow2
+
+if TYPE_CHECKING:
+    from .ops import NSAOps
+
+__all__ = ["decode", "decode_plan", "CapturedDecodeStep"]
+
+log = logging.getLogger("nsa_dsl.codegen.decode")
+
+
+def decode_plan(ops: NSAOps, *, B: int, S: int, T: int) -> KernelPlan:  # noqa: N803
+    """The ``decode`` kernel plan for a step of S tokens over caches of about T tokens."""
+    base = ops.plan("decode", T=max(1, T), B=B)
+    if base.config["tokens"] >= S:
+        return base
+    key = ("decode", "tokens", next_pow2(S), base.key)
+    p = ops._resolved.get(key)
+    if p is None:
+        cfg = dict(base.config)
+        cfg["tokens"] = next_pow2(S)
+        p = make_plan(ops.spec, "decode", cfg, ops.limits)
+        ops._resolved[key] = p
+    return p
+
+
+def _splits(ops: NSAOps, plan: KernelPlan, B: int, S: int, max_len: int) -> tuple[int, int]:  # noqa: N803
+    from .kernels_decode import auto_splits
+
+    return auto_splits(ops.spec, plan.config, ops.limits, B=B, S=S, max_len=max_len)
+
+
+def decode(
+    ops: NSAOps,
+    q: Tensor,
+    cache: NSACache,
+    g: Tensor,
+    *,
+    out: Tensor | None = None,
+    splits: tuple[int, int] | None = None,
+    plan_length: int | None = None,
+    return_indices: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """One decode step with the generated kernels: o [B, S, Hq, dv] (q's dtype).
+
+    ``q`` [B, S, Hq, dk] and ``g`` [B, S, Hq, 3] are the S newest tokens of each sequence of ``cache``, whose
+    K/V must already be appended (``cache.append``). ``splits`` = (split_cmp, split_sw) overrides the plan's;
+    ``plan_length`` fixes the length the plan and splits are chosen for (default: the longest sequence);
+    ``out`` receives the output. ``return_indices``: also the selected blocks [B, S, Hkv, n] (int32, a view of
+    the workspace, overwritten by the next step).
+    """
+    if not isinstance(cache, NSACache):
+        raise TypeError(f"cache: must be an NSACache, got {type(cache).__name__}")
+    if cache.spec != ops.spec:
+        raise ValueError(f"cache: built for spec {cache.spec.name!r}, ops for {ops.spec.name!r}")
+    B, S = _check_decode_inputs(q, cache, g)  # noqa: N806
+    if q.dtype != cache.dtype:
+        raise ValueError(f"q: must have the cache's dtype {cache.dtype}, got {q.dtype}")
+    a = ops.spec.attention
+    if out is None:
+        out = torch.empty(B, S, a.heads, a.head_dim_v, dtype=q.dtype, device=q.device)
+    elif tuple(out.shape) != (B, S, a.heads, a.head_dim_v) or out.dtype != q.dtype or not out.is_contiguous():
+        raise ValueError(f"out: expected a contiguous {(B, S, a.heads, a.head_dim_v)} {q.dtype} tensor")
+    if not ops.has_kernel("decode"):
+        log.warning("kernel decode not registered; using the PyTorch reference decode")
+        o = decode_reference(q, cache, g)
+        out.copy_(o)
+        return (out, None) if return_indices else out  # type: ignore[return-value]
+    T = plan_length if plan_length is not None else cache.max_length  # noqa: N806
+    plan = decode_plan(ops, B=B, S=S, T=T)
+    mod = load(plan)
+    sc, ss = splits if splits is not None else _splits(ops, plan, B, S, T)
+    capc = cache.k_cmp_buf.shape[1]
+    wkey = ("decode", plan.key, B, S, capc, sc, ss, str(q.device))
+    ws = cache._workspace.get(wkey)
+    if ws is None:
+        ws = mod.workspace(B, S, capc, sc, ss, q.device)
+        cache._workspace[wkey] = ws
+    idx = mod.run(
+        q.contiguous(), cache.k, cache.v, cache.k_cmp_buf, cache.v_cmp_buf, cache.lengths,
+        g.contiguous(), out, ws,
+    )
+    return (out, idx) if return_indices else out
+
+
+class CapturedDecodeStep:
+    """A decode step (append K/V, compress completed blocks, attend) captured in CUDA graphs.
+
+    ``step = CapturedDecodeStep(ops, cache, S=1)`` then ``o = step(q, g, k_new, v_new)`` every step:
+    copies the inputs into static buffers, replays the graph and advances the cache's host length mirror.
+    The cache must not grow while the step is in use (create it with enough ``capacity``); the plan and the
+    splits are fixed at capture for ``plan_length`` (default: the capacity). Pass ``append=False`` to capture
+    only the attention (then ``o = step(q, g)`` after appending yourself, with ``compress="always"`` or
+    ``"auto"``). ``o`` is a static buffer overwritten by the next replay.
+    """
+
+    def __init__(
+        self,
+        ops: NSAOps,
+        cache: NSACache,
+        S: int = 1,  # noqa: N803
+        *,
+        append: bool = True,
+        plan_length: int | None = None,
+        splits: tuple[int, int] | None = None,
+        warmup: int = 2,
+    ) -> None:
+        if cache.device.type != "cuda":
+            raise ValueError(f"cache: CUDA graphs need a CUDA cache, got device {cache.device}")
+        a = ops.spec.attention
+        B, dev, dt = cache.batch_size, cache.device, cache.dtype  # noqa: N806
+        self.ops, self.cache, self.S, self.append = ops, cache, S, append
+        self.plan_length = plan_length or cache.capacity
+        plan = decode_plan(ops, B=B, S=S, T=self.plan_length)
+        self.splits = splits or _splits(ops, plan, B, S, self.plan_length)
+        self.q = torch.randn(B, S, a.heads, a.head_dim_qk, device=dev, dtype=dt)
+        self.g = torch.rand(B, S, a.heads, 3, device=dev, dtype=dt)
+        self.k_new = torch.randn(B, S, a.kv_heads, a.head_dim_qk, device=dev, dtype=dt)
+        self.v_new = torch.randn(B, S, a.kv_heads, a.head_dim_v, device=dev, dtype=dt)
+        self.out = torch.empty(B, S, a.heads, a.head_dim_v, device=dev, dtype=dt)
+        if min(cache.host_lengths) + (S if append else 0) < S:
+            raise ValueError(f"cache: every sequence needs >= {S} tokens before capture (prefill first)")
+        if cache.max_length + S > cache.capacity:
+            raise ValueError(f"cache: capacity {cache.capacity} leaves no room for a step of {S} tokens")
+        self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
+        modes = ("never", "always") if append else ("none",)
+        saved = (cache.lengths.clone(), cache.host_lengths)
+        stream = torch.cuda.Stream(device=dev)
+        stream.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(stream):
+            for mode in modes:
+                for _ in range(max(1, warmup)):
+                    self._run(mode)
+                    self._restore(saved)
+        torch.cuda.current_stream(dev).wait_stream(stream)
+        for mode in modes:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._run(mode)
+            self._restore(saved)
+            self.graphs[mode] = graph
+        torch.cuda.synchronize(dev)
+
+    def _restore(self, saved: tuple[Tensor, list[int]]) -> None:
+        self.cache.lengths.copy_(saved[0])
+        self.cache._host_lengths = list(saved[1])
+
+    def _run(self, mode: str) -> None:
+        if mode != "none":
+            self.cache.append(self.k_new, self.v_new, compress=mode)
+        decode(
+            self.ops, self.q, self.cache, self.g, out=self.out, splits=self.splits,
+            plan_length=self.plan_length,
+        )
+
+    def __call__(
+        self, q: Tensor, g: Tensor, k_new: Tensor | None = None, v_new: Tensor | None = None
+    ) -> Tensor:
+        cache, S = self.cache, self.S  # noqa: N806
+        self.q.copy_(q)
+        self.g.copy_(g)
+        if not self.append:
+            self.graphs["none"].replay()
+            return self.out
+        if k_new is None or v_new is None:
+            raise ValueError("k_new/v_new: required when the step was captured with append=True")
+        if cache.max_length + S > cache.capacity:
+            raise ValueError(f"cache: full (capacity {cache.capacity}); captured steps cannot grow it")
+        self.k_new.copy_(k_new)
+        self.v_new.copy_(v_new)
+        old = cache.host_lengths
+        mode = "always" if any(cache._completes(n, n + S) for n in old) else "never"
+        self.graphs[mode].replay()
+        cache._host_lengths = [n + S for n in old]
+        return self.out
+
+    def info(self) -> dict[str, Any]:
+        """Step size, splits, plan length and the captured graph variants."""
+        return {
+            "S": self.S, "splits": self.splits, "plan_length": self.plan_length, "graphs": list(self.graphs),
+        }

@@ -1,0 +1,181 @@
+"""Kernel family: the decode step (``decode``), issue 5.
+
+One template (``decode.py.j2``) emits the step's kernels: compressed attention (+ logits scratch), top-n,
+selected + window attention and the gated sum; ``split_cmp``/``split_sw`` choose how many programs share one
+(sequence, KV head)'s context (flash-decoding); with both = 1 the step is a single launch.
+
+Config parameters:
+  tokens      query tokens per step the plan is generated for (S <= tokens; 1 = plain decoding);
+  BLOCK_N     compressed keys per tile of the compressed-attention loop;
+  BLOCK_S     selection blocks scored per top-n chunk (>= next_pow2(n), BLOCK_S x next_pow2(l'/d) in 16..256);
+  BLOCK_K     selected-block tile (tokens; l' is covered by ceil(l'/BLOCK_K) tiles);
+  BLOCK_W     window tile (tokens);
+  split_cmp   programs per (sequence, KV head) over the compressed blocks (0 = auto from the SM count);
+  split_sw    programs per (sequence, token, KV head) over selected + window tiles (0 = auto);
+  num_warps, num_stages.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from ..spec import NSASpec
+from .kernels_cmp import _levels
+from .plan import DeviceLimits, KernelDef, next_pow2, register, split_dim
+
+_SPLITS = (0, 1, 2, 4, 8, 16, 32, 64)
+
+
+def _pow2(x: Any) -> bool:
+    return isinstance(x, int) and x > 0 and (x & (x - 1)) == 0
+
+
+def _padded(dim: int) -> int:
+    return sum(w for (_, w, _) in split_dim(dim))
+
+
+def _rp(spec: NSASpec) -> int:
+    from ..derived import derive
+
+    return next_pow2(derive(spec).ratio)
+
+
+def decode_rows(spec: NSASpec, tokens: int) -> int:
+    """MMA rows of a (sequence, KV head) program: tokens x G (padded to powers of two), at least 16."""
+    return max(16, next_pow2(tokens) * next_pow2(spec.G))
+
+
+def _decode_constants(spec: NSASpec, cfg: Mapping[str, Any]) -> dict[str, Any]:
+    rp = _rp(spec)
+    levels = _levels(spec)
+    return {
+        "ROWS": decode_rows(spec, cfg["tokens"]),
+        "RW": max(16, next_pow2(spec.G)),
+        "RP": rp,
+        "BLOCK_C": cfg["BLOCK_S"] * rp,
+        "LEVELS": levels,
+        "STEP": cfg["BLOCK_S"] - (len(levels) - 1),
+        "NSUB": -(-spec.selection.block // cfg["BLOCK_K"]),
+    }
+
+
+def _decode_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
+    np_, rp = next_pow2(spec.selection.top_n), _rp(spec)
+    top_k = max(16, min(128, next_pow2(spec.selection.block)))
+    return {
+        "tokens": [1, 2, 4, 8],
+        "BLOCK_N": [16, 32, 64, 128],
+        "BLOCK_S": [b for b in (8, 16, 32, 64, 128) if b >= max(np_, 2) and 16 <= b * rp <= 256],
+        "BLOCK_K": [b for b in (16, 32, 64, 128) if b <= top_k],
+        "BLOCK_W": [16, 32, 64, 128],
+        "split_cmp": list(_SPLITS),
+        "split_sw": list(_SPLITS[:6]),
+        "num_warps": [2, 4, 8],
+        "num_stages": [1, 2, 3],
+    }
+
+
+def _decode_check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) -> str | None:
+    for t in ("BLOCK_N", "BLOCK_K", "BLOCK_W"):
+        v = cfg.get(t)
+        if not _pow2(v) or not 16 <= v <= 256:
+            return f"{t}: must be a power of two in 16..256, got {v!r}"
+    tok = cfg.get("tokens")
+    if not _pow2(tok) or tok > 16:
+        return f"tokens: must be a power of two <= 16, got {tok!r}"
+    np_, rp = next_pow2(spec.selection.top_n), _rp(spec)
+    bs = cfg.get("BLOCK_S")
+    if not _pow2(bs) or bs < np_:
+        return f"BLOCK_S: must be a power of two >= next_pow2(top_n) = {np_}, got {bs!r}"
+    if bs - (len(_levels(spec)) - 1) < 1:
+        return f"BLOCK_S: must be > {len(_levels(spec)) - 1} (the overlap spans that many extra groups)"
+    if not 16 <= bs * rp <= 256:
+        return f"BLOCK_S: BLOCK_S x next_pow2(l'/d) = {bs * rp} compressed columns, must be in 16..256"
+    for t in ("split_cmp", "split_sw"):
+        v = cfg.get(t)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0 or v > 256:
+            return f"{t}: must be an integer in 0..256 (0 = auto), got {v!r}"
+    nw = cfg.get("num_warps")
+    if nw not in (1, 2, 4, 8, 16):
+        return f"num_warps: must be one of 1, 2, 4, 8, 16, got {nw!r}"
+    ns = cfg.get("num_stages")
+    if not isinstance(ns, int) or not 1 <= ns <= 6:
+        return f"num_stages: must be an integer in 1..6, got {ns!r}"
+    if not limits.interpreter:
+        a = spec.attention
+        e = 4 if a.dtype == "float32" else 2
+        dk, dv = _padded(a.head_dim_qk), _padded(a.head_dim_v)
+        rows = decode_rows(spec, tok)
+        tile = max(cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["BLOCK_W"])
+        need = rows * dk * e + tile * (dk + dv) * e * ns
+        if need > limits.smem_per_block:
+            return f"shared memory: needs ~{need} bytes > {limits.smem_per_block} on {limits.name}"
+        if rows * (dv + max(cfg["BLOCK_N"], bs * rp)) > 256 * 32 * nw:
+            return "registers: rows x (dv + tile) fp32 values exceed 256 per thread"
+    return None
+
+
+def _decode_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
+    np_, rp = next_pow2(spec.selection.top_n), _rp(spec)
+    bs = max(np_, 2)
+    while bs * rp < 16:
+        bs *= 2
+    lp = next_pow2(spec.selection.block)
+    if limits.interpreter:
+        return {
+            "tokens": 1, "BLOCK_N": 16, "BLOCK_S": bs, "BLOCK_K": 16, "BLOCK_W": 16,
+            "split_cmp": 0, "split_sw": 0, "num_warps": 4, "num_stages": 1,
+        }
+    while bs * rp < 64 and bs * 2 * rp <= 128:
+        bs *= 2
+    cfg = {
+        "tokens": 1,
+        "BLOCK_N": 64,
+        "BLOCK_S": bs,
+        "BLOCK_K": max(16, min(64, lp)),
+        "BLOCK_W": 64,
+        "split_cmp": 0,
+        "split_sw": 0,
+        "num_warps": 4,
+        "num_stages": 2,
+    }
+    while _decode_check(spec, cfg, limits) and cfg["num_stages"] > 1:
+        cfg["num_stages"] -= 1
+    return cfg
+
+
+def auto_splits(
+    spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits, *, B: int, S: int, max_len: int  # noqa: N803
+) -> tuple[int, int]:
+    """(split_cmp, split_sw) for a step shape: the configured values, or (0 = auto) enough programs to fill
+    about two waves of the device's SMs, never less than one compressed tile / one tile per program."""
+    sc, ss = int(cfg["split_cmp"]), int(cfg["split_sw"])
+    target = 2 * max(1, limits.sm_count)
+    if sc == 0:
+        tc = spec.num_compressed(max(1, max_len))
+        by_work = max(1, tc // (2 * cfg["BLOCK_N"]))
+        sc = max(1, min(by_work, math.ceil(target / (B * spec.attention.kv_heads)), 64))
+        sc = 1 << (sc.bit_length() - 1)
+    if ss == 0:
+        units = spec.selection.top_n * -(-spec.selection.block // cfg["BLOCK_K"])
+        w = spec.window_size
+        units += -(-w // cfg["BLOCK_W"]) if w else 0
+        ss = max(1, min(units // 2, math.ceil(target / (B * S * spec.attention.kv_heads)), 16))
+        ss = 1 << (ss.bit_length() - 1)
+    return sc, ss
+
+
+register(
+    KernelDef(
+        name="decode",
+        template="decode.py.j2",
+        pass_="decode",
+        space=_decode_space,
+        check=_decode_check,
+        default=_decode_default,
+        constants=_decode_constants,
+        doc="decode step: compressed attention + top-n + selected + window + gated sum over an NSACache",
+    )
+)

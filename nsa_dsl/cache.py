@@ -1,0 +1,442 @@
+"""The NSA KV cache for generation (``nsa_dsl.NSACache``) and the PyTorch reference decode step.
+
+One ``NSACache`` serves one attention layer and a batch of ``B`` sequences of different lengths:
+
+* ``k``/``v`` [B, capacity, Hkv, dk/dv]: the raw keys/values (selection reads any block of them; the
+  window branch reads the last ``w`` of them, so the window is a view of the same buffers);
+* ``k_cmp``/``v_cmp`` [B, capacity_cmp + 1, Hkv, dk/dv]: the compressed keys/values. Block i (tokens
+  [i*d, i*d + l)) is written when it completes, by running the layer's compressor on exactly those l tokens,
+  as prefill's compression does (the last row is a scratch row for writes of blocks that did not complete);
+* ``lengths`` int32 [B] on the device (plus a host mirror, so no step ever synchronises with the GPU).
+
+``prefill`` fills the cache from a full forward's K/V (right-padded batch with per-sequence lengths, or a
+varlen pack); ``append`` adds S new tokens to every sequence (S = 1 for plain decoding, a few for speculative
+decoding) at static shapes: every step is capturable in a CUDA graph as long as the capacity does not grow.
+
+The compressor is any callable ``f(x [N, L, Hkv, D]) -> [N, Tc(L), Hkv, D]`` implementing compression
+block i = phi(x[i*d : i*d + l]) (e.g. ``nsa_dsl.compress`` with the layer's parameters, or a
+``nsa_dsl.Compressor`` module). With ``function: mean`` and no compressor the mean is used.
+
+``decode_reference(q, cache, g)`` is the decode step in plain PyTorch (the generated kernels are tested
+against it and against the full-sequence reference ``nsa_dsl.reference.nsa_attention``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .derived import derive
+from .spec import NSASpec
+
+__all__ = ["NSACache", "decode_reference", "mean_compressor"]
+
+log = logging.getLogger("nsa_dsl.cache")
+
+Compressor = Callable[[Tensor], Tensor]
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def mean_compressor(spec: NSASpec) -> Compressor:
+    """phi = mean over each compression block's l tokens: [N, L, H, D] -> [N, Tc(L), H, D]."""
+    l, d = spec.compression.block, spec.compression.stride  # noqa: E741
+
+    def f(x: Tensor) -> Tensor:
+        tc = spec.num_compressed(x.shape[1])
+        if tc == 0:
+            return x.new_zeros(x.shape[0], 0, *x.shape[2:])
+        blocks = x.unfold(1, l, d)  # [N, Tc, H, D, l]
+        return blocks.float().mean(-1).to(x.dtype)
+
+    return f
+
+
+def _num_cmp(spec: NSASpec, n: int) -> int:
+    return spec.num_compressed(n)
+
+
+class NSACache:
+    """Per-layer NSA KV cache for a batch of ``batch_size`` sequences (see the module docstring).
+
+    Args:
+        spec: the layer's spec (head counts, dims, block sizes).
+        batch_size: B, the number of sequences decoded together.
+        capacity: tokens preallocated per sequence (grows by ``grow_factor`` when exceeded; growth
+            reallocates, so a CUDA-graph captured step needs enough capacity up front).
+        device, dtype: of the cached tensors (default: CPU, the spec's dtype).
+        compress_k, compress_v: the compressors for keys and values (``f(x [N, L, Hkv, D]) -> [N, Tc(L),
+            Hkv, D]``); default the mean when the spec's compression function is ``mean``.
+    """
+
+    def __init__(
+        self,
+        spec: NSASpec,
+        batch_size: int,
+        capacity: int = 1024,
+        *,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        compress_k: Compressor | None = None,
+        compress_v: Compressor | None = None,
+        grow_factor: float = 2.0,
+    ) -> None:
+        if not isinstance(spec, NSASpec):
+            raise TypeError(f"spec: must be an NSASpec, got {type(spec).__name__}")
+        if not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"batch_size: must be a positive integer, got {batch_size!r}")
+        if not isinstance(capacity, int) or capacity <= 0:
+            raise ValueError(f"capacity: must be a positive integer, got {capacity!r}")
+        if grow_factor <= 1.0:
+            raise ValueError(f"grow_factor: must be > 1, got {grow_factor}")
+        if compress_k is None or compress_v is None:
+            if spec.compression.function != "mean":
+                raise ValueError(
+                    f"compress_k/compress_v: required for compression.function = "
+                    f"{spec.compression.function!r} (pass the layer's compressors, or use NSAttention)"
+                )
+            compress_k = compress_k or mean_compressor(spec)
+            compress_v = compress_v or mean_compressor(spec)
+        self.spec = spec
+        self.batch_size = batch_size
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.dtype = dtype or _DTYPES[spec.attention.dtype]
+        self.compress_k = compress_k
+        self.compress_v = compress_v
+        self.grow_factor = float(grow_factor)
+        self._workspace: dict[Any, Any] = {}  # scratch buffers of the decode kernels (codegen.decode)
+        a = spec.attention
+        self.k = torch.zeros(0)
+        self.v = torch.zeros(0)
+        self.k_cmp_buf = torch.zeros(0)
+        self.v_cmp_buf = torch.zeros(0)
+        self.capacity = 0
+        self._alloc(capacity)
+        self.lengths = torch.zeros(batch_size, dtype=torch.int32, device=self.device)
+        self._host_lengths = [0] * batch_size
+        self._hkv, self._dk, self._dv = a.kv_heads, a.head_dim_qk, a.head_dim_v
+
+    # ---- storage ------------------------------------------------------------------------------
+    @property
+    def capacity_cmp(self) -> int:
+        """Compressed blocks preallocated per sequence (Tc(capacity))."""
+        return _num_cmp(self.spec, self.capacity)
+
+    def _alloc(self, capacity: int) -> None:
+        a = self.spec.attention
+        B, H = self.batch_size, a.kv_heads  # noqa: N806
+        tc = _num_cmp(self.spec, capacity) + 1  # + scratch row
+        kw = {"device": self.device, "dtype": self.dtype}
+        k = torch.zeros(B, capacity, H, a.head_dim_qk, **kw)
+        v = torch.zeros(B, capacity, H, a.head_dim_v, **kw)
+        kc = torch.zeros(B, tc, H, a.head_dim_qk, **kw)
+        vc = torch.zeros(B, tc, H, a.head_dim_v, **kw)
+        if self.capacity:
+            n, nc = self.capacity, _num_cmp(self.spec, self.capacity)
+            k[:, :n] = self.k
+            v[:, :n] = self.v
+            kc[:, :nc] = self.k_cmp_buf[:, :nc]
+            vc[:, :nc] = self.v_cmp_buf[:, :nc]
+            log.info("NSACache: capacity %d -> %d tokens per sequence", self.capacity, capacity)
+        self.k, self.v, self.k_cmp_buf, self.v_cmp_buf = k, v, kc, vc
+        self.capacity = capacity
+        self._workspace.clear()
+
+    def reserve(self, n_tokens: int) -> None:
+        """Make room for ``n_tokens`` tokens per sequence (reallocates: pointers change)."""
+        if n_tokens > self.capacity:
+            new = max(n_tokens, int(self.capacity * self.grow_factor))
+            self._alloc(new)
+
+    @property
+    def k_cmp(self) -> Tensor:
+        """Compressed keys [B, capacity_cmp, Hkv, dk] (rows >= Tc(length) of a sequence are not valid)."""
+        return self.k_cmp_buf[:, : self.capacity_cmp]
+
+    @property
+    def v_cmp(self) -> Tensor:
+        return self.v_cmp_buf[:, : self.capacity_cmp]
+
+    @property
+    def host_lengths(self) -> list[int]:
+        """Per-sequence lengths as Python ints (kept on the host; no device sync)."""
+        return list(self._host_lengths)
+
+    @property
+    def max_length(self) -> int:
+        return max(self._host_lengths)
+
+    def window(self, b: int) -> tuple[Tensor, Tensor]:
+        """The window branch's keys/values of sequence ``b``: views of the raw cache (last w tokens)."""
+        n, w = self._host_lengths[b], self.spec.window_size
+        lo = max(0, n - w) if w else n
+        return self.k[b, lo:n], self.v[b, lo:n]
+
+    # ---- filling ------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget every sequence (keeps the buffers)."""
+        self.lengths.zero_()
+        self._host_lengths = [0] * self.batch_size
+
+    def prefill(
+        self,
+        k: Tensor,
+        v: Tensor,
+        lengths: Sequence[int] | Tensor | None = None,
+        *,
+        k_cmp: Tensor | None = None,
+        v_cmp: Tensor | None = None,
+        cu_seqlens: Tensor | None = None,
+    ) -> None:
+        """Fill the cache from a full forward's K/V (replaces the contents).
+
+        ``k`` [B, T, Hkv, dk], ``v`` [B, T, Hkv, dv], right-padded; ``lengths`` (default all T) gives each
+        sequence's real length. Or a varlen pack: ``k`` [1, total, ...] with ``cu_seqlens`` int32 [B+1].
+        ``k_cmp``/``v_cmp`` [B, Tc(T), Hkv, ·]: the forward's compressed K/V (for the padded batch; blocks
+        that reach into padding are recomputed when they complete); default: computed with the compressors.
+        """
+        if cu_seqlens is not None:
+            if k_cmp is not None or v_cmp is not None:
+                raise ValueError("k_cmp/v_cmp: not supported together with cu_seqlens (computed here)")
+            offs = [int(x) for x in cu_seqlens.tolist()]
+            lens = [b - a for a, b in zip(offs[:-1], offs[1:], strict=True)]
+            if len(lens) != self.batch_size:
+                raise ValueError(f"cu_seqlens: expected {self.batch_size + 1} entries, got {len(offs)}")
+            T = max(lens) if lens else 0  # noqa: N806
+            kp = k.new_zeros(self.batch_size, T, *k.shape[2:])
+            vp = v.new_zeros(self.batch_size, T, *v.shape[2:])
+            for i, (a, n) in enumerate(zip(offs[:-1], lens, strict=True)):
+                kp[i, :n] = k[0, a : a + n]
+                vp[i, :n] = v[0, a : a + n]
+            return self.prefill(kp, vp, lens)
+        self._check_kv("k", k, self._dk)
+        self._check_kv("v", v, self._dv)
+        B, T = k.shape[:2]  # noqa: N806
+        if lengths is None:
+            lens = [T] * B
+        else:
+            lens = [int(x) for x in (lengths.tolist() if isinstance(lengths, Tensor) else lengths)]
+            if len(lens) != B or any(n < 0 or n > T for n in lens):
+                raise ValueError(f"lengths: expected {B} values in 0..{T}, got {lens}")
+        self.reserve(T)
+        self.k[:, :T] = k.to(self.dtype)
+        self.v[:, :T] = v.to(self.dtype)
+        tc = _num_cmp(self.spec, T)
+        if k_cmp is None:
+            k_cmp = self.compress_k(k) if tc else None
+        if v_cmp is None:
+            v_cmp = self.compress_v(v) if tc else None
+        if tc:
+            for name, x, d in (("k_cmp", k_cmp, self._dk), ("v_cmp", v_cmp, self._dv)):
+                if tuple(x.shape) != (B, tc, self._hkv, d):
+                    raise ValueError(f"{name}: expected shape {(B, tc, self._hkv, d)}, got {tuple(x.shape)}")
+            self.k_cmp_buf[:, :tc] = k_cmp.to(self.dtype)
+            self.v_cmp_buf[:, :tc] = v_cmp.to(self.dtype)
+        self._host_lengths = lens
+        self.lengths.copy_(torch.tensor(lens, dtype=torch.int32))
+
+    def _check_kv(self, name: str, x: Tensor, d: int, s: int | None = None) -> None:
+        if not isinstance(x, Tensor) or x.dim() != 4:
+            raise ValueError(f"{name}: expected a 4-D tensor [B, S, Hkv, D], got {getattr(x, 'shape', x)}")
+        if x.shape[0] != self.batch_size or x.shape[2] != self._hkv or x.shape[3] != d:
+            raise ValueError(
+                f"{name}: expected shape [{self.batch_size}, S, {self._hkv}, {d}], got {tuple(x.shape)}"
+            )
+        if s is not None and x.shape[1] != s:
+            raise ValueError(f"{name}: expected S = {s} new tokens, got {x.shape[1]}")
+        if x.device != self.device:
+            raise ValueError(f"{name}: must be on the cache's device {self.device}, got {x.device}")
+
+    def append(self, k_new: Tensor, v_new: Tensor, *, compress: str = "auto") -> None:
+        """Append S new tokens to every sequence: ``k_new`` [B, S, Hkv, dk], ``v_new`` [B, S, Hkv, dv].
+
+        Writes land at each sequence's own length (device-side indices; no sync). Compressed blocks that
+        complete (i*d + l in (L_old, L_new]) are computed from exactly their l raw tokens. ``compress``:
+        ``"auto"`` runs the compressor only when the host mirror says some block completes; ``"always"``
+        runs it every step at a static shape (for CUDA-graph capture); ``"never"`` skips it (the caller
+        takes care of it).
+        """
+        self._check_kv("k_new", k_new, self._dk)
+        S = k_new.shape[1]  # noqa: N806
+        self._check_kv("v_new", v_new, self._dv, S)
+        self.reserve(self.max_length + S)
+        B = self.batch_size  # noqa: N806
+        old = self.lengths
+        pos = old.long()[:, None] + torch.arange(S, device=self.device)[None, :]
+        bi = torch.arange(B, device=self.device)[:, None].expand(B, S)
+        self.k[bi, pos] = k_new.to(self.dtype)
+        self.v[bi, pos] = v_new.to(self.dtype)
+        new = old + S
+        host_old = self._host_lengths
+        self._host_lengths = [n + S for n in host_old]
+        if compress == "always" or (
+            compress == "auto" and any(self._completes(a, a + S) for a in host_old)
+        ):
+            self._compress_new(old, new, S)
+        elif compress not in ("auto", "never"):
+            raise ValueError(f"compress: must be 'auto', 'always' or 'never', got {compress!r}")
+        self.lengths.copy_(new)
+
+    def _completes(self, n_old: int, n_new: int) -> bool:
+        return _num_cmp(self.spec, n_new) > _num_cmp(self.spec, n_old)
+
+    def _compress_new(self, old: Tensor, new: Tensor, S: int) -> None:  # noqa: N803
+        """Compute the compressed blocks completing in (old, new] per sequence, static shapes."""
+        l, d = self.spec.compression.block, self.spec.compression.stride  # noqa: E741
+        B, dev = self.batch_size, self.device  # noqa: N806
+        C = (S - 1) // d + 1  # noqa: N806 - most blocks S tokens can complete
+        top = torch.div(new.long() - l, d, rounding_mode="floor")  # last complete block (may be < 0)
+        cand = top[:, None] - torch.arange(C, device=dev)[None, :]  # [B, C]
+        ok = (cand >= 0) & (cand * d + l > old.long()[:, None])
+        start = cand.clamp(min=0) * d
+        tok = start[:, :, None] + torch.arange(l, device=dev)[None, None, :]  # [B, C, l]
+        bi = torch.arange(B, device=dev)[:, None, None].expand(B, C, l)
+        kb = self.k[bi, tok].reshape(B * C, l, self._hkv, self._dk)
+        vb = self.v[bi, tok].reshape(B * C, l, self._hkv, self._dv)
+        kc = self.compress_k(kb).reshape(B, C, self._hkv, self._dk)
+        vc = self.compress_v(vb).reshape(B, C, self._hkv, self._dv)
+        dest = torch.where(ok, cand, torch.full_like(cand, self.capacity_cmp))  # scratch row if not complete
+        bc = torch.arange(B, device=dev)[:, None].expand(B, C)
+        self.k_cmp_buf[bc, dest] = kc.to(self.dtype)
+        self.v_cmp_buf[bc, dest] = vc.to(self.dtype)
+
+    # ---- memory -------------------------------------------------------------------------------
+    def memory_per_token(self) -> float:
+        """Bytes this layer's cache holds per token of one sequence: raw K/V + compressed K/V / d."""
+        a = self.spec.attention
+        e = torch.empty(0, dtype=self.dtype).element_size()
+        raw = a.kv_heads * (a.head_dim_qk + a.head_dim_v) * e
+        return raw * (1.0 + 1.0 / self.spec.compression.stride)
+
+    def memory_report(self) -> dict[str, Any]:
+        """Allocated bytes per buffer, bytes per token (NSA vs a dense cache), capacity and lengths."""
+        a = self.spec.attention
+        e = torch.empty(0, dtype=self.dtype).element_size()
+        bufs = {"k": self.k, "v": self.v, "k_cmp": self.k_cmp_buf, "v_cmp": self.v_cmp_buf}
+        allocated = {n: t.numel() * t.element_size() for n, t in bufs.items()}
+        ws = sum(
+            t.numel() * t.element_size()
+            for w in self._workspace.values()
+            for t in (w.values() if isinstance(w, dict) else [])
+            if isinstance(t, Tensor)
+        )
+        dense = a.kv_heads * (a.head_dim_qk + a.head_dim_v) * e
+        return {
+            "batch_size": self.batch_size,
+            "capacity": self.capacity,
+            "capacity_cmp": self.capacity_cmp,
+            "lengths": self.host_lengths,
+            "dtype": str(self.dtype),
+            "allocated_bytes": allocated,
+            "workspace_bytes": ws,
+            "total_bytes": sum(allocated.values()) + ws,
+            "bytes_per_token": self.memory_per_token(),
+            "dense_bytes_per_token": float(dense),
+            "used_bytes": int(self.memory_per_token() * sum(self._host_lengths)),
+            "window_bytes": 0,  # the window is a view of the raw K/V
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"NSACache(spec={self.spec.name!r}, B={self.batch_size}, capacity={self.capacity}, "
+            f"lengths={self._host_lengths}, dtype={self.dtype}, device={self.device})"
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# the reference decode step
+# ------------------------------------------------------------------------------------------------
+
+
+def _check_decode_inputs(q: Tensor, cache: NSACache, g: Tensor) -> tuple[int, int]:
+    a = cache.spec.attention
+    if not isinstance(q, Tensor) or q.dim() != 4:
+        raise ValueError(f"q: expected a 4-D tensor [B, S, Hq, dk], got {getattr(q, 'shape', q)}")
+    B, S = q.shape[:2]  # noqa: N806
+    if tuple(q.shape) != (cache.batch_size, S, a.heads, a.head_dim_qk):
+        raise ValueError(
+            f"q: expected shape {(cache.batch_size, S, a.heads, a.head_dim_qk)}, got {tuple(q.shape)}"
+        )
+    if not isinstance(g, Tensor) or tuple(g.shape) != (B, S, a.heads, 3):
+        raise ValueError(f"g: expected shape {(B, S, a.heads, 3)}, got {tuple(getattr(g, 'shape', ()))}")
+    if q.device != cache.device or g.device != cache.device:
+        raise ValueError(f"q/g: must be on the cache's device {cache.device}")
+    if S == 0 or S > min(cache.host_lengths):
+        raise ValueError(f"q: S = {S} new tokens must be in 1..min(lengths) = {min(cache.host_lengths)}")
+    return B, S
+
+
+def decode_reference(q: Tensor, cache: NSACache, g: Tensor, *, scale: float | None = None) -> Tensor:
+    """One decode step in plain PyTorch: the S newest tokens of every sequence attend to the cache.
+
+    ``q`` [B, S, Hq, dk], ``g`` [B, S, Hq, 3]; query s of sequence b sits at position t = L_b - S + s
+    (the new tokens' K/V must already be appended). Returns o [B, S, Hq, dv] in q's dtype (computed in
+    float32, float64 for float64 inputs). Top-n ties go to the lower block index.
+    """
+    B, S = _check_decode_inputs(q, cache, g)  # noqa: N806
+    spec = cache.spec
+    a, s_ = spec.attention, spec.selection
+    G, H = spec.G, a.heads  # noqa: N806
+    scale = spec.scale if scale is None else scale
+    der = derive(spec)
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lp, w, n_top = s_.block, spec.window_size, s_.top_n
+    out = torch.zeros(B, S, H, a.head_dim_v, dtype=cdt, device=q.device)
+    head_kv = torch.arange(H, device=q.device) // G
+
+    def attend(qh: Tensor, kk: Tensor, vv: Tensor) -> tuple[Tensor, Tensor]:
+        # qh [H, dk]; kk [H, n, dk] / vv [H, n, dv] -> (o [H, dv], p [H, n])
+        if kk.shape[1] == 0:
+            return qh.new_zeros(H, vv.shape[-1]), qh.new_zeros(H, 0)
+        logits = torch.einsum("hd,hnd->hn", qh, kk) * scale
+        p = torch.softmax(logits, -1)
+        return torch.einsum("hn,hnd->hd", p, vv), p
+
+    for b in range(B):
+        L = cache.host_lengths[b]  # noqa: N806
+        kb = cache.k[b, :L].to(cdt)  # [L, Hkv, dk]
+        vb = cache.v[b, :L].to(cdt)
+        kcb = cache.k_cmp_buf[b].to(cdt)
+        vcb = cache.v_cmp_buf[b].to(cdt)
+        for s in range(S):
+            t = L - S + s
+            qh = q[b, s].to(cdt)
+            gs = g[b, s].to(cdt)
+            # compressed branch
+            nv = _num_cmp(spec, t + 1)
+            kc = kcb[:nv, head_kv].transpose(0, 1)  # [H, nv, dk]
+            vc = vcb[:nv, head_kv].transpose(0, 1)
+            o_cmp, p_cmp = attend(qh, kc, vc)
+            # selection scores -> top-n per KV head
+            nb = t // lp + 1
+            p_slc = qh.new_zeros(H, nb)
+            for k_, wk in enumerate(der.overlap):
+                ci = torch.arange(nb, device=q.device) * der.ratio + der.overlap_offset + k_
+                ok = (ci >= 0) & (ci < nv)
+                vals = p_cmp[:, ci.clamp(0, max(nv - 1, 0))] if nv else qh.new_zeros(H, nb)
+                p_slc += wk * torch.where(ok[None, :], vals, torch.zeros_like(vals))
+            grp = p_slc.view(a.kv_heads, G, nb).sum(1)  # [Hkv, nb]
+            j = torch.arange(nb, device=q.device)
+            forced = (j < s_.force_initial) | (j > t // lp - s_.force_local)
+            grp = torch.where(forced[None, :], torch.full_like(grp, float("inf")), grp)
+            order = torch.sort(grp, dim=1, descending=True, stable=True).indices[:, : min(n_top, nb)]
+            sel = torch.zeros(a.kv_heads, nb, dtype=torch.bool, device=q.device)
+            sel.scatter_(1, order, True)
+            tok_blk = torch.arange(t + 1, device=q.device) // lp
+            tok_mask = sel[:, tok_blk][head_kv]  # [H, t+1]
+            kk = kb[: t + 1, head_kv].transpose(0, 1)
+            vv = vb[: t + 1, head_kv].transpose(0, 1)
+            logits = torch.einsum("hd,hnd->hn", qh, kk) * scale
+            logits = logits.masked_fill(~tok_mask, float("-inf"))
+            o_slc = torch.einsum("hn,hnd->hd", torch.softmax(logits, -1), vv)
+            o = gs[:, 0:1] * o_cmp + gs[:, 1:2] * o_slc
+            if w:
+                lo = max(0, t - w + 1)
+                o_win, _ = attend(qh, kk[:, lo:], vv[:, lo:])
+                o = o + gs[:, 2:3] * o_win
+            out[b, s] = o
+    return out.to(q.dtype)
