@@ -152,7 +152,7 @@ def _check_cmp(
         _check_dim(name, t, 3, hd, f"attention.head_dim_{'qk' if hdn == 'dk' else 'v'} ({hdn})")
 
 
-def _check_cu_seqlens(cu_seqlens: Any, q: Tensor) -> list[int]:
+def _check_cu_seqlens(cu_seqlens: Any, q: Tensor, name: str = "q") -> list[int]:
     """Validate flash-attn style offsets; returns them as a Python list."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise ValueError(f"cu_seqlens: expected an int32 torch.Tensor [N+1], got {type(cu_seqlens).__name__}")
@@ -163,7 +163,9 @@ def _check_cu_seqlens(cu_seqlens: Any, q: Tensor) -> list[int]:
             f"cu_seqlens: expected dtype torch.int32 (flash-attn convention), got {cu_seqlens.dtype}"
         )
     if q.shape[0] != 1:
-        raise ValueError(f"q: expected batch B = 1 with cu_seqlens (packed sequences), got B = {q.shape[0]}")
+        raise ValueError(
+            f"{name}: expected batch B = 1 with cu_seqlens (packed sequences), got B = {q.shape[0]}"
+        )
     offs = [int(x) for x in cu_seqlens.tolist()]
     if offs[0] != 0:
         raise ValueError(f"cu_seqlens: must start at 0, got {offs[0]}")
