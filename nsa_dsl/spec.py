@@ -70,6 +70,9 @@ class SpecError(ValueError):
         self.lines = dict(lines or {})
         super().__init__("\n".join(self.messages()))
 
+    def __reduce__(self) -> tuple:  # picklable (e.g. across tuning worker processes)
+        return (type(self), (self.errors, self.source, self.lines))
+
     def messages(self) -> list[str]:
         """The printable lines: ``[source[:line]: ]field.path: rule``."""
         out = []

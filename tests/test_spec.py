@@ -203,6 +203,15 @@ def test_each_rule(patch, path, words):
     assert isinstance(ei.value, ValueError)
 
 
+def test_spec_error_pickles():
+    import pickle
+
+    with pytest.raises(SpecError) as ei:
+        NSASpec.from_yaml("attention: {heads: 6, kv_heads: 4}\n", source="s.yaml")
+    again = pickle.loads(pickle.dumps(ei.value))
+    assert again.errors == ei.value.errors and str(again) == str(ei.value)
+
+
 def test_root_must_be_mapping():
     with pytest.raises(SpecError, match="<root>: must be a mapping"):
         NSASpec.from_dict(["attention"])  # type: ignore[arg-type]
