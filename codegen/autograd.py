@@ -81,6 +81,7 @@ def nsa_backward(
     *,
     cu_seqlens: Tensor | None = None,
     deterministic: bool = False,
+    profile: dict[str, float] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv, dk_cmp, dv_cmp, dg) of o = sum_b g_b * O_b for the upstream gradient ``do``.
 
@@ -88,6 +89,7 @@ def nsa_backward(
     indices``; window entries may be None when the window is off). Gradients come back in the inputs'
     dtypes; all accumulation is fp32. Rows whose branch saw no key (lse = +inf) contribute exactly zero.
     ``deterministic``: accepted for API symmetry; every path is already atomic-free and reproducible.
+    ``profile``: if a dict is given, CUDA-event milliseconds per stage are stored in it (synchronises).
     """
     ops = _as_ops(ops_or_spec)
     spec = ops.spec
@@ -116,6 +118,16 @@ def nsa_backward(
 
         cu_cmp = compressed_cu_seqlens(cu_seqlens, spec)
 
+    marks: list[tuple[str, Any]] = []
+
+    def mark(name: str) -> None:
+        if profile is not None and q.is_cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            marks.append((name, ev))
+
+    mark("start")
+
     def mod(name: str):
         return ops.module(name, T=max_len, B=nseq)
 
@@ -125,20 +137,31 @@ def nsa_backward(
     o_cmp, o_slc, o_win = (saved["o_cmp"], saved["o_slc"], saved.get("o_win"))
     win_on = spec.window_size > 0 and o_win is not None and o_win.numel() > 0
     dg, delta = mod("bwd_pre").run(do, o_cmp, o_slc, o_win if win_on else None, g)
+    mark("bwd_pre")
     # compressed branch: writes dq (no accumulation) and dk_cmp / dv_cmp
     mod("bwd_cmp").run(q, k_cmp, v_cmp, do, g, f32c(saved["lse_cmp"]), delta[0], dq, dkc, dvc,
                        cu_seqlens=cu_seqlens, cu_cmp=cu_cmp, max_len=max_len)
+    mark("bwd_cmp")
     # selection branch: dq += ; dk/dv written per selected block through the reverse index
     slc = mod("bwd_slc")
     indices = saved["indices"].to(torch.int32).contiguous()
     rev = reverse_index.build(indices.view(B * T, hkv, n), cu_packed, spec.selection.block, slc.CHUNK)
+    mark("reverse_index")
     slc.run(q, k, v, do, g, f32c(saved["lse_slc"]), delta[1], indices, rev, dq, dk, dv,
             cu_seqlens=cu_seqlens, max_len=max_len, accum_q=True)
+    mark("bwd_slc")
     if win_on:
         mod("bwd_win").run(q, k, v, do, g, f32c(saved["lse_win"]), delta[2], dq, dk, dv,
                            cu_seqlens=cu_seqlens, max_len=max_len, accum_q=True, accum_kv=True)
-    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dkc.to(k_cmp.dtype), dvc.to(v_cmp.dtype),
+        mark("bwd_win")
+    out = (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dkc.to(k_cmp.dtype), dvc.to(v_cmp.dtype),
             dg.to(g.dtype))
+    mark("cast")
+    if marks:
+        torch.cuda.synchronize()
+        for (_, a), (name, b) in zip(marks, marks[1:], strict=False):
+            profile[name] = profile.get(name, 0.0) + a.elapsed_time(b)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,0 +1,377 @@
+"""Forward+backward benchmark of the generated NSA op (issue 4).
+
+Compares, B = 1, bf16, T = 8k..64k:
+  * nsa-dsl on the paper spec (64 q / 4 kv heads, dk 192, dv 128) and on fla_compat (dk = dv = 128, mean-pool
+    compression inside the timed region, like fla-core) — forward, forward+backward, and a per-stage breakdown
+    of the backward (bwd_pre, bwd_cmp, reverse_index, bwd_slc, bwd_win, cast) and of the forward stages;
+  * torch SDPA, causal dense attention with the same head counts, every backend that runs
+    (at T >= --sdpa-all-max only the fastest backend measured below it);
+  * fla-core ``parallel_nsa`` on fla_compat when installed.
+Optionally (--sweep) a few backward-kernel configs are timed at one T first and the best is used.
+
+Writes JSON and a Markdown table (card, versions, date) to --out (default bench/results) and prints the table.
+Usage: python bench/bench_backward.py [--T 8192 16384 32768 65536] [--out DIR] [--sweep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from nsa_dsl.codegen.autograd import activation_bytes_per_token, nsa_attention, nsa_backward
+
+import nsa_dsl
+from nsa_dsl import load_spec
+
+DT = torch.bfloat16
+
+
+def timeit(fn, budget_ms: float = 1500.0, min_runs: int = 3, max_runs: int = 30) -> float:
+    """Median milliseconds of fn() (CUDA events), after one warm-up call; runs sized to a time budget."""
+    fn()
+    torch.cuda.synchronize()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    fn()
+    e.record()
+    torch.cuda.synchronize()
+    est = max(s.elapsed_time(e), 1e-3)
+    n = int(max(min_runs, min(max_runs, budget_ms // est)))
+    times = []
+    for _ in range(n):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e))
+    return statistics.median(times)
+
+
+def nsa_inputs(spec, T, *, grad: bool):  # noqa: N803
+    a = spec.attention
+    g = torch.Generator(device="cuda").manual_seed(T)
+
+    def r(*shape):
+        return torch.randn(*shape, device="cuda", generator=g, dtype=DT).requires_grad_(grad)
+
+    tc = spec.num_compressed(T)
+    q = r(1, T, a.heads, a.head_dim_qk)
+    k, v = r(1, T, a.kv_heads, a.head_dim_qk), r(1, T, a.kv_heads, a.head_dim_v)
+    kc, vc = r(1, tc, a.kv_heads, a.head_dim_qk), r(1, tc, a.kv_heads, a.head_dim_v)
+    gate = torch.rand(1, T, a.heads, 3, device="cuda", generator=g, dtype=DT).requires_grad_(grad)
+    do = torch.randn(1, T, a.heads, a.head_dim_v, device="cuda", generator=g, dtype=DT)
+    return [q, k, v, kc, vc, gate], do
+
+
+def mean_pool(x, spec):
+    """fla_compat compression (l = d): mean over non-overlapping blocks (differentiable, timed)."""
+    l = spec.compression.block  # noqa: E741
+    B, T, H, D = x.shape  # noqa: N806
+    tc = spec.num_compressed(T)
+    return x[:, : tc * l].reshape(B, tc, l, H, D).mean(2)
+
+
+def bench_nsa(spec, ops, T, *, pool: bool) -> dict:  # noqa: N803
+    xs, do = nsa_inputs(spec, T, grad=True)
+    q, k, v, kc, vc, g = xs
+
+    def fwd():
+        with torch.no_grad():
+            kk, vv = (mean_pool(k, spec), mean_pool(v, spec)) if pool else (kc, vc)
+            ops.forward(q, k, v, kk, vv, g)
+
+    def fwdbwd():
+        kk, vv = (mean_pool(k, spec), mean_pool(v, spec)) if pool else (kc, vc)
+        o = nsa_attention(q, k, v, kk, vv, g, ops)
+        o.backward(do)
+        for x in xs:
+            x.grad = None
+
+    row = {"fwd_ms": timeit(fwd), "fwdbwd_ms": timeit(fwdbwd)}
+    # stage breakdown: forward stages and backward stages (CUDA events, 3 runs averaged)
+    with torch.no_grad():
+        qd, kd, vd, kcd, vcd, gd = (x.detach() for x in xs)
+        if pool:
+            kcd, vcd = mean_pool(kd, spec), mean_pool(vd, spec)
+        fw = {}
+        fw["cmp_fwd"] = timeit(lambda: ops.cmp_fwd(qd, kcd, vcd), budget_ms=300)
+        o_cmp, lse_cmp = ops.cmp_fwd(qd, kcd, vcd)
+        fw["select"] = timeit(lambda: ops.select(qd, kcd, lse_cmp), budget_ms=300)
+        idx = ops.select(qd, kcd, lse_cmp)
+        fw["slc_fwd"] = timeit(lambda: ops.slc_fwd(qd, kd, vd, idx), budget_ms=300)
+        if spec.window_size > 0:
+            fw["win_fwd"] = timeit(lambda: ops.win_fwd(qd, kd, vd), budget_ms=300)
+        _, saved = ops.forward_train(qd, kd, vd, kcd, vcd, gd)
+        prof: dict[str, float] = {}
+        nsa_backward(ops, qd, kd, vd, kcd, vcd, gd, do, saved)  # warm
+        for _ in range(3):
+            nsa_backward(ops, qd, kd, vd, kcd, vcd, gd, do, saved, profile=prof)
+    row["fwd_stages_ms"] = fw
+    row["bwd_stages_ms"] = {kk: vv / 3 for kk, vv in prof.items()}
+    torch.cuda.empty_cache()
+    return row
+
+
+SDPA_BACKENDS = ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION")
+
+
+def bench_sdpa(T, dk, dv, backend) -> dict | None:  # noqa: N803
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, 64, T, dk, device="cuda", dtype=DT, generator=g, requires_grad=True)
+    k = torch.randn(1, 4, T, dk, device="cuda", dtype=DT, generator=g, requires_grad=True)
+    v = torch.randn(1, 4, T, dv, device="cuda", dtype=DT, generator=g, requires_grad=True)
+    do = torch.randn(1, 64, T, dv, device="cuda", dtype=DT, generator=g)
+    be = getattr(SDPBackend, backend)
+    F = torch.nn.functional  # noqa: N806
+
+    def call(gqa):
+        if gqa:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        kk, vv = k.repeat_interleave(16, 1), v.repeat_interleave(16, 1)
+        return F.scaled_dot_product_attention(q, kk, vv, is_causal=True)
+
+    for gqa in (True, False):
+        try:
+            with sdpa_kernel(be):
+                o = call(gqa)
+                o.backward(do)
+            torch.cuda.synchronize()
+        except Exception:
+            continue
+        with sdpa_kernel(be):
+
+            def fwd(gqa=gqa):
+                with torch.no_grad():
+                    call(gqa)
+
+            def fwdbwd(gqa=gqa):
+                call(gqa).backward(do)
+                q.grad = k.grad = v.grad = None
+
+            return {"backend": backend, "gqa": gqa, "fwd_ms": timeit(fwd), "fwdbwd_ms": timeit(fwdbwd)}
+    return None
+
+
+def bench_fla(T) -> dict | None:  # noqa: N803
+    try:
+        from fla.ops.nsa import parallel_nsa
+    except Exception:
+        return None
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, T, 64, 128, device="cuda", dtype=DT, generator=g, requires_grad=True)
+    k = torch.randn(1, T, 4, 128, device="cuda", dtype=DT, generator=g, requires_grad=True)
+    v = torch.randn(1, T, 4, 128, device="cuda", dtype=DT, generator=g, requires_grad=True)
+    gc = torch.rand(1, T, 64, device="cuda", dtype=DT, generator=g).requires_grad_(True)
+    gs = torch.rand(1, T, 64, device="cuda", dtype=DT, generator=g).requires_grad_(True)
+    do = torch.randn(1, T, 64, 128, device="cuda", dtype=DT, generator=g)
+
+    def fwd():
+        with torch.no_grad():
+            parallel_nsa(q, k, v, gc, gs, None, block_counts=16, block_size=64)
+
+    def fwdbwd():
+        parallel_nsa(q, k, v, gc, gs, None, block_counts=16, block_size=64).backward(do)
+        q.grad = k.grad = v.grad = gc.grad = gs.grad = None
+
+    try:
+        return {"impl": "fla-core parallel_nsa", "fwd_ms": timeit(fwd), "fwdbwd_ms": timeit(fwdbwd)}
+    except Exception as e:  # noqa: BLE001
+        return {"impl": "fla-core parallel_nsa", "error": str(e)[:200]}
+
+
+def matmul_tflops() -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=DT)
+    b = torch.randn(8192, 8192, device="cuda", dtype=DT)
+    ms = timeit(lambda: a @ b, budget_ms=300)
+    return 2 * 8192**3 / ms / 1e9
+
+
+def sweep(spec, ops, T):  # noqa: N803
+    """Time a few backward-kernel configs per kernel at one T; returns (ops with the best, log rows)."""
+    cands = {
+        "bwd_cmp": [
+            {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
+            {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
+            {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
+        ],
+        "bwd_slc": [
+            {"BLOCK_T": max(1, 64 // spec.G), "num_warps": 4},
+            {"BLOCK_T": max(1, 128 // spec.G), "num_warps": 8},
+        ],
+        "bwd_win": [
+            {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
+            {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
+        ],
+    }
+    xs, do = nsa_inputs(spec, T, grad=False)
+    q, k, v, kc, vc, g = xs
+    with torch.no_grad():
+        _, saved = ops.forward_train(q, k, v, kc, vc, g)
+    log = []
+    best_ops = ops
+    for kname, cfgs in cands.items():
+        if not ops.has_kernel(kname):
+            continue
+        best = (math.inf, None)
+        for cfg in cfgs:
+            try:
+                trial = best_ops.with_config(kname, cfg)
+                prof: dict[str, float] = {}
+                nsa_backward(trial, q, k, v, kc, vc, g, do, saved)
+                for _ in range(3):
+                    nsa_backward(trial, q, k, v, kc, vc, g, do, saved, profile=prof)
+                ms = prof[kname] / 3
+            except Exception as e:  # noqa: BLE001
+                log.append({"kernel": kname, "config": cfg, "error": str(e)[:200]})
+                continue
+            log.append({"kernel": kname, "config": cfg, "ms": ms})
+            if ms < best[0]:
+                best = (ms, cfg)
+        if best[1] is not None:
+            best_ops = best_ops.with_config(kname, best[1])
+    return best_ops, log
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--T", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
+    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sdpa-all-max", type=int, default=16384)
+    ap.add_argument("--no-fla", action="store_true")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_backward: needs a CUDA device", file=sys.stderr)
+        return 2
+    import triton
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "card": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "nsa_dsl": nsa_dsl.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "matmul_tflops_bf16": matmul_tflops(),
+    }
+    try:
+        import fla
+
+        meta["fla"] = getattr(fla, "__version__", "?")
+    except Exception:  # noqa: BLE001
+        meta["fla"] = None
+    rows = []
+    paper, compat = load_spec("nsa_paper"), load_spec("fla_compat")
+    ops_p, ops_c = nsa_dsl.compile(paper), nsa_dsl.compile(compat)
+    if args.sweep:
+        ops_p, log_p = sweep(paper, ops_p, 16384)
+        ops_c, log_c = sweep(compat, ops_c, 16384)
+        meta["sweep"] = {"nsa_paper": log_p, "fla_compat": log_c}
+        print(json.dumps(meta["sweep"], indent=1), flush=True)
+    meta["configs"] = {
+        "nsa_paper": {kn: ops_p.config_for(kn, T=16384) for kn in ("bwd_cmp", "bwd_slc", "bwd_win")},
+        "fla_compat": {kn: ops_c.config_for(kn, T=16384) for kn in ("bwd_cmp", "bwd_slc")},
+    }
+    meta["activation_bytes_per_token"] = {
+        "nsa_paper": activation_bytes_per_token(paper),
+        "fla_compat": activation_bytes_per_token(compat),
+    }
+    fastest: dict[tuple[int, int], str] = {}
+    for T in args.T:  # noqa: N806
+        cases = (("nsa_paper", paper, ops_p, False), ("fla_compat", compat, ops_c, True))
+        for name, spec, ops, pool in cases:
+            try:
+                r = bench_nsa(spec, ops, T, pool=pool)
+                rows.append({"impl": f"nsa-dsl {name}", "spec": name, "T": T, **r})
+            except Exception as e:  # noqa: BLE001
+                rows.append({"impl": f"nsa-dsl {name}", "spec": name, "T": T, "error": str(e)[:300]})
+            print(json.dumps(rows[-1]), flush=True)
+            torch.cuda.empty_cache()
+        for dk, dv in ((192, 128), (128, 128)):
+            narrow = T > args.sdpa_all_max and (dk, dv) in fastest
+            backends = (fastest[dk, dv],) if narrow else SDPA_BACKENDS
+            best = None
+            for be in backends:
+                r = bench_sdpa(T, dk, dv, be)
+                torch.cuda.empty_cache()
+                if r is None:
+                    continue
+                rows.append({"impl": f"sdpa {be}", "spec": f"dense dk={dk} dv={dv}", "T": T, **r})
+                print(json.dumps(rows[-1]), flush=True)
+                if best is None or r["fwdbwd_ms"] < best[1]:
+                    best = (be, r["fwdbwd_ms"])
+            if best is not None and T <= args.sdpa_all_max:
+                fastest[dk, dv] = best[0]
+        if not args.no_fla:
+            r = bench_fla(T)
+            if r is not None:
+                rows.append({"spec": "fla_compat", "T": T, **r})
+                print(json.dumps(rows[-1]), flush=True)
+            torch.cuda.empty_cache()
+    tag = meta["card"].replace(" ", "_")
+    (out / f"backward_{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    md = to_markdown(meta, rows)
+    (out / f"backward_{tag}.md").write_text(md)
+    print(md)
+    return 0
+
+
+def to_markdown(meta, rows) -> str:
+    lines = [
+        f"Card: {meta['card']}; torch {meta['torch']}, triton {meta['triton']}, fla {meta.get('fla')}; "
+        f"{meta['date']}; bf16 8192^3 matmul {meta['matmul_tflops_bf16']:.0f} TFLOP/s.",
+        "",
+        "| T | impl | spec | fwd ms | fwd+bwd ms |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['T']} | {r['impl']} | {r['spec']} | error: {r['error'][:80]} | |")
+        else:
+            lines.append(
+                f"| {r['T']} | {r['impl']} | {r['spec']} | {r['fwd_ms']:.2f} | {r['fwdbwd_ms']:.2f} |"
+            )
+    lines += [
+        "",
+        "Ratios (fwd+bwd; same run):",
+        "",
+        "| T | paper vs fastest SDPA (192/128) | fla_compat vs fla-core |",
+        "|---|---|---|",
+    ]
+    for T in sorted({r["T"] for r in rows}):  # noqa: N806
+        def get(pred, rows=rows, T=T):  # noqa: N803
+            c = [r["fwdbwd_ms"] for r in rows if r["T"] == T and "fwdbwd_ms" in r and pred(r)]
+            return min(c) if c else None
+
+        ours_p = get(lambda r: r.get("spec") == "nsa_paper")
+        ours_c = get(lambda r: r.get("spec") == "fla_compat" and str(r.get("impl", "")).startswith("nsa-dsl"))
+        sd = get(lambda r: r.get("spec") == "dense dk=192 dv=128")
+        fl = get(lambda r: str(r.get("impl", "")).startswith("fla-core"))
+        a = f"{sd / ours_p:.2f}x" if ours_p and sd else "-"
+        b = f"{fl / ours_c:.2f}x" if ours_c and fl else "-"
+        lines.append(f"| {T} | {a} | {b} |")
+    lines += ["", "Backward stage breakdown (ms):", ""]
+    for r in rows:
+        if "bwd_stages_ms" in r:
+            st = ", ".join(f"{k} {v:.2f}" for k, v in r["bwd_stages_ms"].items())
+            fw = ", ".join(f"{k} {v:.2f}" for k, v in r["fwd_stages_ms"].items())
+            lines.append(f"- {r['spec']} T={r['T']}: bwd [{st}]; fwd [{fw}]")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("NSA_DSL_LOG", "warning")
+    raise SystemExit(main())
