@@ -112,6 +112,20 @@ def test_normal_install_imports_codegen_tuning_and_finds_specs(tmp_path):
     assert not (site / "codegen").exists() and not (site / "tuning").exists()
     if (ROOT / "nsa_dsl" / "SEMANTICS.md").exists():
         assert (site / "nsa_dsl" / "SEMANTICS.md").is_file()
+    # every module, template, spec and config of the source tree made it into the wheel (a new sub-package
+    # must be added to pyproject's package list)
+    installed_as = {"nsa_dsl": "nsa_dsl", "codegen": "nsa_dsl/codegen", "tuning": "nsa_dsl/tuning"}
+    installed_as["specs"] = "nsa_dsl/specs"
+    missing = [
+        str(f.relative_to(src))
+        for top, dest in installed_as.items()
+        for f in (src / top).rglob("*")
+        if f.is_file()
+        and f.suffix in (".py", ".j2", ".yaml", ".json")
+        and not any(part.startswith(".") for part in f.relative_to(src).parts)
+        and not (site / dest / f.relative_to(src / top)).is_file()
+    ]
+    assert not missing, f"not in the wheel: {missing}"
     env = {**os.environ, "PYTHONPATH": str(site)}
     run = subprocess.run(
         [sys.executable, "-c", _CHECK, str(site)],
