@@ -7,7 +7,7 @@
 
 Exit status: 0 on success, 2 when the spec or the arguments are wrong (each problem on its own line on
 stderr, no traceback), 1 on an unexpected internal error (one line; set ``NSA_DSL_DEBUG=1`` for the
-traceback).
+traceback), 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -181,6 +181,9 @@ def compile_main(argv: Sequence[str] | None = None) -> int:
         if not (args.show or args.report or args.output is not None):
             print(f"{spec.name}: OK (hash {spec.hash})", file=out)
         return 0
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=err)
+        return 130
     except SystemExit as e:  # --help / --version
         return int(e.code or 0) if not isinstance(e.code, str) else 2
     except SpecError as e:
