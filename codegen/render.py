@@ -39,16 +39,27 @@ def _pyrepr(x: object) -> str:
     return repr(x)
 
 
+def _spec_lines(d: dict, indent: str = "") -> list[str]:
+    """The spec's values in YAML layout (no yaml dependency at render time)."""
+    out = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.append(f"{indent}{k}:")
+            out.extend(_spec_lines(v, indent + "  "))
+        else:
+            out.append(f"{indent}{k}: {json.dumps(v)}")
+    return out
+
+
 def header(plan: KernelPlan) -> str:
     """The comment block every emitted file starts with."""
-    spec_yaml = plan.spec.to_yaml().rstrip("\n").splitlines()
+    spec_yaml = _spec_lines(plan.spec.to_dict())
     lines = [
         f"# nsa-dsl generated kernel: {plan.kernel}  (pass: {plan.kdef.pass_})",
         f"# generator: {GENERATOR_VERSION}",
         f"# key: {plan.key}",
         f"# spec: {plan.spec.name}  hash: {plan.spec.hash}",
         f"# config: {json.dumps(dict(plan.config), sort_keys=True)}",
-        f"# device: {plan.limits.name} ({plan.limits.arch})",
         "# spec values:",
         *[f"#   {ln}" for ln in spec_yaml],
         "# DO NOT EDIT: regenerate with `nsa-compile SPEC -o DIR`.",

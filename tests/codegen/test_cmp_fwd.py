@@ -72,3 +72,21 @@ def test_cmp_fwd_rejects_wrong_heads():
     q, kc, vc = make_inputs(make_spec(hq=2, hkv=2), 1, 20)
     with pytest.raises(ValueError, match="spec"):
         load(make_plan(spec, "cmp_fwd")).run(q, kc, vc)
+
+
+@pytest.mark.gpu
+def test_gpu_cmp_fwd_paper_spec_bf16_varlen():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from nsa_dsl import load_spec
+
+    spec = load_spec("nsa_paper")
+    cu = torch.tensor([0, 1000, 1030, 5000, 8192], dtype=torch.int32, device="cuda")
+    q, kc, vc = make_inputs(spec, 1, 8192, torch.bfloat16, cu.cpu())
+    q, kc, vc = q.cuda(), kc.cuda(), vc.cuda()
+    mod = load(make_plan(spec, "cmp_fwd"))
+    with poisoned_empty():
+        o, lse = mod.run(q, kc, vc, cu_seqlens=cu)
+    ro, rl = ref_cmp(spec, q.float(), kc.float(), vc.float(), cu.cpu())
+    torch.testing.assert_close(o.double(), ro, rtol=2e-2, atol=2e-2)
+    assert torch.equal(torch.isinf(lse), torch.isinf(rl))

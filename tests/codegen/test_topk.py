@@ -120,3 +120,39 @@ def test_topk_config_check():
         make_plan(spec, "slc_topk", {"BLOCK_S": 2})
     with pytest.raises(ValueError, match="unknown parameter"):
         make_plan(spec, "slc_topk", {"BLOCK_Q": 16})
+
+
+# ---- GPU: bf16 at the paper spec against the fp32 reference (same bf16-rounded inputs) -------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [2048, 8192])
+@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused"])
+def test_gpu_paper_spec_bf16(T, fused):  # noqa: N803
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    import nsa_dsl
+    from nsa_dsl import load_spec
+
+    spec = load_spec("nsa_paper")
+    a = spec.attention
+    gen = torch.Generator(device="cuda").manual_seed(T)
+    tc = spec.num_compressed(T)
+    q = torch.randn(1, T, a.heads, a.head_dim_qk, device="cuda", generator=gen).bfloat16()
+    kc = torch.randn(1, tc, a.kv_heads, a.head_dim_qk, device="cuda", generator=gen).bfloat16()
+    vc = torch.randn(1, tc, a.kv_heads, a.head_dim_v, device="cuda", generator=gen).bfloat16()
+    ops = nsa_dsl.compile(spec).with_schedule(cmp_select="fused" if fused else "separate")
+    with poisoned_empty():
+        o, lse, idx = ops.cmp_select(q, kc, vc)
+    from nsa_dsl.reference import compressed_attention, compression_probs, select_blocks, selection_scores
+
+    ro, rl = compressed_attention(q.float(), kc.float(), vc.float(), spec)
+    assert not torch.isnan(o).any() and not torch.isnan(lse).any()
+    torch.testing.assert_close(o.float(), ro, rtol=2e-2, atol=2e-2)
+    assert torch.equal(torch.isinf(lse), torch.isinf(rl))
+    fin = torch.isfinite(rl)
+    torch.testing.assert_close(lse[fin], rl[fin], rtol=1e-4, atol=1e-3)
+    del ro
+    scores = selection_scores(compression_probs(q.float(), kc.float(), spec), spec, T)
+    ref_idx = select_blocks(scores, spec, T)
+    check_indices(spec, idx.cpu(), ref_idx.cpu(), scores.double().cpu(), None, rtol=1e-3, atol=1e-5)
