@@ -49,6 +49,17 @@ def test_ci_runs_the_readme_test_command_verbatim():
 
 
 @needs_source
+def test_readme_tour_python_runs():
+    text = README.read_text()
+    m = re.search(r"^## Tour\n(.*?)(?=^## )", text, flags=re.S | re.M)
+    assert m, "README has no '## Tour' section"
+    blocks = re.findall(r"```python\n(.*?)```", m.group(1), flags=re.S)
+    assert blocks
+    for block in blocks:
+        exec(compile(textwrap.dedent(block), "README.md", "exec"), {})
+
+
+@needs_source
 def test_semantics_document_is_linked():
     assert "nsa_dsl/SEMANTICS.md" in README.read_text()
 
