@@ -1,0 +1,92 @@
+"""Quick hand sweep of the selection / window kernel configs at one T (picks the per-architecture defaults;
+the full search belongs to ``nsa_dsl.tuning``).
+
+    python bench/sweep_slcwin.py --T 32768
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+from nsa_dsl.codegen.loader import load  # noqa: E402
+from nsa_dsl.codegen.plan import make_plan  # noqa: E402
+
+import nsa_dsl  # noqa: E402
+from nsa_dsl.reference import select_blocks  # noqa: E402
+
+GROUP = [
+    {"BLOCK_N": 64, "num_warps": w, "num_stages": s} for w in (2, 4, 8) for s in (1, 2, 3)
+]
+KVOUTER = [
+    {"BLOCK_M": bm, "CHUNK": ch, "KV_RESIDENT": res, "num_warps": w, "num_stages": s}
+    for (bm, ch, res, w, s) in [
+        (64, 64, True, 4, 1), (64, 256, True, 4, 2), (128, 256, True, 8, 2), (64, 256, False, 4, 2),
+        (128, 128, False, 8, 2), (128, 256, True, 4, 2), (64, 128, True, 4, 1), (32, 128, True, 4, 2),
+    ]
+]
+WINDOW = [
+    {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
+    for (bm, bn, w, s) in [
+        (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 2), (128, 64, 4, 2), (64, 128, 4, 3),
+        (128, 32, 4, 3),
+    ]
+]
+
+
+def one(spec_name: str, T: int, small: bool) -> list[dict]:  # noqa: N803
+    spec = nsa_dsl.load_spec(spec_name)
+    x = common.make_inputs(spec, T)
+    scores = torch.rand(1, T, spec.attention.kv_heads, spec.num_selection_blocks(T), device="cuda")
+    idx = select_blocks(scores, spec, T)
+    flop = common.selection_flop(spec, idx)
+    rows = []
+    cands = [("group", c) for c in (GROUP[:3] + GROUP[4:5] if small else GROUP)]
+    cands += [("kvouter", c) for c in KVOUTER]
+    for sched, cfg in cands:
+        full = {"schedule": sched, **cfg}
+        try:
+            mod = load(make_plan(spec, "slc_fwd", full))
+            ms = common.bench_ms(lambda mod=mod: mod.run(x["q"], x["k"], x["v"], idx))
+        except Exception as e:
+            rows.append({"spec": spec_name, "kernel": "slc_fwd", "config": full, "error": str(e)[:120]})
+            continue
+        rows.append({"spec": spec_name, "kernel": "slc_fwd", "config": full, "ms": ms,
+                     "tflops": common.tflops(flop, ms)})
+        print(rows[-1], flush=True)
+    if spec.window_size and not small:
+        wflop = common.window_flop(spec, T)
+        for cfg in WINDOW:
+            try:
+                mod = load(make_plan(spec, "win_fwd", cfg))
+                ms = common.bench_ms(lambda mod=mod: mod.run(x["q"], x["k"], x["v"]))
+            except Exception as e:
+                rows.append({"spec": spec_name, "kernel": "win_fwd", "config": cfg, "error": str(e)[:120]})
+                continue
+            rows.append({"spec": spec_name, "kernel": "win_fwd", "config": cfg, "ms": ms,
+                         "tflops": common.tflops(wflop, ms)})
+            print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--T", type=int, default=32768)
+    ap.add_argument("--out", type=Path, default=common.RESULTS_DIR)
+    args = ap.parse_args()
+    meta = common.env_info()
+    rows = one("nsa_paper", args.T, False) + one("small_group", args.T, True)
+    for r in rows:
+        r["config"] = str(r["config"])
+    common.write_results(f"sweep_slcwin_T{args.T}", rows, meta, outdir=args.out)
+    print(common.markdown_table(rows, ["spec", "kernel", "config", "ms", "tflops", "error"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
