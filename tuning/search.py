@@ -236,17 +236,23 @@ def _objective(ctx: _Ctx) -> Callable[[Any], float]:
             if t.state == optuna.trial.TrialState.FAIL and t.user_attrs.get("evaluated"):
                 trial.set_user_attr("duplicate", True)
                 raise optuna.TrialPruned("duplicate of a failed candidate")
-        trial.set_user_attr("evaluated", True)
+        trial.set_user_attr("worker", os.getpid())
+        # "evaluated" is set only once the outcome is known: an interrupted trial (Ctrl-C, killed worker)
+        # does not count towards the budget and its config is tried again on resume.
         try:
-            return _evaluate(ctx, cfg)
+            ms = _evaluate(ctx, cfg)
         except CandidateRejected as e:
             trial.set_user_attr("rejected", str(e))
+            trial.set_user_attr("evaluated", True)
             log.info("candidate %s rejected: %s", c, e)
             raise _TrialFailed(str(e)) from None
         except _TrialFailed as e:
             trial.set_user_attr("error", str(e))
+            trial.set_user_attr("evaluated", True)
             log.info("candidate %s failed: %s", c, e)
             raise
+        trial.set_user_attr("evaluated", True)
+        return ms
 
     return objective
 
@@ -352,7 +358,7 @@ def tune_kernel(
     sampler: str = "tpe",
     storage_path: str | os.PathLike[str] | None = None,
     tie_tol: float = DEFAULT_TIE_TOL,
-    confirm: int = 3,
+    confirm: int = 4,
     save: bool = True,
     force: bool = False,
     workers: int = 1,
@@ -410,6 +416,9 @@ def tune_kernel(
         raise RuntimeError(f"kernel {kernel}: no valid point in its search space for this spec and device")
     storage, name = study_storage(storage_path, key)
     n_startup = max(4, min(10, (trials or 32) // 4))
+    exhaustive = trials is not None and trials >= len(good)
+    if exhaustive:
+        sampler = "random"  # every valid point is enqueued; the model-based sampler would only cost time
     study = open_study(storage, name, sampler=sampler, seed=seed, n_startup=n_startup)
     if not study.get_trials(deepcopy=False):
         # The default goes first (it is the baseline); an exhaustive budget enqueues the whole grid.
@@ -419,7 +428,7 @@ def tune_kernel(
             if _in_grid(dpoint, space) and why_invalid(kdef, spec, default_cfg, limits) is None
             else []
         )
-        if trials is not None and trials >= len(good):
+        if exhaustive:
             first += [{p: c[p] for p in space} for c in good]
         seen: set[str] = set()
         for p in first:
@@ -476,17 +485,19 @@ def tune_kernel(
         first = next((e for e in errs if e), "no candidate was evaluated")
         raise RuntimeError(f"kernel {kernel}: every candidate failed (first: {first})")
 
-    # Confirmation: re-time the best few (and the default) in a fixed order; keep the faster of both readings
-    # only for the re-timed set, so that one lucky reading cannot decide.
+    # Confirmation: re-time the candidates near the best (within 2 * tie_tol, at most ``confirm`` of them, by
+    # time then JSON) and the default, in a fixed order; the choice is made among these fresh readings so that
+    # one lucky reading cannot decide.
     if confirm > 0 and len(times) > 1:
-        ranked = sorted(times, key=lambda c: (times[c], c))[:confirm]
-        if default_ms is not None and dc not in ranked:
+        best = min(times.values())
+        near = sorted((c for c in times if times[c] <= best * (1 + 2 * tie_tol)), key=lambda c: (times[c], c))
+        ranked = near[: max(confirm, 1)]
+        if default_ms is not None and dc in times and dc not in ranked:
             ranked.append(dc)
-        cfgs = {c: _cfg_from_canonical(c) for c in ranked}
         fresh: dict[str, float] = {}
         for c in sorted(ranked):
             try:
-                fresh[c] = _evaluate(ctx, cfgs[c])
+                fresh[c] = _evaluate(ctx, _cfg_from_canonical(c))
             except Exception as e:
                 log.warning("re-timing %s failed (%s); dropped", c, _first_line(e))
         if fresh:

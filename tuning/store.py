@@ -31,6 +31,8 @@ __all__ = ["FORMAT", "RecordStore", "user_store", "shipped_records", "validate_r
 log = logging.getLogger("nsa_dsl.tuning.store")
 
 FORMAT = "nsa-dsl-tuning/1"
+#: The configs shipped in the package (records in the same format).
+SHIPPED_DIR = Path(__file__).resolve().parent / "configs"
 _LOCK_TIMEOUT_S = 60.0
 
 
@@ -174,9 +176,7 @@ def user_store() -> RecordStore:
 def shipped_records(folder: str | os.PathLike[str] | None = None) -> dict[str, dict[str, Any]]:
     """Records of the configs shipped in the package (``nsa_dsl.tuning/configs/*.json``), merged; files
     processed in name order (a later file wins on equal keys)."""
-    if folder is None:
-        folder = Path(__file__).resolve().parent / "configs"
-    folder = Path(folder)
+    folder = Path(SHIPPED_DIR if folder is None else folder)
     out: dict[str, dict[str, Any]] = {}
     if not folder.is_dir():
         return out

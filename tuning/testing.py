@@ -11,7 +11,16 @@ from typing import Any
 
 from .timing import Candidate
 
-__all__ = ["FakeKernelDef", "FakeTarget", "fake_time", "fake_registry", "fake_target_factory", "flat_time"]
+__all__ = [
+    "FakeKernelDef",
+    "FakeTarget",
+    "fake_time",
+    "flat_time",
+    "fake_registry",
+    "fake_target_factory",
+    "slow_fake_target_factory",
+    "write_records_worker",
+]
 
 
 @dataclass(frozen=True)
@@ -62,12 +71,17 @@ def flat_time(cfg: dict[str, Any]) -> float:
 class FakeTarget:
     """Builds nothing; ``fail`` configs raise at build (compile failure), ``wrong`` configs fail the gate."""
 
-    def __init__(self, fail: Any = None, wrong: Any = None):
-        self.fail = fail or (lambda c: c["BLOCK_M"] == 16 and c["num_warps"] == 8)
-        self.wrong = wrong or (lambda c: False)
+    def __init__(self, fail: Any = None, wrong: Any = None, delay: float = 0.0):
+        self.fail = fail or _default_fail
+        self.wrong = wrong or _never
+        self.delay = delay
         self.built = 0
 
     def build(self, config: dict[str, Any]) -> Any:
+        if self.delay:
+            import time
+
+            time.sleep(self.delay)
         if self.fail(config):
             raise RuntimeError("out of resources: shared memory, Required: 300000, Hardware limit: 232448")
         self.built += 1
@@ -90,3 +104,45 @@ def fake_target_factory(
     device: Any = None,
 ) -> FakeTarget:
     return FakeTarget()
+
+
+def _default_fail(c: dict[str, Any]) -> bool:
+    return c["BLOCK_M"] == 16 and c["num_warps"] == 8
+
+
+def _never(c: dict[str, Any]) -> bool:
+    return False
+
+
+def slow_fake_target_factory(
+    spec: Any,
+    kernel: str,
+    *,
+    T: int,
+    B: int = 1,
+    limits: Any = None,  # noqa: N803
+    device: Any = None,
+) -> FakeTarget:
+    """Like ``fake_target_factory`` but every build takes 50 ms (so that parallel workers overlap)."""
+    return FakeTarget(delay=0.05)
+
+
+def write_records_worker(path: str, rank: int, n: int) -> None:
+    """Write ``n`` records (one at a time) into the record file ``path`` (concurrent-writer tests)."""
+    from .store import RecordStore
+
+    st = RecordStore(path)
+    for i in range(n):
+        fields = {
+            "gpu": "fake",
+            "capability": "9.0",
+            "sm_count": 1,
+            "triton": "x",
+            "torch": "y",
+            "generator": "z",
+            "spec_hash": f"w{rank}",
+            "kernel": "fake_fwd",
+            "T_bucket": 1 << i,
+            "B_bucket": 1,
+        }
+        st.put({"fields": fields, "config": {"rank": rank, "i": i}, "time_ms": float(i)})

@@ -1,0 +1,255 @@
+"""The search with a fake, deterministic timer: failures, the gate, ties, resume, workers, cache hits."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import optuna
+import pytest
+from nsa_dsl.tuning import canonical, search, tune_kernel
+from nsa_dsl.tuning.testing import FakeKernelDef, FakeTarget, fake_registry, fake_time, flat_time
+from nsa_dsl.tuning.timing import FakeTimer
+
+from nsa_dsl import load_spec
+
+SPEC = load_spec("tiny")
+
+
+class _Limits:
+    name, capability, sm_count, smem_per_block, interpreter = "fake-gpu", (9, 0), 132, 1 << 30, False
+
+
+LIM = _Limits()
+KW = dict(limits=LIM, registry=fake_registry())
+
+
+def _grid():
+    kd = FakeKernelDef()
+    sp = kd.space(SPEC, LIM)
+    names = sorted(sp)
+    out = []
+    for combo in itertools.product(*(sp[n] for n in names)):
+        c = dict(zip(names, combo, strict=True))
+        if c["BLOCK_M"] * c["BLOCK_N"] <= 4096:
+            out.append(c)
+    return out
+
+
+def test_choose_rule():
+    a, b, c = canonical({"x": 1}), canonical({"x": 2}), canonical({"x": 3})
+    assert search.choose({a: 1.0, b: 2.0}) == a
+    assert search.choose({b: 1.0, a: 1.01}) == a  # tie within 2%: lexicographic order of the JSON
+    assert search.choose({b: 1.0, a: 1.03}) == b  # outside the tolerance: the faster one
+    assert search.choose({a: 1.0, c: 1.015}, default=c) == c  # tied default wins
+    assert search.choose({a: 1.0, c: 1.5}, default=c) == a
+    with pytest.raises(ValueError):
+        search.choose({})
+
+
+def test_finds_optimum_and_records_failures():
+    res = tune_kernel(
+        SPEC, "fake_fwd", T=1000, trials=40, timer=FakeTimer(fake_time), target=FakeTarget(), **KW
+    )
+    best = min(fake_time(c) for c in _grid())
+    assert res.time_ms == pytest.approx(best) and fake_time(res.config) == pytest.approx(best)
+    assert res.default_ms == pytest.approx(fake_time(FakeKernelDef().default(SPEC, LIM)))
+    assert res.trials == 40 and not res.from_cache and res.grid == 198
+
+
+def test_compile_failures_are_failed_trials_not_crashes():
+    always = lambda c: c["schedule"] == "kv_outer"  # noqa: E731 - half of the space fails to "compile"
+    res = tune_kernel(
+        SPEC, "fake_fwd", T=1000, trials=20, timer=FakeTimer(fake_time), target=FakeTarget(fail=always), **KW
+    )
+    assert res.failed > 0 and res.config["schedule"] == "group"
+    storage, name = search.study_storage(None, res.key)
+    st = optuna.load_study(study_name=name, storage=storage)
+    fails = [t for t in st.trials if t.state == optuna.trial.TrialState.FAIL]
+    assert fails and all("out of resources" in t.user_attrs["error"] for t in fails)
+
+
+def test_every_candidate_failing_is_one_clear_error():
+    with pytest.raises(RuntimeError, match="every candidate failed.*out of resources"):
+        tune_kernel(
+            SPEC,
+            "fake_fwd",
+            T=1000,
+            trials=5,
+            timer=FakeTimer(fake_time),
+            target=FakeTarget(fail=lambda c: True),
+            **KW,
+        )
+
+
+def test_gate_rejects_wrong_candidate_even_if_fastest():
+    fastest = min(_grid(), key=fake_time)
+    wrong = lambda c: c == fastest  # noqa: E731
+    res = tune_kernel(
+        SPEC, "fake_fwd", T=1000, trials=500, timer=FakeTimer(fake_time), target=FakeTarget(wrong=wrong), **KW
+    )  # exhaustive: the wrong one is surely tried
+    assert res.config != fastest and res.rejected == 1
+    assert res.time_ms == pytest.approx(sorted(fake_time(c) for c in _grid())[1])
+
+
+def test_exhaustive_when_budget_covers_grid():
+    timer = FakeTimer(fake_time)
+    res = tune_kernel(
+        SPEC, "fake_fwd", T=1000, trials=10_000, timer=timer, target=FakeTarget(), confirm=0, **KW
+    )
+    assert res.trials == 198  # every valid point exactly once (12 of them fail to compile)
+    assert timer.calls == 198 - res.failed
+
+
+def _tie_time(cfg):
+    # A plateau of near-equal best configs (within 1%), everything else clearly slower.
+    if cfg["num_warps"] == 4 and cfg["BLOCK_N"] == 32:
+        return 1.0 + 0.001 * (cfg["num_stages"] + (cfg["BLOCK_M"] // 16))
+    return 2.0
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_tie_break_is_deterministic(seed):
+    res = tune_kernel(
+        SPEC,
+        "fake_fwd",
+        T=1000,
+        trials=10_000,
+        timer=FakeTimer(_tie_time),
+        target=FakeTarget(),
+        seed=seed,
+        **KW,
+    )
+    plateau = [c for c in _grid() if _tie_time(c) < 1.5]
+    default = FakeKernelDef().default(SPEC, LIM)
+    assert default in plateau  # the default is tied: it wins
+    assert res.config == default
+
+
+def test_tie_without_default_goes_to_first_json():
+    default = FakeKernelDef().default(SPEC, LIM)
+    fail = lambda c: c == default  # noqa: E731 - the default cannot win
+    res = tune_kernel(
+        SPEC,
+        "fake_fwd",
+        T=1000,
+        trials=10_000,
+        timer=FakeTimer(_tie_time),
+        target=FakeTarget(fail=fail),
+        confirm=0,
+        **KW,
+    )
+    plateau = sorted(
+        json.dumps(c, sort_keys=True, separators=(",", ":"))
+        for c in _grid()
+        if _tie_time(c) < 1.5 and c != default
+    )
+    assert res.config == json.loads(plateau[0])
+    assert res.default_ms is None
+
+
+def test_flat_landscape_keeps_default_across_seeds_and_budgets():
+    cfgs = set()
+    for seed, trials in [(0, 8), (3, 15), (7, 30)]:
+        res = tune_kernel(
+            SPEC,
+            "fake_fwd",
+            T=1000 * (seed + 1),
+            trials=trials,
+            timer=FakeTimer(flat_time),
+            target=FakeTarget(),
+            seed=seed,
+            **KW,
+        )
+        cfgs.add(canonical(res.config))
+    assert cfgs == {canonical(FakeKernelDef().default(SPEC, LIM))}
+
+
+def test_second_run_is_cache_hit():
+    timer = FakeTimer(fake_time)
+    first = tune_kernel(SPEC, "fake_fwd", T=1000, trials=12, timer=timer, target=FakeTarget(), **KW)
+    n = timer.calls
+    again = tune_kernel(SPEC, "fake_fwd", T=1000, trials=12, timer=timer, target=FakeTarget(), **KW)
+    assert again.from_cache and timer.calls == n and again.config == first.config
+    forced = tune_kernel(
+        SPEC, "fake_fwd", T=1000, trials=12, timer=timer, target=FakeTarget(), force=True, **KW
+    )
+    assert not forced.from_cache
+
+
+class _Interrupt(FakeTimer):
+    def __init__(self, fn, after):
+        super().__init__(fn)
+        self.after = after
+
+    def __call__(self, cand):
+        if self.calls >= self.after:
+            raise KeyboardInterrupt
+        return super().__call__(cand)
+
+
+def test_study_resumes_after_interrupt(tmp_path):
+    journal = tmp_path / "study.journal"
+    k = 7
+    with pytest.raises(KeyboardInterrupt):
+        tune_kernel(
+            SPEC,
+            "fake_fwd",
+            T=1000,
+            trials=20,
+            timer=_Interrupt(fake_time, k),
+            target=FakeTarget(),
+            storage_path=journal,
+            **KW,
+        )
+    storage, name = search.study_storage(journal, _key())
+    st = optuna.load_study(study_name=name, storage=storage)
+    done = len(search.evaluated_trials(st))
+    assert k <= done < 20  # k timed + the compile failures met on the way; the interrupted one is not counted
+    timer = FakeTimer(fake_time)
+    res = tune_kernel(
+        SPEC,
+        "fake_fwd",
+        T=1000,
+        trials=20,
+        timer=timer,
+        target=FakeTarget(),
+        storage_path=journal,
+        confirm=0,
+        **KW,
+    )
+    assert res.trials == 20  # k + the rest, in the same storage
+    st = optuna.load_study(study_name=name, storage=storage)
+    assert len(search.evaluated_trials(st)) == 20
+    assert timer.calls <= 20 - done  # only the missing trials were measured
+
+
+def _key():
+    from nsa_dsl.tuning.keys import key_fields, record_key
+
+    return record_key(key_fields(SPEC, "fake_fwd", T=1000, B=1, limits=LIM))
+
+
+def test_two_workers_share_one_study(tmp_path):
+    from nsa_dsl.tuning.testing import slow_fake_target_factory
+
+    journal = tmp_path / "shared.journal"
+    res = tune_kernel(
+        SPEC,
+        "fake_fwd",
+        T=1000,
+        trials=40,
+        timer=FakeTimer(fake_time),
+        target_factory=slow_fake_target_factory,
+        storage_path=journal,
+        workers=2,
+        **KW,
+    )
+    storage, name = search.study_storage(journal, res.key)
+    st = optuna.load_study(study_name=name, storage=storage)
+    ev = search.evaluated_trials(st)
+    # One shared budget: at most one extra trial per worker beyond the target.
+    assert 40 <= len(ev) <= 41 and res.trials == len(ev)
+    assert len({t.user_attrs["worker"] for t in ev}) == 2  # both processes evaluated candidates
+    best = min(fake_time(c) for c in _grid())
+    assert fake_time(res.config) <= best * 1.25
