@@ -7,8 +7,8 @@ input sets at the tuning shape, for the timer).
 
 ``KernelTarget`` drives the generated module directly through ``make_plan`` + ``loader.load`` and the
 emitted ``run`` launcher, whose signature is the stage's (``cmp_fwd``, ``slc_topk`` (select), ``slc_fwd``,
-``win_fwd``, ``combine_fwd``). Kernels with another stage (backward, decode) have no target yet:
-``default_target`` raises ``NoTarget`` and the CLI skips them with a message.
+``win_fwd``, ``combine_fwd``, and the fused ``cmp_topk``). Kernels with another stage (backward, decode)
+have no target yet: ``default_target`` raises ``NoTarget`` and the CLI skips them with a message.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ log = logging.getLogger("nsa_dsl.tuning.targets")
 STAGE_OF_KERNEL = {
     "cmp_fwd": "cmp_fwd",
     "slc_topk": "select",
+    "cmp_topk": "cmp_topk",
     "slc_fwd": "slc_fwd",
     "win_fwd": "win_fwd",
     "combine_fwd": "combine",
@@ -145,7 +146,7 @@ class KernelTarget:
         from nsa_dsl import reference as ref
 
         st, spec = self.stage, self.spec
-        if st == "cmp_fwd":
+        if st in ("cmp_fwd", "cmp_topk"):
             return (x["q"], x["k_cmp"], x["v_cmp"])
         if st == "win_fwd":
             return (x["q"], x["k"], x["v"])
@@ -167,7 +168,7 @@ class KernelTarget:
                     idx = self._try_default("slc_topk", x["q"], x["k_cmp"], lse[1])
             if idx is None:
                 idx = ref._indices_from_q(x["q"], x["k_cmp"], spec, spec.scale)
-            return (x["q"], x["k"], x["v"], idx.to(torch_int32()))
+            return (x["q"], x["k"], x["v"], idx.to(dtype=_int32()))
         raise NoTarget(f"kernel {self.kernel}: unknown stage {st!r}")
 
     def _try_default(self, kernel: str, *args: Any) -> Any:
@@ -199,8 +200,6 @@ class KernelTarget:
         return self._gate_data
 
     def _expected(self, x: dict[str, Any], args: tuple) -> Any:
-        import torch
-
         from nsa_dsl import reference as ref
 
         spec, st = self.spec, self.stage
@@ -217,13 +216,15 @@ class KernelTarget:
             if spec.window_size:
                 o = o + gg[..., 2:3] * d64["o_win"]
             return o
-        if st == "select":
+        if st in ("select", "cmp_topk"):
             p = ref.compression_probs(d64["q"], d64["k_cmp"], spec)
             T = x["q"].shape[1]  # noqa: N806
             scores = ref.selection_scores(p, spec, T)
-            return {"scores": scores, "indices": ref.select_blocks(scores, spec, T)}
+            out = {"scores": scores, "indices": ref.select_blocks(scores, spec, T)}
+            if st == "cmp_topk":
+                out["cmp"] = ref.compressed_attention(d64["q"], d64["k_cmp"], d64["v_cmp"], spec)
+            return out
         raise AssertionError(st)
-        _ = torch
 
     def gate(self, built: Any, config: dict[str, Any]) -> str | None:
         """Run on the small gate input; None if the output matches the reference, else why not."""
@@ -236,6 +237,13 @@ class KernelTarget:
         exp = data["expected"]
         if self.stage == "select":
             return check_indices(out, exp["scores"], exp["indices"], self.spec, tol=self.atol)
+        if self.stage == "cmp_topk":
+            o_ref, lse_ref = exp["cmp"]
+            return (
+                _close("o", out[0], o_ref, self.atol, self.rtol)
+                or _close_lse(out[1], lse_ref, self.atol, self.rtol)
+                or check_indices(out[2], exp["scores"], exp["indices"], self.spec, tol=self.atol)
+            )
         if self.stage == "combine":
             return _close("o", out, exp, self.atol, self.rtol)
         o, lse = out[0], out[1]
@@ -252,7 +260,7 @@ class KernelTarget:
         return Candidate(config=config, run=lambda i: fn(*sets[i % len(sets)]), n_inputs=len(sets))
 
 
-def torch_int32() -> Any:
+def _int32() -> Any:
     import torch
 
     return torch.int32

@@ -1,0 +1,93 @@
+"""``nsa-tune`` in-process (fake kernel and timer: ``--fake``) and as a console script."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from nsa_dsl.tuning.cli import main, parse_seq_lens
+
+
+def test_parse_seq_lens():
+    assert parse_seq_lens("8k,32K, 65536,1m") == [8192, 32768, 65536, 1 << 20]
+
+
+def test_tune_then_cache_hit(capsys):
+    assert main(["tiny", "--fake", "--kernels", "fake_fwd", "--seq-lens", "1k,4k", "--trials", "12"]) == 0
+    out = capsys.readouterr().out
+    assert "fake_fwd" in out and "tuned" in out and "speedup" in out and "geometric-mean" in out
+    assert main(["tiny", "--fake", "--kernels", "fwd", "--seq-lens", "1k,4k", "--trials", "12"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("cache") >= 2 and "tuned  " not in out
+
+
+def test_budget_seconds_and_workers(capsys):
+    assert (
+        main(
+            [
+                "tiny",
+                "--fake",
+                "--kernels",
+                "fake_fwd",
+                "--seq-lens",
+                "2k",
+                "--budget-seconds",
+                "3",
+                "--workers",
+                "2",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "2 workers" in out and "fake_fwd" in out
+
+
+def test_groups_without_kernels_are_skipped(capsys):
+    assert main(["tiny", "--fake", "--kernels", "fwd,bwd,decode", "--trials", "4", "--seq-lens", "1k"]) == 0
+    out = capsys.readouterr().out
+    assert "no bwd kernels" in out and "no decode kernels" in out
+
+
+def test_export_import(tmp_path, capsys, monkeypatch):
+    assert main(["tiny", "--fake", "--kernels", "fake_fwd", "--seq-lens", "1k", "--trials", "5"]) == 0
+    f = tmp_path / "records.json"
+    assert main(["export", str(f)]) == 0
+    data = json.loads(f.read_text())
+    assert len(data["records"]) == 1
+    monkeypatch.setenv("NSA_DSL_CACHE_DIR", str(tmp_path / "elsewhere"))
+    assert main(["import", str(f)]) == 0
+    assert "imported 1 records" in capsys.readouterr().out
+    assert main(["tiny", "--fake", "--kernels", "fake_fwd", "--seq-lens", "1k", "--trials", "5"]) == 0
+    assert "cache" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["no_such_spec"], "no built-in spec"),
+        (["tiny", "--fake", "--kernels", "nope"], "--kernels: unknown kernel or group 'nope'"),
+        (["tiny", "--fake", "--trials", "0"], "--trials"),
+        (["tiny", "--fake", "--trials", "3", "--budget-seconds", "3"], "not allowed with"),
+        (["tiny", "--fake", "--seq-lens", "abc"], "--seq-lens"),
+        (["import", "/no/such/file.json"], "import: cannot read"),
+        (["tiny", "--bogus"], "unrecognized arguments"),
+    ],
+)
+def test_errors_one_line_exit_2(argv, needle, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in err
+
+
+def test_console_script_error():
+    exe = shutil.which("nsa-tune")
+    cmd = [exe] if exe else [sys.executable, "-m", "nsa_dsl.tuning.cli"]
+    p = subprocess.run(
+        [*cmd, "tiny", "--fake", "--kernels", "nope"], capture_output=True, text=True, timeout=120
+    )
+    assert p.returncode == 2 and "Traceback" not in p.stderr and "--kernels" in p.stderr
