@@ -36,6 +36,7 @@ from .spec import NSASpec
 __all__ = [
     "nsa_attention",
     "nsa_branches",
+    "combine_branches",
     "compressed_attention",
     "compression_probs",
     "selection_scores",
@@ -609,11 +610,13 @@ def _check_g(g: Any, q: Tensor) -> None:
         )
 
 
-def _branches_dense(q, k, v, k_cmp, v_cmp, spec, scale) -> dict[str, Tensor]:
+def _branches_dense(q, k, v, k_cmp, v_cmp, spec, scale, k_win=None, v_win=None) -> dict[str, Tensor]:
     o_cmp, lse_cmp = _compressed_attention(q, k_cmp, v_cmp, spec, scale)
     indices = _indices_from_q(q, k_cmp, spec, scale)
     o_slc, lse_slc = _selected_attention(q, k, v, indices, spec, scale)
-    o_win, lse_win = _window_attention(q, k, v, spec, scale)
+    o_win, lse_win = _window_attention(
+        q, k if k_win is None else k_win, v if v_win is None else v_win, spec, scale
+    )
     return {
         "o_cmp": o_cmp,
         "lse_cmp": lse_cmp,
@@ -635,24 +638,39 @@ def nsa_branches(
     *,
     scale: float | None = None,
     cu_seqlens: Tensor | None = None,
+    k_win: Tensor | None = None,
+    v_win: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Every intermediate of the forward: ``o_cmp, o_slc, o_win`` [B, T, Hq, dv] (q's dtype),
     ``lse_cmp, lse_slc, lse_win`` [B, T, Hq] (compute dtype, +inf where a branch sees no key) and ``indices``
-    [B, T, Hkv, n] int32. Same arguments and validation as ``nsa_attention`` (without gates)."""
-    br = _nsa_branches(q, k, v, k_cmp, v_cmp, spec, scale=scale, cu_seqlens=cu_seqlens)
+    [B, T, Hkv, n] int32. Same arguments and validation as ``nsa_attention`` (without gates), plus optional
+    separate window keys/values ``k_win``/``v_win`` (shaped like k/v; default: k/v), used by
+    ``NSAttention(separate_kv=True)``."""
+    br = _nsa_branches(
+        q, k, v, k_cmp, v_cmp, spec, scale=scale, cu_seqlens=cu_seqlens, k_win=k_win, v_win=v_win
+    )
     for key in ("o_cmp", "o_slc", "o_win"):
         br[key] = br[key].to(q.dtype)
     return br
 
 
-def _nsa_branches(q, k, v, k_cmp, v_cmp, spec, *, scale, cu_seqlens) -> dict[str, Tensor]:
+def _nsa_branches(
+    q, k, v, k_cmp, v_cmp, spec, *, scale, cu_seqlens, k_win=None, v_win=None
+) -> dict[str, Tensor]:
     _check_spec(spec)
     _check_q(q, spec)
     _check_kv(q, k, v, spec)
+    if (k_win is None) != (v_win is None):
+        raise ValueError("k_win/v_win: pass both or neither")
+    if k_win is not None:
+        try:
+            _check_kv(q, k_win, v_win, spec)
+        except ValueError as e:
+            raise ValueError(f"(window) {e}") from None
     sc = _resolve_scale(spec, scale)
     if cu_seqlens is None:
         _check_cmp(q, k_cmp, v_cmp, spec, _num_cmp(spec, q.shape[1]), f"T={q.shape[1]}")
-        return _branches_dense(q, k, v, k_cmp, v_cmp, spec, sc)
+        return _branches_dense(q, k, v, k_cmp, v_cmp, spec, sc, k_win, v_win)
     offs = _check_cu_seqlens(cu_seqlens, q)
     coffs = [int(x) for x in compressed_cu_seqlens(cu_seqlens, spec).tolist()]
     _check_cmp(q, k_cmp, v_cmp, spec, coffs[-1], f"cu_seqlens={offs} (packed per sequence)")
@@ -660,10 +678,25 @@ def _nsa_branches(q, k, v, k_cmp, v_cmp, spec, *, scale, cu_seqlens) -> dict[str
     for s in range(len(offs) - 1):
         a, b = offs[s], offs[s + 1]
         ca, cb = coffs[s], coffs[s + 1]
+        kw = None if k_win is None else k_win[:, a:b]
+        vw = None if v_win is None else v_win[:, a:b]
         parts.append(
-            _branches_dense(q[:, a:b], k[:, a:b], v[:, a:b], k_cmp[:, ca:cb], v_cmp[:, ca:cb], spec, sc)
+            _branches_dense(
+                q[:, a:b], k[:, a:b], v[:, a:b], k_cmp[:, ca:cb], v_cmp[:, ca:cb], spec, sc, kw, vw
+            )
         )
     return {key: torch.cat([p[key] for p in parts], 1) for key in parts[0]}
+
+
+def combine_branches(br: dict[str, Tensor], g: Tensor, spec: NSASpec) -> Tensor:
+    """o = g_cmp*o_cmp + g_slc*o_slc + g_win*o_win (the window term only when the window is on), computed in
+    the compute dtype of ``br``'s outputs and returned in that dtype."""
+    o_cmp = br["o_cmp"]
+    gc = g.to(o_cmp.dtype)
+    o = gc[..., 0:1] * o_cmp + gc[..., 1:2] * br["o_slc"]
+    if spec.window_size > 0:
+        o = o + gc[..., 2:3] * br["o_win"]
+    return o
 
 
 def nsa_attention(
@@ -699,11 +732,7 @@ def nsa_attention(
     _check_q(q, spec)
     _check_g(g, q)
     br = _nsa_branches(q, k, v, k_cmp, v_cmp, spec, scale=scale, cu_seqlens=cu_seqlens)
-    gc = g.to(_compute_dtype(q.dtype))
-    o = gc[..., 0:1] * br["o_cmp"] + gc[..., 1:2] * br["o_slc"]
-    if spec.window_size > 0:
-        o = o + gc[..., 2:3] * br["o_win"]
-    o = o.to(q.dtype)
+    o = combine_branches(br, g, spec).to(q.dtype)
     if return_indices:
         return o, br["indices"]
     return o
