@@ -85,8 +85,9 @@ def _cmp_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
     gp = next_pow2(spec.G)
     if limits.interpreter:
         return {"BLOCK_M": max(16, gp), "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
-    big = spec.attention.head_dim_qk > 128
-    cfg = {"BLOCK_M": max(128, gp), "BLOCK_N": 32 if big else 64, "num_warps": 8, "num_stages": 2}
+    # Measured on H200 (bench/RESULTS.md): 128 rows x 64 compressed keys, 8 warps, 2 stages is the best of
+    # the swept points at dk = 192 and within 2% at dk = 128.
+    cfg = {"BLOCK_M": max(128, gp), "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
     while _cmp_check(spec, cfg, limits) and cfg["num_stages"] > 1:
         cfg["num_stages"] -= 1
     while _cmp_check(spec, cfg, limits) and cfg["BLOCK_M"] > max(16, gp):
@@ -202,7 +203,8 @@ def _topk_default(fused: bool):
             return cfg
         while bs * rp < 64 and bs * 2 * rp <= 128:
             bs *= 2
-        cfg = {"BLOCK_M": max(64, gp), "BLOCK_S": bs, "num_warps": 8, "num_stages": 2}
+        # Measured on H200: 128 rows is 2x faster than 64 (bench/RESULTS.md).
+        cfg = {"BLOCK_M": max(128, gp), "BLOCK_S": bs, "num_warps": 8, "num_stages": 2}
         if fused:
             cfg["BLOCK_N"] = 64
         chk = _topk_check(fused)

@@ -39,8 +39,9 @@ STAGES = {
 }
 
 #: Stage compositions the op can run (the tuner may compare them); first value = fallback order.
-SCHEDULES = {"cmp_select": ("fused", "separate"), "combine": ("epilogue", "kernel")}
-DEFAULT_SCHEDULE = {"cmp_select": "fused", "combine": "epilogue"}
+SCHEDULES = {"cmp_select": ("separate", "fused"), "combine": ("epilogue", "kernel")}
+# cmp_fwd + slc_topk beat the fused kernel on H200 (26.4 vs 33.7 ms at 64k, paper spec; bench/RESULTS.md).
+DEFAULT_SCHEDULE = {"cmp_select": "separate", "combine": "epilogue"}
 
 _WARNED: set[str] = set()
 

@@ -55,7 +55,9 @@ SPEC_KW = dict(hq=4, hkv=2, dk=16, dv=16, l=8, d=4, lp=16, n=3, fi=1, fl=1, w=16
 
 
 @pytest.mark.parametrize(
-    "sched", [{}, {"cmp_select": "separate", "combine": "kernel"}], ids=["fused+epilogue", "separate+kernel"]
+    "sched",
+    [{"cmp_select": "fused"}, {"cmp_select": "separate", "combine": "kernel"}],
+    ids=["fused+epilogue", "separate+kernel"],
 )
 def test_forward_matches_reference(sched):
     spec = make_spec(**SPEC_KW)

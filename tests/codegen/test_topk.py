@@ -156,3 +156,65 @@ def test_gpu_paper_spec_bf16(T, fused):  # noqa: N803
     scores = selection_scores(compression_probs(q.float(), kc.float(), spec), spec, T)
     ref_idx = select_blocks(scores, spec, T)
     check_indices(spec, idx.cpu(), ref_idx.cpu(), scores.double().cpu(), None, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_paper_spec_128k_sampled_rows():
+    """T = 128k (paper spec, bf16): cmp_fwd + slc_topk run; 45 sampled rows match an fp64 recomputation."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    import nsa_dsl
+    from nsa_dsl import load_spec
+    from nsa_dsl.reference import overlap_matrix
+
+    spec = load_spec("nsa_paper")
+    a, T = spec.attention, 131072  # noqa: N806
+    tc, nslc, lp = spec.num_compressed(T), spec.num_selection_blocks(T), spec.selection.block
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    q = torch.randn(1, T, a.heads, a.head_dim_qk, device="cuda", generator=gen).bfloat16()
+    kc = torch.randn(1, tc, a.kv_heads, a.head_dim_qk, device="cuda", generator=gen).bfloat16()
+    vc = torch.randn(1, tc, a.kv_heads, a.head_dim_v, device="cuda", generator=gen).bfloat16()
+    ops = nsa_dsl.compile(spec).with_schedule(cmp_select="separate")
+    o, lse, idx = ops.cmp_select(q, kc, vc)
+    torch.cuda.synchronize()
+    rows = torch.cat(
+        [
+            torch.tensor([0, 30, 31, 63, 64, 4095]),
+            torch.randint(0, T, (36,), generator=torch.Generator().manual_seed(0)),
+            torch.tensor([T - 1]),
+        ]
+    )
+    rows = rows.tolist() + [T - 64 * 5 - 1, T - 2]
+    M = overlap_matrix(spec, tc, nslc, device="cuda")  # noqa: N806
+    l, d = spec.compression.block, spec.compression.stride  # noqa: E741
+    for t in rows:
+        nv = max(0, (t - l + 1) // d + 1) if t >= l - 1 else 0
+        if nv == 0:
+            assert bool(torch.isinf(lse[0, t]).all()) and bool((o[0, t] == 0).all())
+            continue
+        qt = q[0, t].double().view(a.kv_heads, spec.G, -1)
+        s = torch.einsum("hgd,nhd->hgn", qt, kc[0, :nv].double()) * spec.scale
+        p = torch.softmax(s, -1)
+        ot = torch.einsum("hgn,nhd->hgd", p, vc[0, :nv].double()).reshape(a.heads, -1)
+        torch.testing.assert_close(o[0, t].double(), ot, rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(
+            lse[0, t].double(), torch.logsumexp(s, -1).reshape(-1), rtol=1e-4, atol=1e-3
+        )
+        sc = (p.sum(1) @ M[:nv]).clone()  # [Hkv, Nslc]
+        cur = t // lp
+        sc[:, cur + 1 :] = float("-inf")
+        forced = [j for j in range(spec.selection.force_initial)] + [
+            cur - k for k in range(spec.selection.force_local)
+        ]
+        forced = [j for j in forced if 0 <= j <= cur]
+        for h in range(a.kv_heads):
+            sel = idx[0, t, h].long()
+            sel = sel[sel >= 0]
+            assert len(sel) == min(spec.selection.top_n, cur + 1)
+            assert all(j in sel.tolist() for j in forced)
+            s_forced = sc[h].clone()
+            s_forced[forced] = float("inf")
+            want = torch.topk(s_forced, len(sel)).values
+            got = torch.sort(s_forced[sel], descending=True).values
+            fin = torch.isfinite(want)
+            torch.testing.assert_close(got[fin], want[fin], rtol=1e-3, atol=1e-6)
