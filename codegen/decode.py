@@ -45,7 +45,7 @@ def decode_plan(ops: NSAOps, *, B: int, S: int, T: int) -> KernelPlan:  # noqa: 
     return p
 
 
-def _splits(ops: NSAOps, plan: KernelPlan, B: int, S: int, max_len: int) -> tuple[int, int]:  # noqa: N803
+def _splits(ops: NSAOps, plan: KernelPlan, B: int, S: int, max_len: int) -> tuple[int, int, int]:  # noqa: N803
     from .kernels_decode import auto_splits
 
     return auto_splits(ops.spec, plan.config, ops.limits, B=B, S=S, max_len=max_len)
@@ -58,17 +58,17 @@ def decode(
     g: Tensor,
     *,
     out: Tensor | None = None,
-    splits: tuple[int, int] | None = None,
+    splits: tuple[int, ...] | None = None,
     plan_length: int | None = None,
     return_indices: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """One decode step with the generated kernels: o [B, S, Hq, dv] (q's dtype).
 
     ``q`` [B, S, Hq, dk] and ``g`` [B, S, Hq, 3] are the S newest tokens of each sequence of ``cache``, whose
-    K/V must already be appended (``cache.append``). ``splits`` = (split_cmp, split_sw) overrides the plan's;
-    ``plan_length`` fixes the length the plan and splits are chosen for (default: the longest sequence);
-    ``out`` receives the output. ``return_indices``: also the selected blocks [B, S, Hkv, n] (int32, a view of
-    the workspace, overwritten by the next step).
+    K/V must already be appended (``cache.append``). ``splits`` = (split_cmp, split_sw[, split_topk])
+    overrides the plan's; ``plan_length`` fixes the length the plan and splits are chosen for (default: the
+    longest sequence); ``out`` receives the output. ``return_indices``: also the selected blocks
+    [B, S, Hkv, n] (int32, a view of the workspace, overwritten by the next step).
     """
     if not isinstance(cache, NSACache):
         raise TypeError(f"cache: must be an NSACache, got {type(cache).__name__}")
@@ -90,12 +90,18 @@ def decode(
     T = plan_length if plan_length is not None else cache.max_length  # noqa: N806
     plan = decode_plan(ops, B=B, S=S, T=T)
     mod = load(plan)
-    sc, ss = splits if splits is not None else _splits(ops, plan, B, S, T)
+    if splits is None:
+        splits = _splits(ops, plan, B, S, T)
+    if len(splits) == 2:
+        splits = (*splits, 1)
+    sc, ss, st = (int(x) for x in splits)
+    if min(sc, ss, st) < 1:
+        raise ValueError(f"splits: must be positive integers (split_cmp, split_sw, split_topk), got {splits}")
     capc = cache.k_cmp_buf.shape[1]
-    wkey = ("decode", plan.key, B, S, capc, sc, ss, str(q.device))
+    wkey = ("decode", plan.key, B, S, capc, sc, ss, st, str(q.device))
     ws = cache._workspace.get(wkey)
     if ws is None:
-        ws = mod.workspace(B, S, capc, sc, ss, q.device)
+        ws = mod.workspace(B, S, capc, sc, ss, st, q.device)
         cache._workspace[wkey] = ws
     idx = mod.run(
         q.contiguous(), cache.k, cache.v, cache.k_cmp_buf, cache.v_cmp_buf, cache.lengths,
@@ -123,7 +129,7 @@ class CapturedDecodeStep:
         *,
         append: bool = True,
         plan_length: int | None = None,
-        splits: tuple[int, int] | None = None,
+        splits: tuple[int, ...] | None = None,
         warmup: int = 2,
     ) -> None:
         if cache.device.type != "cuda":

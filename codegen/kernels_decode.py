@@ -12,6 +12,8 @@ Config parameters:
   BLOCK_W     window tile (tokens);
   split_cmp   programs per (sequence, KV head) over the compressed blocks (0 = auto from the SM count);
   split_sw    programs per (sequence, token, KV head) over selected + window tiles (0 = auto);
+  split_topk  programs per (sequence, KV head) scoring shares of the selection blocks when split_cmp > 1
+              (partial top-n lists merged by the selected-attention programs; 0 = auto);
   num_warps, num_stages.
 """
 
@@ -72,6 +74,7 @@ def _decode_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
         "BLOCK_W": [16, 32, 64, 128],
         "split_cmp": list(_SPLITS),
         "split_sw": list(_SPLITS[:6]),
+        "split_topk": list(_SPLITS[:6]),
         "num_warps": [2, 4, 8],
         "num_stages": [1, 2, 3],
     }
@@ -93,7 +96,7 @@ def _decode_check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) -
         return f"BLOCK_S: must be > {len(_levels(spec)) - 1} (the overlap spans that many extra groups)"
     if not 16 <= bs * rp <= 256:
         return f"BLOCK_S: BLOCK_S x next_pow2(l'/d) = {bs * rp} compressed columns, must be in 16..256"
-    for t in ("split_cmp", "split_sw"):
+    for t in ("split_cmp", "split_sw", "split_topk"):
         v = cfg.get(t)
         if not isinstance(v, int) or isinstance(v, bool) or v < 0 or v > 256:
             return f"{t}: must be an integer in 0..256 (0 = auto), got {v!r}"
@@ -126,9 +129,9 @@ def _decode_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
     if limits.interpreter:
         return {
             "tokens": 1, "BLOCK_N": 16, "BLOCK_S": bs, "BLOCK_K": 16, "BLOCK_W": 16,
-            "split_cmp": 0, "split_sw": 0, "num_warps": 4, "num_stages": 1,
+            "split_cmp": 0, "split_sw": 0, "split_topk": 0, "num_warps": 4, "num_stages": 1,
         }
-    while bs * rp < 64 and bs * 2 * rp <= 128:
+    while bs * 2 * rp <= 256:  # one program scores the blocks of one step: wide chunks, few sorts
         bs *= 2
     cfg = {
         "tokens": 1,
@@ -138,6 +141,7 @@ def _decode_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
         "BLOCK_W": 64,
         "split_cmp": 0,
         "split_sw": 0,
+        "split_topk": 0,
         "num_warps": 4,
         "num_stages": 2,
     }
@@ -148,10 +152,10 @@ def _decode_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
 
 def auto_splits(
     spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits, *, B: int, S: int, max_len: int  # noqa: N803
-) -> tuple[int, int]:
-    """(split_cmp, split_sw) for a step shape: the configured values, or (0 = auto) enough programs to fill
-    about two waves of the device's SMs, never less than one compressed tile / one tile per program."""
-    sc, ss = int(cfg["split_cmp"]), int(cfg["split_sw"])
+) -> tuple[int, int, int]:
+    """(split_cmp, split_sw, split_topk) for a step shape: the configured values, or (0 = auto) enough
+    programs to fill about two waves of the device's SMs, never less than a couple of tiles per program."""
+    sc, ss, st = int(cfg["split_cmp"]), int(cfg["split_sw"]), int(cfg.get("split_topk", 0))
     target = 2 * max(1, limits.sm_count)
     if sc == 0:
         tc = spec.num_compressed(max(1, max_len))
@@ -164,7 +168,12 @@ def auto_splits(
         units += -(-w // cfg["BLOCK_W"]) if w else 0
         ss = max(1, min(units // 2, math.ceil(target / (B * S * spec.attention.kv_heads)), 16))
         ss = 1 << (ss.bit_length() - 1)
-    return sc, ss
+    if st == 0:
+        step = cfg["BLOCK_S"] - (len(_levels(spec)) - 1)
+        n_slc = spec.num_selection_blocks(max(1, max_len))
+        st = max(1, min(-(-n_slc // step), math.ceil(target / (B * spec.attention.kv_heads)), 16))
+        st = 1 << (st.bit_length() - 1)
+    return sc, ss, st
 
 
 register(

@@ -23,7 +23,8 @@ from nsa_dsl.reference import compression_probs, nsa_attention, select_blocks, s
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_cache import SPECS, compressors, inputs  # noqa: E402
 
-SPLITS = [(1, 1), (2, 1), (1, 3), (3, 2)]  # (split_cmp, split_sw): fused, split cmp, split slc/win, both
+# (split_cmp, split_sw, split_topk): one fused launch, split cmp, split slc/win, all split, split top-n
+SPLITS = [(1, 1, 1), (2, 1, 1), (1, 3, 1), (3, 2, 2), (2, 1, 3)]
 
 
 def _poisoned(B, S, spec, dtype=torch.float32):  # noqa: N803
@@ -64,7 +65,7 @@ def test_kernel_token_by_token_matches_full_forward(name):
     for i, t in enumerate(range(P, T)):
         cache.append(k[:, t : t + 1], v[:, t : t + 1])
         out = _poisoned(B, 1, spec)
-        o, idx = decode(ops, q[:, t : t + 1], cache, g[:, t : t + 1], out=out, splits=SPLITS[i % 4],
+        o, idx = decode(ops, q[:, t : t + 1], cache, g[:, t : t + 1], out=out, splits=SPLITS[i % len(SPLITS)],
                         return_indices=True)
         assert o.data_ptr() == out.data_ptr()
         torch.testing.assert_close(o[:, 0].double(), ref[:, t], rtol=1e-4, atol=1e-5, msg=f"t={t}")
@@ -87,7 +88,7 @@ def test_kernel_mixed_lengths_multi_token(S):  # noqa: N803
         sel = torch.stack([torch.arange(n + i * S, n + (i + 1) * S) for n in pre])
         cache.append(k[bi, sel], v[bi, sel])
         want = decode_reference(q[bi, sel], cache, g[bi, sel])  # itself checked against the full forward
-        for sp in (SPLITS[i], SPLITS[i + 2]):
+        for sp in (SPLITS[i], SPLITS[i + 2], SPLITS[4 - i]):
             out = _poisoned(B, S, spec)
             o = decode(ops, q[bi, sel], cache, g[bi, sel], out=out, splits=sp)
             torch.testing.assert_close(o, want, rtol=1e-4, atol=1e-5, msg=f"step {i} splits {sp}")
@@ -109,9 +110,9 @@ def test_auto_splits_and_emitted_source():
     h100 = DeviceLimits("H100", (9, 0), 132, 227 * 1024)
     plan = make_plan(spec, "decode", None, h100)
     # B = 1: 4 programs cannot fill 132 SMs -> split the compressed context; B = 64 fills it -> no split
-    sc1, ss1 = auto_splits(spec, plan.config, h100, B=1, S=1, max_len=65536)
-    sc64, ss64 = auto_splits(spec, plan.config, h100, B=64, S=1, max_len=65536)
-    assert sc1 >= 8 and ss1 >= 4  # >= 32 programs per KV head-sequence pair
+    sc1, ss1, st1 = auto_splits(spec, plan.config, h100, B=1, S=1, max_len=65536)
+    sc64, ss64, st64 = auto_splits(spec, plan.config, h100, B=64, S=1, max_len=65536)
+    assert sc1 >= 8 and ss1 >= 4 and st1 >= 8  # >= 32 programs per KV head-sequence pair
     assert 1 * 4 * sc1 <= 4 * 132 and sc64 <= 2 and ss64 <= 2  # never more than a few waves
     src = render(plan)
     assert "def _cmp_kernel" in src and "def _topk_kernel" in src and "def _sw_kernel" in src

@@ -1,0 +1,251 @@
+"""Decode benchmark (issue 5): one NSA decode step vs dense SDPA decode over a KV cache of T tokens.
+
+For each spec (nsa_paper, small_group), B in {1, 16, 64} and T in 8k..128k (as memory allows):
+* NSA: ``CapturedDecodeStep`` (attention only, CUDA graph) over an ``NSACache`` filled with random K/V;
+* dense: ``F.scaled_dot_product_attention`` of one query token against the whole cache (GQA), every SDPA
+  backend that runs, also replayed from a CUDA graph;
+* bytes: what NSA must read per step (compressed K/V of the visible blocks + n selected blocks + the window,
+  paper Table 4's token count x Hkv x (dk + dv) x 2 B), what our kernels move in total (plus the fp32 logit
+  scratch written and read back, the query and the output), and the dense cache size; achieved bandwidth =
+  bytes / time next to the card's device-to-device copy bandwidth measured in the same run.
+Timing: each call is preceded by a 256 MiB L2 flush inside the graph; the flush alone is timed the same way
+and subtracted (cold-L2 numbers, the honest ones for a serving step).
+
+Usage: ``python bench/bench_decode.py [--quick] [--out DIR]``; writes ``decode.json`` and ``decode.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import env_info, sdpa_backends  # noqa: E402
+from nsa_dsl.codegen.decode import _splits, decode, decode_plan  # noqa: E402
+
+import nsa_dsl  # noqa: E402
+from nsa_dsl.cache import NSACache  # noqa: E402
+
+_FLUSH = None
+
+
+def _flush() -> None:
+    _FLUSH.zero_()
+
+
+def graph_us(fn, *, calls: int = 10, reps: int = 5) -> float:
+    """Microseconds per ``fn()`` replayed from a CUDA graph, cold L2 (flush timed alone and subtracted)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+
+    def capture(body):
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(calls):
+                body()
+        return g
+
+    g_both = capture(lambda: (_flush(), fn()))
+    g_flush = capture(_flush)
+
+    def t(g):
+        g.replay()
+        torch.cuda.synchronize()
+        best = []
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            g.replay()
+            b.record()
+            b.synchronize()
+            best.append(a.elapsed_time(b) * 1e3 / calls)
+        best.sort()
+        return best[len(best) // 2]
+
+    out = max(t(g_both) - t(g_flush), 1e-3)
+    del g_both, g_flush
+    return out
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy of 2 GiB: (read + write) bytes / s, in TB/s."""
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.bfloat16, device="cuda").normal_()
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(10):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        b.copy_(a)
+        e1.record()
+        e1.synchronize()
+        times.append(e0.elapsed_time(e1) * 1e-3)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * n * 2 / min(times) / 1e12
+
+
+def nsa_bytes(spec, T: int, B: int) -> tuple[float, float]:  # noqa: N803
+    """(must-read bytes, bytes our kernels move) per step."""
+    a, s = spec.attention, spec.selection
+    e = 2
+    kv = a.kv_heads * (a.head_dim_qk + a.head_dim_v) * e
+    tc = spec.num_compressed(T)
+    tokens = tc + min(T, s.top_n * s.block) + min(T, spec.window_size)
+    must = B * tokens * kv
+    moved = must + B * a.heads * tc * 4 * 2 + B * a.heads * (a.head_dim_qk + a.head_dim_v) * e
+    return float(must), float(moved)
+
+
+def run_nsa(spec, ops, B: int, T: int, splits=None) -> dict:  # noqa: N803
+    a = spec.attention
+    ident = lambda x: x  # noqa: E731 - the cache is filled directly; no compressor runs in this benchmark
+    cache = NSACache(spec, B, capacity=T + 16, device="cuda", dtype=torch.bfloat16,
+                     compress_k=ident, compress_v=ident)
+    for t in (cache.k, cache.v, cache.k_cmp_buf, cache.v_cmp_buf):
+        t.normal_()
+    cache.lengths.fill_(T)
+    cache._host_lengths = [T] * B
+    if splits is None:
+        splits = _splits(ops, decode_plan(ops, B=B, S=1, T=T), B, 1, T)
+    q = torch.randn(B, 1, a.heads, a.head_dim_qk, device="cuda", dtype=torch.bfloat16)
+    g = torch.rand(B, 1, a.heads, 3, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(B, 1, a.heads, a.head_dim_v, device="cuda", dtype=torch.bfloat16)
+    us = graph_us(lambda: decode(ops, q, cache, g, out=out, splits=splits, plan_length=T))
+    return {"us": us, "splits": list(splits), "finite": bool(torch.isfinite(out).all())}
+
+
+def run_dense(spec, B: int, T: int) -> dict:  # noqa: N803
+    import torch.nn.functional as F
+    from torch.nn.attention import sdpa_kernel
+
+    a = spec.attention
+    q = torch.randn(B, a.heads, 1, a.head_dim_qk, device="cuda", dtype=torch.bfloat16)
+    k = torch.empty(B, a.kv_heads, T, a.head_dim_qk, device="cuda", dtype=torch.bfloat16).normal_()
+    v = torch.empty(B, a.kv_heads, T, a.head_dim_v, device="cuda", dtype=torch.bfloat16).normal_()
+    out = {}
+    for name, be in sdpa_backends().items():
+        if name == "math" and B * T > 16 * 16384:
+            continue  # materialises [B, Hq, 1, T] scores per head group with repeats: slow, not a contender
+        try:
+            def fn(be=be, q=q, k=k, v=v):
+                with sdpa_kernel([be]):
+                    return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+            fn()
+            torch.cuda.synchronize()
+            out[name] = graph_us(fn)
+        except Exception as e:  # a backend that cannot run this shape
+            out[name] = None
+            out[name + "_error"] = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+            torch.cuda.synchronize()
+    del q, k, v
+    torch.cuda.empty_cache()
+    return out
+
+
+def main() -> None:
+    global _FLUSH
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--specs", default="nsa_paper,small_group")
+    ap.add_argument("--batches", default="1,16,64")
+    ap.add_argument("--tmax", type=int, default=131072)
+    args = ap.parse_args()
+    outdir = Path(args.out)
+    outdir.mkdir(parents=True, exist_ok=True)
+    _FLUSH = torch.empty(128 << 20, dtype=torch.bfloat16, device="cuda")
+    meta = env_info()
+    meta["copy_tbps"] = copy_bandwidth()
+    print(f"# {meta.get('card')} torch {meta['torch']} triton {meta['triton']}", flush=True)
+    print(f"# copy {meta['copy_tbps']:.2f} TB/s", flush=True)
+    free = torch.cuda.mem_get_info()[1]
+    rows = []
+    t_start = time.time()
+    for spec_name in args.specs.split(","):
+        spec = nsa_dsl.load_spec(spec_name)
+        ops = nsa_dsl.compile(spec, device="cuda")
+        a = spec.attention
+        per_tok = a.kv_heads * (a.head_dim_qk + a.head_dim_v) * 2
+        for B in [int(x) for x in args.batches.split(",")]:  # noqa: N806
+            T = 8192  # noqa: N806
+            while T <= args.tmax:
+                need = B * T * per_tok * 1.15  # one cache at a time (NSA, then dense), plus scratch
+                if need > 0.8 * free:
+                    break
+                row = {"spec": spec_name, "B": B, "T": T}
+                try:
+                    row["nsa"] = run_nsa(spec, ops, B, T)
+                except torch.OutOfMemoryError:
+                    torch.cuda.empty_cache()
+                    break
+                torch.cuda.empty_cache()
+                row["dense"] = run_dense(spec, B, T)
+                must, moved = nsa_bytes(spec, T, B)
+                dense_bytes = float(B * T * per_tok)
+                us = row["nsa"]["us"]
+                times = [x for kk, x in row["dense"].items() if not kk.endswith("_error") and x]
+                best = min(times) if times else float("nan")
+                row.update(
+                    nsa_must_bytes=must, nsa_moved_bytes=moved, dense_bytes=dense_bytes,
+                    nsa_tbps=must / (us * 1e-6) / 1e12, nsa_moved_tbps=moved / (us * 1e-6) / 1e12,
+                    dense_best_us=best,
+                    dense_best_tbps=dense_bytes / (best * 1e-6) / 1e12 if times else float("nan"),
+                    speedup=best / us if times else float("nan"),
+                    expected_speedup=dense_bytes / must,
+                )
+                rows.append(row)
+                d = row["dense"]
+                print(
+                    f"{spec_name:12s} B={B:3d} T={T:6d} nsa {us:8.1f}us split={row['nsa']['splits']} "
+                    f"{row['nsa_tbps']:.2f}TB/s | dense "
+                    + " ".join(f"{kk}={v:.1f}" for kk, v in d.items() if not kk.endswith("_error") and v)
+                    + f" | x{row['speedup']:.2f} (bytes x{row['expected_speedup']:.1f})",
+                    flush=True,
+                )
+                T *= 2  # noqa: N806
+                if args.quick and T > 65536:
+                    break
+    meta["elapsed_s"] = time.time() - t_start
+    (outdir / "decode.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
+    lines = [
+        f"Card: {meta.get('card')}, torch {meta['torch']}, triton {meta['triton']}, {meta['date_utc']} UTC; "
+        f"device copy bandwidth {meta['copy_tbps']:.2f} TB/s (read + write).",
+        "",
+        "| spec | B | T | NSA µs (splits) | NSA must-read MB | NSA TB/s (% copy) | best dense µs (backend) | "
+        "dense TB/s | speedup | bytes ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        d = {k: v for k, v in r["dense"].items() if not k.endswith("_error") and v}
+        bk = min(d, key=d.get) if d else "-"
+        lines.append(
+            f"| {r['spec']} | {r['B']} | {r['T']} | {r['nsa']['us']:.1f} ({r['nsa']['splits'][0]},"
+            f"{r['nsa']['splits'][1]}) | {r['nsa_must_bytes'] / 1e6:.1f} | {r['nsa_tbps']:.2f} "
+            f"({100 * r['nsa_tbps'] / meta['copy_tbps']:.0f}%) | {r['dense_best_us']:.1f} ({bk}) | "
+            f"{r['dense_best_tbps']:.2f} | {r['speedup']:.2f}× | {r['expected_speedup']:.1f}× |"
+        )
+    md = "\n".join(lines) + "\n"
+    (outdir / "decode.md").write_text(md)
+    print(md)
+    if not math.isfinite(meta["copy_tbps"]):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
