@@ -326,6 +326,13 @@ class NSAOps:
 
     __call__ = forward
 
+    def decode(self, q: Tensor, cache: Any, g: Tensor, **kwargs: Any) -> Any:
+        """One generation step over an ``nsa_dsl.NSACache`` (see ``nsa_dsl.codegen.decode.decode``):
+        q [B, S, Hq, dk], g [B, S, Hq, 3] of the S newest tokens (K/V appended) -> o [B, S, Hq, dv]."""
+        from .decode import decode
+
+        return decode(self, q, cache, g, **kwargs)
+
 
 def _check_inputs(spec: NSASpec, q, k, v, k_cmp, v_cmp, g, cu_seqlens) -> None:
     """Shape/dtype/device checks (one-line ValueErrors naming the argument and the rule)."""
