@@ -113,13 +113,18 @@ def _kvouter_check(spec: NSASpec, config: Mapping[str, Any]) -> str | None:
 
 
 def _slc_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
+    """Group-centric for G >= 8 (the MMA rows are real heads), KV-outer below (group-centric pads G to 16 rows
+    and re-reads every selected block per token). Measured on H200 at T = 32k: G = 16 group 9.6 ms vs KV-outer
+    11.4 ms; G = 2 group 31.6 ms vs KV-outer 8.8 ms."""
     bn = max(16, min(64, next_pow2(spec.selection.block)))
+    schedule = "group" if spec.G >= 8 else "kvouter"
     if limits.interpreter:
-        return {"BLOCK_N": bn, "num_warps": 4, "num_stages": 1, "schedule": "group", **_KV_DEFAULT}
-    return {"BLOCK_N": bn, "num_warps": 4, "num_stages": 2, "schedule": "group", **_KV_DEFAULT}
+        return {"BLOCK_N": bn, "num_warps": 4, "num_stages": 1, "schedule": schedule, **_KV_DEFAULT}
+    nw = 2 if schedule == "group" else 4
+    return {"BLOCK_N": bn, "num_warps": nw, "num_stages": 2, "schedule": schedule, **_KV_DEFAULT}
 
 
-_KV_DEFAULT = {"BLOCK_M": 64, "CHUNK": 64, "BLOCK_R": 64, "KV_RESIDENT": True}
+_KV_DEFAULT = {"BLOCK_M": 64, "CHUNK": 256, "BLOCK_R": 64, "KV_RESIDENT": True}
 
 
 def _slc_constants(spec: NSASpec, config: Mapping[str, Any]) -> dict[str, Any]:
@@ -182,7 +187,8 @@ def _win_check(spec: NSASpec, config: Mapping[str, Any], limits: DeviceLimits) -
 def _win_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
     if limits.interpreter:
         return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
-    return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+    # H200, paper spec, T = 32k: 64/64/4 warps/2 stages 2.50 ms; 128/64/8/3 2.66 ms; 128/128/8/2 2.79 ms
+    return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 
 
 register(

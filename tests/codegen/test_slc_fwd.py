@@ -176,7 +176,13 @@ def test_slc_fwd_config_checks():
     with pytest.raises(ValueError, match="shared memory"):
         make_plan(spec, "slc_fwd", {"BLOCK_N": 64, "num_stages": 6}, h100)
     plan = make_plan(spec, "slc_fwd", None, h100)
-    assert plan.config["BLOCK_N"] == 64
+    assert plan.config["BLOCK_N"] == 64 and plan.config["schedule"] == "group"  # G = 16
+    small = make_plan(load_spec("small_group"), "slc_fwd", None, h100)
+    assert small.config["schedule"] == "kvouter"  # G = 2: no padded MMA rows
+    with pytest.raises(ValueError, match="CHUNK"):
+        make_plan(spec, "slc_fwd", {"schedule": "kvouter", "BLOCK_M": 64, "CHUNK": 6}, h100)
+    with pytest.raises(ValueError, match="schedule"):
+        make_plan(spec, "slc_fwd", {"schedule": "diagonal"}, h100)
 
 
 # ------------------------------------------------------------------------------------------------

