@@ -226,10 +226,11 @@ class NSACache:
         self.k[:, :T] = k.to(self.dtype)
         self.v[:, :T] = v.to(self.dtype)
         tc = _num_cmp(self.spec, T)
-        if k_cmp is None:
-            k_cmp = self.compress_k(k) if tc else None
-        if v_cmp is None:
-            v_cmp = self.compress_v(v) if tc else None
+        with torch.no_grad():
+            if k_cmp is None:
+                k_cmp = self.compress_k(k) if tc else None
+            if v_cmp is None:
+                v_cmp = self.compress_v(v) if tc else None
         if tc:
             for name, x, d in (("k_cmp", k_cmp, self._dk), ("v_cmp", v_cmp, self._dv)):
                 if tuple(x.shape) != (B, tc, self._hkv, d):
@@ -284,6 +285,7 @@ class NSACache:
     def _completes(self, n_old: int, n_new: int) -> bool:
         return _num_cmp(self.spec, n_new) > _num_cmp(self.spec, n_old)
 
+    @torch.no_grad()
     def _compress_new(self, old: Tensor, new: Tensor, S: int) -> None:  # noqa: N803
         """Compute the compressed blocks completing in (old, new] per sequence, static shapes."""
         l, d = self.spec.compression.block, self.spec.compression.stride  # noqa: E741

@@ -140,6 +140,33 @@ def test_multi_token_steps_and_mixed_lengths(S):  # noqa: N803
         torch.testing.assert_close(cache.v_cmp[b, :tc], cv(v[b : b + 1, :n])[0], rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("fn", ["mlp", "linear"])
+def test_project_compressors(fn):
+    """With nsa_dsl's own Compressor modules (phi with intra-block position encoding): decoding equals the
+    full forward on compress(k), and the compressed cache equals prefill's compression."""
+    from nsa_dsl import Compressor, compress
+
+    spec = SPECS["tiny"].replace(compression={"function": fn})
+    a = spec.attention
+    torch.manual_seed(7)
+    ck = Compressor(spec, a.head_dim_qk).double()
+    cv = Compressor(spec, a.head_dim_v).double()
+    B, T, P = 2, 40, 9  # noqa: N806
+    q, k, v, g = inputs(spec, B, T, seed=8)
+    with torch.no_grad():
+        kc, vc = compress(k, spec, ck), compress(v, spec, cv)
+    ref = nsa_attention(q, k, v, kc, vc, g, spec)
+    cache = NSACache(spec, B, capacity=T, dtype=torch.float64, compress_k=ck, compress_v=cv)
+    cache.prefill(k[:, :P], v[:, :P])
+    for t in range(P, T):
+        cache.append(k[:, t : t + 1], v[:, t : t + 1])
+        o = decode_reference(q[:, t : t + 1], cache, g[:, t : t + 1])
+        torch.testing.assert_close(o[:, 0], ref[:, t], rtol=1e-9, atol=1e-9, msg=f"t={t}")
+    tc = spec.num_compressed(T)
+    torch.testing.assert_close(cache.k_cmp[:, :tc], kc, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(cache.v_cmp[:, :tc], vc, rtol=1e-12, atol=1e-12)
+
+
 def test_prefill_varlen_and_static_compress_mode():
     spec = SPECS["tiny"]
     lens = [11, 30]

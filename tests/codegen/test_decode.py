@@ -125,14 +125,16 @@ def test_auto_splits_and_emitted_source():
 # ------------------------------------------------------------------------------------------------
 
 
-def _gpu_cache(spec, B, T, dev, seed=0):  # noqa: N803
+def _gpu_cache(spec, B, T, dev, seed=0, compressors=None):  # noqa: N803
     torch.manual_seed(seed)
     a = spec.attention
     k = torch.randn(B, T, a.kv_heads, a.head_dim_qk, device=dev, dtype=torch.bfloat16)
     v = torch.randn(B, T, a.kv_heads, a.head_dim_v, device=dev, dtype=torch.bfloat16)
-    ident = lambda x: x  # noqa: E731 - compressed K/V are given explicitly below
-    cache = NSACache(spec, B, capacity=T + 64, device=dev, dtype=torch.bfloat16, compress_k=ident,
-                     compress_v=ident)
+    ck, cv = compressors or (None, None)
+    if ck is None:  # compressed K/V are given explicitly below; no step appends
+        ck = cv = lambda x: x  # noqa: E731
+    cache = NSACache(spec, B, capacity=T + 64, device=dev, dtype=torch.bfloat16, compress_k=ck,
+                     compress_v=cv)
     tc = spec.num_compressed(T)
     kc = torch.randn(B, tc, a.kv_heads, a.head_dim_qk, device=dev, dtype=torch.bfloat16)
     vc = torch.randn(B, tc, a.kv_heads, a.head_dim_v, device=dev, dtype=torch.bfloat16)
@@ -174,8 +176,11 @@ def test_gpu_cuda_graph_replay_equals_eager():
     ops = nsa_dsl.compile(spec, device="cuda")
     B, T = 3, 4096  # noqa: N806
     a = spec.attention
-    eager = _gpu_cache(spec, B, T, "cuda", seed=1)
-    graphed = _gpu_cache(spec, B, T, "cuda", seed=1)
+    torch.manual_seed(5)
+    comp = (nsa_dsl.Compressor(spec, a.head_dim_qk).cuda().bfloat16(),
+            nsa_dsl.Compressor(spec, a.head_dim_v).cuda().bfloat16())  # the paper's MLP phi, captured too
+    eager = _gpu_cache(spec, B, T, "cuda", seed=1, compressors=comp)
+    graphed = _gpu_cache(spec, B, T, "cuda", seed=1, compressors=comp)
     step = CapturedDecodeStep(ops, graphed, S=1)
     for _ in range(20):  # crosses compressed-block boundaries (d = 16)
         q = torch.randn(B, 1, a.heads, a.head_dim_qk, device="cuda", dtype=torch.bfloat16)
