@@ -61,6 +61,8 @@ def _slc_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
         "num_warps": [1, 2, 4, 8],
         "num_stages": [1, 2, 3, 4],
         "schedule": ["group", "kvouter"],
+        # group-centric only: consecutive tokens per program (shared blocks re-read from L1)
+        "TPP": [1, 2, 4, 8],
         # KV-outer schedule only: MMA rows (tokens x heads of the group), entries per program, merge rows,
         # whether the block's K/V stay loaded across the program's entries
         "BLOCK_M": [16, 32, 64, 128],
@@ -77,6 +79,8 @@ def _slc_check(spec: NSASpec, config: Mapping[str, Any], limits: DeviceLimits) -
     if config.get("schedule") not in _slc_space(spec, limits)["schedule"]:
         known = _slc_space(spec, limits)["schedule"]
         return f"schedule: must be one of {known}, got {config.get('schedule')!r}"
+    if config.get("TPP") not in (1, 2, 4, 8, 16):
+        return f"TPP: must be 1, 2, 4, 8 or 16 tokens per program, got {config.get('TPP')!r}"
     if config["schedule"] == "kvouter":
         why = _kvouter_check(spec, config)
         if why:
@@ -124,7 +128,7 @@ def _slc_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
     return {"BLOCK_N": bn, "num_warps": nw, "num_stages": 2, "schedule": schedule, **_KV_DEFAULT}
 
 
-_KV_DEFAULT = {"BLOCK_M": 64, "CHUNK": 256, "BLOCK_R": 64, "KV_RESIDENT": True}
+_KV_DEFAULT = {"BLOCK_M": 64, "CHUNK": 256, "BLOCK_R": 64, "KV_RESIDENT": True, "TPP": 1}
 
 
 def _slc_constants(spec: NSASpec, config: Mapping[str, Any]) -> dict[str, Any]:
