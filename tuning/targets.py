@@ -98,7 +98,7 @@ class KernelTarget:
 
         self.spec, self.kernel, self.T, self.B = spec, kernel, int(T), int(B)
         self.kdef = get_kernel_def(kernel)
-        self.stage = stage_of(kernel, self.kdef)
+        self.stage = self._stage()
         if self.stage is None:
             raise NoTarget(
                 f"kernel {kernel}: no tuning target for pass '{getattr(self.kdef, 'pass_', '?')}' yet"
@@ -116,6 +116,9 @@ class KernelTarget:
         self.seed = seed
         self._gate_data: dict[str, Any] | None = None
         self._bench: list[tuple] | None = None
+
+    def _stage(self) -> str | None:
+        return stage_of(self.kernel, self.kdef)
 
     # ---- inputs -----------------------------------------------------------------------------------------
     def _raw(self, T: int, B: int, seed: int) -> dict[str, Any]:  # noqa: N803
@@ -336,6 +339,222 @@ def check_indices(got: Any, scores: Any, ref_idx: Any, spec: Any, *, tol: float)
     return None
 
 
+# ----------------------------------------------------------------------------------------------------------
+# backward and decode kernels: built through NSAOps (the kernel under test replaced by the candidate)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _rel_close(name: str, got: Any, exp: Any, tol: float) -> str | None:
+    """max |got - exp| <= tol * max |exp| (gradients: a scale-aware comparison)."""
+    import torch
+
+    g, e = got.double(), exp.double().to(got.device)
+    if tuple(g.shape) != tuple(e.shape):
+        return f"{name}: shape {tuple(g.shape)} != reference {tuple(e.shape)}"
+    if not bool(torch.isfinite(g).all()):
+        return f"{name}: non-finite values"
+    scale = float(e.abs().max()) if e.numel() else 0.0
+    err = float((g - e).abs().max()) if e.numel() else 0.0
+    if err > tol * max(scale, 1e-6):
+        return f"{name}: max abs error {err:.3g} > {tol} x max |reference| {scale:.3g}"
+    return None
+
+
+class _OpsTarget(KernelTarget):
+    """Shared part: inputs for the full op, an NSAOps whose kernel under test runs the candidate config."""
+
+    def _stage(self) -> str | None:
+        return str(getattr(self.kdef, "pass_", "?"))
+
+    def _ops(self, config: dict[str, Any] | None) -> Any:
+        from nsa_dsl.codegen.ops import NSAOps
+
+        cfg = {} if config is None else {self.kernel: dict(config)}
+        return NSAOps(spec=self.spec, limits=self.limits, config=cfg, use_tuned=False)
+
+
+class BwdTarget(_OpsTarget):
+    """A backward kernel (``bwd_pre``, ``bwd_cmp``, ``bwd_slc``, ``bwd_win``). The gate runs the whole
+    backward (``nsa_dsl.codegen.autograd.nsa_backward``) with the candidate and compares all six gradients
+    with autograd through the float64 reference; the timer times the candidate kernel alone, on inputs
+    prepared by the default forward."""
+
+    def __init__(self, spec: Any, kernel: str, **kw: Any):
+        super().__init__(spec, kernel, **kw)
+        self.grad_tol = 3e-2 if self.dtype != _torch_dtype("float32") else 1e-4
+
+    def build(self, config: dict[str, Any]) -> Any:
+        ops = self._ops(config)
+        return ops, ops.module(self.kernel, T=self.T, B=self.B)
+
+    def gate(self, built: Any, config: dict[str, Any]) -> str | None:
+        import torch
+        from nsa_dsl.codegen.autograd import nsa_backward
+
+        from nsa_dsl import reference as ref
+
+        if self._gate_data is None:
+            x = self._raw(self.gate_T, 1, self.seed + 12345)
+            do = x["o_win"]  # a random upstream gradient of o's shape
+            leaves = {n: x[n].double().requires_grad_(True) for n in ("q", "k", "v", "k_cmp", "v_cmp", "g")}
+            o = ref.nsa_attention(
+                leaves["q"],
+                leaves["k"],
+                leaves["v"],
+                leaves["k_cmp"],
+                leaves["v_cmp"],
+                leaves["g"],
+                self.spec,
+            )
+            o.backward(do.double())
+            self._gate_data = {"x": x, "do": do, "grads": {n: t.grad for n, t in leaves.items()}}
+        data = self._gate_data
+        x, ops = data["x"], built[0]
+        args = (x["q"], x["k"], x["v"], x["k_cmp"], x["v_cmp"], x["g"])
+        with torch.no_grad():
+            _, saved = ops.forward_train(*args)
+            grads = nsa_backward(ops, *args, data["do"], saved)
+        for name, got in zip(("q", "k", "v", "k_cmp", "v_cmp", "g"), grads, strict=True):
+            why = _rel_close(f"d{name}", got, data["grads"][name], self.grad_tol)
+            if why:
+                return why
+        return None
+
+    def _bench_sets(self) -> list[dict[str, Any]]:
+        import torch
+
+        if self._bench is None:
+            sets = []
+            ops = self._ops(None)
+            for i in range(self.n_inputs):
+                x = self._raw(self.T, self.B, self.seed + 1 + i)
+                args = (x["q"], x["k"], x["v"], x["k_cmp"], x["v_cmp"], x["g"])
+                with torch.no_grad():
+                    _, saved = ops.forward_train(*args)
+                do = x["o_win"]
+                win_on = self.spec.window_size > 0
+                pre = ops.module("bwd_pre", T=self.T, B=self.B)
+                dg, delta = pre.run(
+                    do, saved["o_cmp"], saved["o_slc"], saved["o_win"] if win_on else None, x["g"]
+                )
+                sets.append({"x": x, "do": do, "saved": saved, "delta": delta})
+            self._bench = sets  # type: ignore[assignment]
+        return self._bench  # type: ignore[return-value]
+
+    def candidate(self, built: Any, config: dict[str, Any]) -> Candidate:
+        import torch
+        from nsa_dsl.codegen import reverse_index
+
+        mod = built[1]
+        f32 = torch.float32
+        calls = []
+        for s in self._bench_sets():
+            x, do, sv, delta = s["x"], s["do"], s["saved"], s["delta"]
+            q, k, v, kc, vc, g = x["q"], x["k"], x["v"], x["k_cmp"], x["v_cmp"], x["g"]
+            T = self.T  # noqa: N806
+            if self.kernel == "bwd_pre":
+                o_win = sv["o_win"] if self.spec.window_size > 0 else None
+                calls.append((mod.run, (do, sv["o_cmp"], sv["o_slc"], o_win, g), {}))
+            elif self.kernel == "bwd_cmp":
+                bufs = (
+                    torch.empty(q.shape, device=q.device, dtype=f32),
+                    torch.zeros(kc.shape, device=q.device, dtype=f32),
+                    torch.zeros(vc.shape, device=q.device, dtype=f32),
+                )
+                calls.append(
+                    (mod.run, (q, kc, vc, do, g, sv["lse_cmp"].float(), delta[0], *bufs), {"max_len": T})
+                )
+            elif self.kernel == "bwd_win":
+                bufs = (
+                    torch.zeros(q.shape, device=q.device, dtype=f32),
+                    torch.zeros(k.shape, device=q.device, dtype=f32),
+                    torch.zeros(v.shape, device=q.device, dtype=f32),
+                )
+                calls.append(
+                    (
+                        mod.run,
+                        (q, k, v, do, g, sv["lse_win"].float(), delta[2], *bufs),
+                        {"max_len": T, "accum_q": True, "accum_kv": True},
+                    )
+                )
+            elif self.kernel == "bwd_slc":
+                idx = sv["indices"].to(torch.int32).contiguous()
+                hkv, n = self.spec.attention.kv_heads, self.spec.selection.top_n
+                cu = torch.arange(self.B + 1, device=q.device, dtype=torch.int32) * T
+                rev = reverse_index.build(
+                    idx.view(self.B * T, hkv, n), cu, self.spec.selection.block, mod.CHUNK
+                )
+                bufs = (
+                    torch.zeros(q.shape, device=q.device, dtype=f32),
+                    torch.zeros(k.shape, device=q.device, dtype=f32),
+                    torch.zeros(v.shape, device=q.device, dtype=f32),
+                )
+                calls.append(
+                    (
+                        mod.run,
+                        (q, k, v, do, g, sv["lse_slc"].float(), delta[1], idx, rev, *bufs),
+                        {"max_len": T, "accum_q": True},
+                    )
+                )
+            else:
+                raise NoTarget(f"kernel {self.kernel}: no backward timing recipe")
+
+        def run(i: int) -> Any:
+            fn, a, kw = calls[i % len(calls)]
+            return fn(*a, **kw)
+
+        return Candidate(config=config, run=run, n_inputs=len(calls))
+
+
+class DecodeTarget(_OpsTarget):
+    """The ``decode`` step: a cache prefilled with T tokens (B sequences), one new token per sequence. The
+    gate compares ``ops.decode`` with ``nsa_dsl.cache.decode_reference`` at a small T; the timer
+    times the step."""
+
+    def _cache(self, T: int, seed: int) -> tuple[Any, Any, Any]:  # noqa: N803
+        from nsa_dsl.cache import NSACache, mean_compressor
+
+        x = self._raw(T, self.B, seed)
+        cache = NSACache(
+            self.spec,
+            self.B,
+            capacity=T + 16,
+            device=self.device,
+            dtype=self.dtype,
+            compress_k=mean_compressor(self.spec),
+            compress_v=mean_compressor(self.spec),
+        )
+        cache.prefill(x["k"], x["v"], k_cmp=x["k_cmp"], v_cmp=x["v_cmp"])
+        return cache, x["q"][:, -1:].contiguous(), x["g"][:, -1:].contiguous()
+
+    def build(self, config: dict[str, Any]) -> Any:
+        ops = self._ops(config)
+        ops.plan("decode", T=self.T, B=self.B)  # render + validate now (compile errors are failed trials)
+        return ops
+
+    def gate(self, built: Any, config: dict[str, Any]) -> str | None:
+        from nsa_dsl.cache import decode_reference
+
+        if self._gate_data is None:
+            cache, q, g = self._cache(self.gate_T, self.seed + 12345)
+            self._gate_data = {"cache": cache, "q": q, "g": g, "o": decode_reference(q, cache, g)}
+        d = self._gate_data
+        o = built.decode(d["q"], d["cache"], d["g"])
+        return _close("o", o, d["o"], self.atol, self.rtol)
+
+    def candidate(self, built: Any, config: dict[str, Any]) -> Candidate:
+        if self._bench is None:
+            self._bench = [self._cache(self.T, self.seed + 1 + i) for i in range(self.n_inputs)]  # type: ignore
+        sets = self._bench
+        return Candidate(
+            config=config,
+            run=lambda i: built.decode(
+                sets[i % len(sets)][1], sets[i % len(sets)][0], sets[i % len(sets)][2]
+            ),
+            n_inputs=len(sets),
+        )
+
+
 def default_target(
     spec: Any,
     kernel: str,
@@ -345,5 +564,19 @@ def default_target(
     limits: Any = None,  # noqa: N803
     device: Any = None,
 ) -> KernelTarget:
-    """The target ``tune_kernel`` uses unless told otherwise."""
-    return KernelTarget(spec, kernel, T=T, B=B, limits=limits, device=device, n_inputs=2 if T >= 32768 else 3)
+    """The target ``tune_kernel`` uses unless told otherwise (by the kernel's pass)."""
+    from ._compat import get_kernel_def
+
+    kdef = get_kernel_def(kernel)
+    n_inputs = 2 if T * B >= 32768 else 3
+    kw = dict(T=T, B=B, limits=limits, device=device, n_inputs=n_inputs)
+    p = getattr(kdef, "pass_", "fwd")
+    if p == "bwd":
+        if kernel not in ("bwd_pre", "bwd_cmp", "bwd_slc", "bwd_win"):
+            raise NoTarget(f"kernel {kernel}: no tuning target for this backward kernel yet")
+        return BwdTarget(spec, kernel, **kw)
+    if p == "decode":
+        if kernel != "decode":
+            raise NoTarget(f"kernel {kernel}: no tuning target for this decode kernel yet")
+        return DecodeTarget(spec, kernel, **kw)
+    return KernelTarget(spec, kernel, **kw)

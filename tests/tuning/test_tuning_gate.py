@@ -142,3 +142,42 @@ def test_wrong_candidate_never_wins_a_real_search():
     assert res.rejected == 1 and res.trials == 4
     assert canonical(res.config) != canonical(bad)
     assert res.config["BLOCK_M"] == 16 and res.config["BLOCK_N"] == 16  # the fastest correct one
+
+
+def test_decode_target_gate():
+    _need("decode")
+    from nsa_dsl.tuning.targets import default_target
+
+    tg = default_target(SPEC, "decode", T=40, limits=INTERP)
+    cfg = plan.get_kernel("decode").default(SPEC, INTERP)
+    ops = tg.build(cfg)
+    assert tg.gate(ops, cfg) is None
+
+    class Wrong:
+        def decode(self, q, cache, g):
+            return ops.decode(q, cache, g) * 1.05
+
+    why = tg.gate(Wrong(), cfg)
+    assert why and why.startswith("o:")
+
+
+def test_backward_target_gate():
+    _need("bwd_pre")
+    from nsa_dsl.tuning.targets import default_target
+
+    tg = default_target(SPEC, "bwd_pre", T=24, limits=INTERP)
+    cfg = plan.get_kernel("bwd_pre").default(SPEC, INTERP)
+    built = tg.build(cfg)
+    assert tg.gate(built, cfg) is None
+    ops, mod = built
+    real_module = ops.module
+
+    def module(name, **kw):
+        m = real_module(name, **kw)
+        if name != "bwd_pre":
+            return m
+        return _Proxy(m, lambda out: (out[0] * 1.1, out[1]))  # wrong dg
+
+    ops.module = module
+    why = tg.gate((ops, mod), cfg)
+    assert why and why.startswith("dg")
