@@ -163,16 +163,31 @@ def tune(
     spec: Any,
     *,
     kernels: list[str] | None = None,
-    seq_lens: list[int] = (8192,),
-    B: int = 1,  # type: ignore[assignment]  # noqa: N803
+    seq_lens: tuple[int, ...] | list[int] = (8192,),
+    B: int = 1,  # noqa: N803
     **kwargs: Any,
 ) -> list[Any]:
-    """Tune several kernels (default: every registered forward kernel) at several sequence lengths."""
+    """Tune several kernels (default: every registered forward kernel this spec uses) at several sequence
+    lengths; kernels without a tuning target are skipped (logged). Used by ``nsa_dsl.compile(spec,
+    tune=True)``. Returns the ``TuneResult`` list."""
     from ._compat import get_registry
+    from .targets import NoTarget
 
     reg = kwargs.get("registry") or get_registry()
-    names = kernels or sorted(k for k, d in reg.items() if getattr(d, "pass_", "fwd") == "fwd")
-    return [tune_kernel(spec, k, T=t, B=B, **kwargs) for t in seq_lens for k in names]
+    if kernels is None:
+        kernels = sorted(k for k, d in reg.items() if getattr(d, "pass_", "fwd") == "fwd")
+    out = []
+    for t in seq_lens:
+        for k in kernels:
+            d = reg.get(k)
+            enabled = getattr(d, "is_enabled", None)
+            if callable(enabled) and not enabled(spec):
+                continue
+            try:
+                out.append(tune_kernel(spec, k, T=t, B=B, **kwargs))
+            except NoTarget as e:
+                log.info("%s; skipped", e)
+    return out
 
 
 def __getattr__(name: str) -> Any:
