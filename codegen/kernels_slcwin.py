@@ -167,6 +167,8 @@ def _win_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
         "BLOCK_N": [16, 32, 64, 128],
         "num_warps": [2, 4, 8],
         "num_stages": [1, 2, 3, 4],
+        # query heads of one KV head packed into a tile's rows (they share every K/V tile)
+        "HEADS": [h for h in (1, 2, 4, 8, 16) if spec.G % h == 0],
     }
 
 
@@ -174,6 +176,9 @@ def _win_check(spec: NSASpec, config: Mapping[str, Any], limits: DeviceLimits) -
     why = _common_check(config, ("BLOCK_M", "BLOCK_N"), limits)
     if why:
         return why
+    gh = config.get("HEADS", 1)
+    if not _pow2(gh) or spec.G % gh or gh > config["BLOCK_M"]:
+        return f"HEADS: must be a power of two dividing G={spec.G} and <= BLOCK_M, got {gh!r}"
     if limits.interpreter:
         return None
     a = spec.attention
@@ -190,9 +195,9 @@ def _win_check(spec: NSASpec, config: Mapping[str, Any], limits: DeviceLimits) -
 
 def _win_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
     if limits.interpreter:
-        return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+        return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1, "HEADS": 1}
     # H200, paper spec, T = 32k: 64/64/4 warps/2 stages 2.50 ms; 128/64/8/3 2.66 ms; 128/128/8/2 2.79 ms
-    return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+    return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "HEADS": 1}
 
 
 register(

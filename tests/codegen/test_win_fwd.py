@@ -56,22 +56,22 @@ def check(o, lse, ro, rlse, tol):
     torch.testing.assert_close(lse.double(), rlse.double(), atol=tol, rtol=tol)
 
 
-# (G, Hkv, dk, dv, w, T, B, BLOCK_M, BLOCK_N)
+# (G, Hkv, dk, dv, w, T, B, BLOCK_M, BLOCK_N, HEADS)
 CASES = [
-    (1, 2, 16, 16, 16, 45, 2, 16, 16),  # G = 1, w = one tile, T not a multiple of the tile
-    (2, 2, 24, 16, 40, 70, 1, 32, 16),  # dk != dv (16 + masked 8), w not a multiple of the tile
-    (4, 1, 48, 32, 7, 33, 1, 16, 32),  # w < tile, BLOCK_N > BLOCK_M, dk = 32 + 16
-    (16, 1, 16, 32, 100, 40, 1, 16, 16),  # G = 16, w > T (plain causal)
+    (1, 2, 16, 16, 16, 45, 2, 16, 16, 1),  # G = 1, w = one tile, T not a multiple of the tile
+    (2, 2, 24, 16, 40, 70, 1, 32, 16, 2),  # dk != dv (16 + masked 8), w % tile != 0, 2 heads/tile
+    (4, 1, 48, 32, 7, 33, 1, 16, 32, 1),  # w < tile, BLOCK_N > BLOCK_M, dk = 32 + 16
+    (16, 1, 16, 32, 100, 40, 1, 32, 16, 4),  # G = 16, w > T (plain causal), 8 tokens x 4 heads per tile
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"G{c[0]}-dk{c[2]}-dv{c[3]}-w{c[4]}-T{c[5]}")
 def test_win_fwd_matches_reference(case):
-    G, hkv, dk, dv, w, T, B, bm, bn = case
+    G, hkv, dk, dv, w, T, B, bm, bn, gh = case
     spec = make_spec(G, hkv, dk, dv, w)
     gen = torch.Generator().manual_seed(hash(case) % 2**31)
     q, k, v = inputs(spec, B, T, torch.float32, gen)
-    mod = load(make_plan(spec, "win_fwd", {"BLOCK_M": bm, "BLOCK_N": bn}))
+    mod = load(make_plan(spec, "win_fwd", {"BLOCK_M": bm, "BLOCK_N": bn, "HEADS": gh}))
     with poisoned_empty():
         o, lse = mod.run(q, k, v)
     ro, rlse = window_attention(q.double(), k.double(), v.double(), spec)
@@ -84,7 +84,7 @@ def test_win_fwd_fp16_varlen():
     gen = torch.Generator().manual_seed(7)
     cu = torch.tensor([0, 37, 42, 90], dtype=torch.int32)
     q, k, v = inputs(spec, 1, 90, torch.float16, gen)
-    mod = load(make_plan(spec, "win_fwd", {"BLOCK_M": 16, "BLOCK_N": 16}))
+    mod = load(make_plan(spec, "win_fwd", {"BLOCK_M": 16, "BLOCK_N": 16, "HEADS": 2}))
     with poisoned_empty():
         o, lse = mod.run(q, k, v, cu_seqlens=cu)
     outs, lses = [], []
@@ -130,6 +130,8 @@ def test_win_fwd_disabled_and_config_checks():
     h100 = DeviceLimits("H100", (9, 0), 132, 227 * 1024)
     with pytest.raises(ValueError, match="BLOCK_M"):
         make_plan(spec, "win_fwd", {"BLOCK_M": 96}, h100)
+    with pytest.raises(ValueError, match="HEADS"):
+        make_plan(load_spec("small_group"), "win_fwd", {"HEADS": 4}, h100)  # G = 2
     with pytest.raises(ValueError, match="shared memory"):
         make_plan(spec, "win_fwd", {"BLOCK_N": 128, "num_stages": 4}, h100)
     cfg = make_plan(spec, "win_fwd", None, h100).config
