@@ -21,6 +21,7 @@ Writes ``bench/results/forward.json``, ``forward.md`` and ``forward.png``.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import sys
@@ -77,9 +78,18 @@ def mean_pool(x: torch.Tensor, spec) -> torch.Tensor:
     return x[:, : tc * lc].view(B, tc, lc, H, D).mean(2)
 
 
+def _config(spec_name: str, args) -> dict | None:
+    """Kernel configs for ``spec_name`` from --config-file ({spec: {kernel: params}}), if given."""
+    if not args.config_file or not args.config_file.is_file():
+        return None
+    return json.loads(args.config_file.read_text()).get(spec_name)
+
+
 def bench_spec(spec_name: str, Ts: list[int], args) -> None:  # noqa: N803
     spec = nsa_dsl.load_spec(spec_name)
-    ops = nsa_dsl.compile(spec)
+    ops = nsa_dsl.compile(spec, _config(spec_name, args))
+    used = [f"{kn}={ops.config_for(kn, T=Ts[0])}" for kn in ("slc_fwd", "win_fwd") if ops.has_kernel(kn)]
+    print(f"[{spec_name}] configs: " + "; ".join(used), flush=True)
     kv_ops = ops.with_config("slc_fwd", {**ops.config_for("slc_fwd", T=Ts[0]), "schedule": "kvouter"})
     for T in Ts:
         common.free_memory()
@@ -193,11 +203,11 @@ def bench_fla(spec, spec_name: str, T: int, q, k, v, g) -> None:  # noqa: N803
                                  block_size=spec.selection.block))
 
 
-def schedules(Ts: list[int], specs: list[str]) -> None:  # noqa: N803
+def schedules(Ts: list[int], specs: list[str], args) -> None:  # noqa: N803
     """Group-centric vs KV-outer selection (same indices) at G = 16 (nsa_paper) and G = 2 (small_group)."""
     for spec_name in specs:
         spec = nsa_dsl.load_spec(spec_name)
-        ops = nsa_dsl.compile(spec)
+        ops = nsa_dsl.compile(spec, _config(spec_name, args))
         base = ops.config_for("slc_fwd", T=Ts[0])
         kv = ops.with_config("slc_fwd", {**base, "schedule": "kvouter"})
         gr = ops.with_config("slc_fwd", {**base, "schedule": "group"})
@@ -270,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--math-max-t", type=int, default=8192, help="largest T for the SDPA math backend")
     ap.add_argument("--out", type=Path, default=common.RESULTS_DIR)
     ap.add_argument("--name", default="forward")
+    ap.add_argument("--config-file", type=Path, help="JSON {spec: {kernel: params}}")
     ap.add_argument("--smoke-cpu", action="store_true", help="exercise the code on CPU")
     args = ap.parse_args(argv)
     global DEVICE
@@ -290,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
     if not args.no_schedules:
         try:
-            schedules(args.schedule_T, args.schedule_specs)
+            schedules(args.schedule_T, args.schedule_specs, args)
         except Exception:
             traceback.print_exc()
     tables = summarize(meta)
