@@ -149,6 +149,8 @@ def _topk_space(fused: bool):
             "num_warps": [4, 8],
             "num_stages": [1, 2, 3],
         }
+        sp["MAP"] = ["reshape", "dot"]
+        sp["SKIP"] = [0, 1]
         if fused:
             sp["BLOCK_N"] = [16, 32, 64, 128]
         return sp
@@ -174,6 +176,12 @@ def _topk_check(fused: bool):
             return f"BLOCK_S: BLOCK_S x next_pow2(l'/d) = {cols} compressed columns, need >= 16 for tl.dot"
         if cols > 256:
             return f"BLOCK_S: BLOCK_S x next_pow2(l'/d) = {cols} compressed columns, at most 256"
+        if cfg.get("MAP", "reshape") not in ("reshape", "dot"):
+            return f"MAP: must be 'reshape' or 'dot', got {cfg.get('MAP')!r}"
+        if cfg.get("MAP") == "dot" and bs < 16:
+            return f"BLOCK_S: MAP='dot' needs BLOCK_S >= 16 (tl.dot N), got {bs}"
+        if cfg.get("SKIP", 0) not in (0, 1):
+            return f"SKIP: must be 0 or 1, got {cfg.get('SKIP')!r}"
         if fused and cfg.get("BLOCK_N") not in _POW2:
             return f"BLOCK_N: must be a power of two in 16..256, got {cfg.get('BLOCK_N')}"
         if not limits.interpreter:
@@ -197,14 +205,28 @@ def _topk_default(fused: bool):
         while bs * rp < 16:
             bs *= 2
         if limits.interpreter:
-            cfg = {"BLOCK_M": max(16, gp), "BLOCK_S": bs, "num_warps": 4, "num_stages": 1}
+            cfg = {
+                "BLOCK_M": max(16, gp),
+                "BLOCK_S": bs,
+                "num_warps": 4,
+                "num_stages": 1,
+                "MAP": "reshape",
+                "SKIP": 0,
+            }
             if fused:
                 cfg["BLOCK_N"] = 16
             return cfg
         while bs * rp < 64 and bs * 2 * rp <= 128:
             bs *= 2
         # Measured on H200: 128 rows is 2x faster than 64 (bench/RESULTS.md).
-        cfg = {"BLOCK_M": max(128, gp), "BLOCK_S": bs, "num_warps": 8, "num_stages": 2}
+        cfg = {
+            "BLOCK_M": max(128, gp),
+            "BLOCK_S": bs,
+            "num_warps": 8,
+            "num_stages": 2,
+            "MAP": "reshape",
+            "SKIP": 0,
+        }
         if fused:
             cfg["BLOCK_N"] = 64
         chk = _topk_check(fused)

@@ -97,6 +97,22 @@ def test_fused_cmp_topk_matches_reference(kw, B, T, config):  # noqa: N803
     _check(make_spec(**kw), B, T, config=config, fused=True)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused"])
+@pytest.mark.parametrize("variant", [{"MAP": "dot"}, {"SKIP": 1}, {"MAP": "dot", "SKIP": 1}], ids=str)
+@pytest.mark.parametrize(
+    "kw,T",
+    [
+        (dict(hq=4, hkv=2, l=8, d=4, lp=16, n=3, fi=1, fl=1), 77),
+        (dict(hq=16, hkv=1, l=12, d=4, lp=24, n=2, fi=1, fl=0), 97),
+    ],
+    ids=["G2", "G16-l12d4lp24"],
+)
+def test_topk_schedule_variants(kw, T, variant, fused):  # noqa: N803
+    """MAP='dot' (hi/lo 16-bit MMAs for the overlap mapping) and SKIP=1 (merge only on improvement)."""
+    cfg = {"BLOCK_M": 64 if kw["hq"] // kw["hkv"] < 16 else 128, "BLOCK_S": 16, **variant}
+    _check(make_spec(**kw), 1, T, config=cfg, fused=fused)
+
+
 def test_topk_varlen_matches_per_sequence():
     spec = make_spec(hq=4, hkv=2, l=8, d=4, lp=16, n=3, fi=1, fl=1)
     cu = torch.tensor([0, 6, 45, 46, 90], dtype=torch.int32)
