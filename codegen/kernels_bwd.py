@@ -7,11 +7,13 @@
   (``nsa_dsl.codegen.reverse_index``).
 
 Config parameters (constexprs baked into the emitted source):
-  BLOCK_M, BLOCK_N  query / key tile (bwd_cmp, bwd_win);
+  BLOCK_M, BLOCK_N  query / key tile of the dK/dV kernel (bwd_cmp, bwd_win);
+  DQ_BLOCK_M, DQ_BLOCK_N, dq_warps, dq_stages  the same for their dQ kernel;
   Q_CHUNK           query tokens per dK/dV program before the query range is split over more programs
                     (fp32 partials summed in order; 0 = never split);
   BLOCK_T           tokens per dK/dV tile of bwd_slc (rows = BLOCK_T x G);
   CHUNK             most tokens per bwd_slc work item (longer reverse-index lists are split);
+  KEY_SPLIT         programs sharing one bwd_slc work item, each with l'/KEY_SPLIT keys (fewer registers);
   BLOCK_R           rows per program of bwd_pre;
   num_warps, num_stages (and dq_warps for the bwd_slc dQ kernel).
 No kernel uses atomics, so every config is bitwise reproducible run to run.
@@ -104,16 +106,16 @@ def _dense_constants(branch: str):
 def _dense_default(branch: str):
     def default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
         if limits.interpreter:
-            return {"BLOCK_M": 16, "BLOCK_N": 16, "Q_CHUNK": 0, "num_warps": 4, "num_stages": 1}
+            return {"BLOCK_M": 16, "BLOCK_N": 16, "Q_CHUNK": 0, "num_warps": 4, "num_stages": 1,
+                    "DQ_BLOCK_M": 16, "DQ_BLOCK_N": 16, "dq_warps": 4, "dq_stages": 1}
+        # the compressed branch's key tiles see (almost) every query: split long query ranges
+        q_chunk = 4096 if branch == "cmp" else 0
         wide = _padded(spec.attention.head_dim_qk) + _padded(spec.attention.head_dim_v) > 256
-        return {
-            "BLOCK_M": 64,
-            "BLOCK_N": 64,
-            # the compressed branch's key tiles see (almost) every query: split long query ranges
-            "Q_CHUNK": 2048 if branch == "cmp" else 0,
-            "num_warps": 8 if wide else 4,
-            "num_stages": 2,
-        }
+        if wide:  # dk = 192 / dv = 128: fp32 dK+dV accumulators dominate registers -> small tiles
+            return {"BLOCK_M": 32, "BLOCK_N": 32, "Q_CHUNK": q_chunk, "num_warps": 4, "num_stages": 1,
+                    "DQ_BLOCK_M": 32, "DQ_BLOCK_N": 64, "dq_warps": 8, "dq_stages": 1}
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "Q_CHUNK": q_chunk, "num_warps": 8, "num_stages": 1,
+                "DQ_BLOCK_M": 64, "DQ_BLOCK_N": 64, "dq_warps": 4, "dq_stages": 2}
 
     return default
 
@@ -125,6 +127,10 @@ def _dense_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
         "Q_CHUNK": [0, 1024, 2048, 4096, 8192],
         "num_warps": [4, 8],
         "num_stages": [1, 2, 3],
+        "DQ_BLOCK_M": [16, 32, 64, 128],
+        "DQ_BLOCK_N": [16, 32, 64, 128],
+        "dq_warps": [4, 8],
+        "dq_stages": [1, 2, 3],
     }
 
 
@@ -138,12 +144,12 @@ def _dense_smem(spec: NSASpec, cfg: Mapping[str, Any]) -> int:
 
 
 def _dense_check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) -> str | None:
-    for key in ("BLOCK_M", "BLOCK_N"):
+    for key in ("BLOCK_M", "BLOCK_N", "DQ_BLOCK_M", "DQ_BLOCK_N"):
         if cfg[key] not in _POW2:
             return f"{key}: must be a power of two in 16..256, got {cfg[key]}"
     if not isinstance(cfg["Q_CHUNK"], int) or cfg["Q_CHUNK"] < 0:
         return f"Q_CHUNK: must be an integer >= 0, got {cfg['Q_CHUNK']}"
-    why = _common_check(cfg)
+    why = _common_check(cfg) or _common_check({"num_warps": cfg["dq_warps"], "num_stages": cfg["dq_stages"]})
     if why:
         return why
     if not limits.interpreter:
@@ -153,6 +159,8 @@ def _dense_check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) ->
         acc = cfg["BLOCK_N"] * (_padded(spec.attention.head_dim_qk) + _padded(spec.attention.head_dim_v))
         if acc > 192 * 32 * cfg["num_warps"]:
             return "registers: BLOCK_N x (dk + dv) fp32 dK/dV accumulators exceed 192 per thread"
+        if cfg["DQ_BLOCK_M"] * _padded(spec.attention.head_dim_qk) > 128 * 32 * cfg["dq_warps"]:
+            return "registers: DQ_BLOCK_M x dk fp32 dQ accumulators exceed 128 per thread"
     return None
 
 
@@ -184,8 +192,12 @@ def _slc_constants(spec: NSASpec, cfg: Mapping[str, Any]) -> dict[str, Any]:
 def _slc_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
     G = spec.G  # noqa: N806
     if limits.interpreter:
-        return {"BLOCK_T": max(1, 16 // G), "CHUNK": 8, "num_warps": 4, "dq_warps": 4, "num_stages": 1}
-    return {"BLOCK_T": max(1, 64 // G), "CHUNK": 1024, "num_warps": 4, "dq_warps": 4, "num_stages": 2}
+        return {"BLOCK_T": max(1, 16 // G), "CHUNK": 8, "KEY_SPLIT": 1, "num_warps": 4, "dq_warps": 4,
+                "num_stages": 1}
+    wide = _padded(spec.attention.head_dim_qk) + _padded(spec.attention.head_dim_v) > 256
+    # dk = 192 / dv = 128: 64 keys x 320 fp32 dK/dV accumulators spill; two programs of 32 keys do not
+    return {"BLOCK_T": max(1, 64 // G), "CHUNK": 1024, "KEY_SPLIT": 2 if wide else 1, "num_warps": 4,
+            "dq_warps": 4, "num_stages": 1}
 
 
 def _slc_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
@@ -193,6 +205,7 @@ def _slc_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
     return {
         "BLOCK_T": sorted({max(1, r // G) for r in (16, 32, 64, 128)}),
         "CHUNK": [256, 512, 1024, 2048, 4096],
+        "KEY_SPLIT": [k for k in (1, 2, 4) if max(16, next_pow2(spec.selection.block)) // k >= 16],
         "num_warps": [4, 8],
         "dq_warps": [2, 4, 8],
         "num_stages": [1, 2, 3],
@@ -205,6 +218,9 @@ def _slc_check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) -> s
         return f"BLOCK_T: BLOCK_T x G must be a power of two >= 16, got {cfg['BLOCK_T']} x {spec.G}"
     if rows > 256:
         return f"BLOCK_T: BLOCK_T x G must be <= 256 rows, got {rows}"
+    lpp = max(16, next_pow2(spec.selection.block))
+    if cfg["KEY_SPLIT"] not in (1, 2, 4) or lpp // cfg["KEY_SPLIT"] < 16:
+        return f"KEY_SPLIT: must be 1, 2 or 4 with at least 16 keys per program, got {cfg['KEY_SPLIT']}"
     if not isinstance(cfg["CHUNK"], int) or cfg["CHUNK"] < 1:
         return f"CHUNK: must be an integer >= 1, got {cfg['CHUNK']}"
     if cfg.get("dq_warps") not in (1, 2, 4, 8, 16):

@@ -129,15 +129,20 @@ def test_grads_varlen():
 
 
 def test_schedule_variants_agree():
-    """Reverse-index chunking (split lists with fp32 partials vs direct writes) and the query-split dK/dV of
-    the compressed branch change the schedule, not the result."""
-    spec = make_spec(G=2, hkv=1, n=2)
+    """Reverse-index chunking (split lists with fp32 partials vs direct writes), the key split of the
+    selection dK/dV, the query split of the compressed dK/dV and other tiles change the schedule, not the
+    result."""
+    spec = make_spec(G=2, hkv=1, blk=32, n=2, w=24)
     gen = torch.Generator().manual_seed(11)
-    xs = make_inputs(spec, 1, 53, gen)
-    do = torch.randn(1, 53, spec.attention.heads, spec.attention.head_dim_v, generator=gen)
+    xs = make_inputs(spec, 1, 71, gen)
+    do = torch.randn(1, 71, spec.attention.heads, spec.attention.head_dim_v, generator=gen)
     want = ref_grads(spec, xs, do)
-    cfg = {"bwd_slc": {"CHUNK": 4096, "BLOCK_T": 16}, "bwd_cmp": {"Q_CHUNK": 16, "BLOCK_M": 16}}
-    assert_close(kernel_grads(spec, xs, do, config=cfg), want)
+    variants = [
+        {"bwd_slc": {"CHUNK": 4096, "BLOCK_T": 16, "KEY_SPLIT": 1}, "bwd_cmp": {"Q_CHUNK": 16}},
+        {"bwd_slc": {"CHUNK": 5, "BLOCK_T": 8, "KEY_SPLIT": 2}, "bwd_win": {"DQ_BLOCK_N": 32, "BLOCK_N": 32}},
+    ]
+    for cfg in variants:
+        assert_close(kernel_grads(spec, xs, do, config=cfg), want)
 
 
 def test_deterministic_interpreter():
