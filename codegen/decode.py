@@ -105,7 +105,7 @@ def decode(
         cache._workspace[wkey] = ws
     idx = mod.run(
         q.contiguous(), cache.k, cache.v, cache.k_cmp_buf, cache.v_cmp_buf, cache.lengths,
-        g.contiguous(), out, ws,
+        g.contiguous(), out, ws, k_win=cache.k_win, v_win=cache.v_win,
     )
     return (out, idx) if return_indices else out
 

@@ -33,11 +33,12 @@ from torch import Tensor
 from .derived import derive
 from .spec import NSASpec
 
-__all__ = ["NSACache", "decode_reference", "mean_compressor"]
+__all__ = ["NSACache", "decode_reference", "forward_with_cache", "mean_compressor"]
 
 log = logging.getLogger("nsa_dsl.cache")
 
 Compressor = Callable[[Tensor], Tensor]
+BlockCompressor = Callable[[Tensor, Tensor, Tensor], "tuple[Tensor, Tensor]"]
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -69,8 +70,16 @@ class NSACache:
         capacity: tokens preallocated per sequence (grows by ``grow_factor`` when exceeded; growth
             reallocates, so a CUDA-graph captured step needs enough capacity up front).
         device, dtype: of the cached tensors (default: CPU, the spec's dtype).
-        compress_k, compress_v: the compressors for keys and values (``f(x [N, L, Hkv, D]) -> [N, Tc(L),
-            Hkv, D]``); default the mean when the spec's compression function is ``mean``.
+        compress_k, compress_v: whole-sequence compressors ``f(x [N, L, Hkv, D]) -> [N, Tc(L), Hkv, D]``
+            (e.g. ``nsa_dsl.Compressor`` modules); default the mean when the spec's compression is ``mean``.
+        compress_block: instead of compress_k/v, a block compressor ``f(k_tokens [N, l, Hkv, dk], v_tokens
+            [N, l, Hkv, dv], end_positions [N]) -> (k_cmp [N, Hkv, dk], v_cmp [N, Hkv, dv])`` (e.g.
+            ``NSAttention.compress_kv_block``, which also rotates k_cmp at the block's last token).
+        separate_source: the compressors read their own tokens (the layer's un-rotated K/V, or separate
+            compression projections) instead of the cached selection K/V; only the last
+            ``l + max_step - 1`` of them are kept (a ring buffer).
+        separate_window: the window branch has its own K/V (the paper's per-branch projections).
+        max_step: the most tokens one ``append`` adds (sizes the compression-source ring buffer; grows).
     """
 
     def __init__(
@@ -83,6 +92,10 @@ class NSACache:
         dtype: torch.dtype | None = None,
         compress_k: Compressor | None = None,
         compress_v: Compressor | None = None,
+        compress_block: BlockCompressor | None = None,
+        separate_source: bool = False,
+        separate_window: bool = False,
+        max_step: int = 16,
         grow_factor: float = 2.0,
     ) -> None:
         if not isinstance(spec, NSASpec):
@@ -93,32 +106,55 @@ class NSACache:
             raise ValueError(f"capacity: must be a positive integer, got {capacity!r}")
         if grow_factor <= 1.0:
             raise ValueError(f"grow_factor: must be > 1, got {grow_factor}")
-        if compress_k is None or compress_v is None:
-            if spec.compression.function != "mean":
-                raise ValueError(
-                    f"compress_k/compress_v: required for compression.function = "
-                    f"{spec.compression.function!r} (pass the layer's compressors, or use NSAttention)"
-                )
-            compress_k = compress_k or mean_compressor(spec)
-            compress_v = compress_v or mean_compressor(spec)
+        if not isinstance(max_step, int) or max_step <= 0:
+            raise ValueError(f"max_step: must be a positive integer, got {max_step!r}")
+        if compress_block is None:
+            if compress_k is None or compress_v is None:
+                if spec.compression.function != "mean":
+                    raise ValueError(
+                        f"compress_k/compress_v: required for compression.function = "
+                        f"{spec.compression.function!r} (pass the layer's compressors, or use "
+                        f"NSACache.for_layer)"
+                    )
+                compress_k = compress_k or mean_compressor(spec)
+                compress_v = compress_v or mean_compressor(spec)
+            compress_block = _block_compressor(compress_k, compress_v)
         self.spec = spec
         self.batch_size = batch_size
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype = dtype or _DTYPES[spec.attention.dtype]
-        self.compress_k = compress_k
-        self.compress_v = compress_v
+        self.compress_k, self.compress_v = compress_k, compress_v
+        self.compress_block = compress_block
+        self.separate_source = bool(separate_source)
+        self.separate_window = bool(separate_window) and spec.window_size > 0
         self.grow_factor = float(grow_factor)
         self._workspace: dict[Any, Any] = {}  # scratch buffers of the decode kernels (codegen.decode)
         a = spec.attention
-        self.k = torch.zeros(0)
-        self.v = torch.zeros(0)
-        self.k_cmp_buf = torch.zeros(0)
-        self.v_cmp_buf = torch.zeros(0)
+        self._hkv, self._dk, self._dv = a.kv_heads, a.head_dim_qk, a.head_dim_v
         self.capacity = 0
         self._alloc(capacity)
+        self.ring = 0
+        self._alloc_ring(max_step)
         self.lengths = torch.zeros(batch_size, dtype=torch.int32, device=self.device)
         self._host_lengths = [0] * batch_size
-        self._hkv, self._dk, self._dv = a.kv_heads, a.head_dim_qk, a.head_dim_v
+
+    @classmethod
+    def for_layer(
+        cls, layer: Any, batch_size: int, capacity: int = 1024, *, device: Any = None,
+        dtype: torch.dtype | None = None, max_step: int = 16,
+    ) -> NSACache:
+        """A cache for ``nsa_dsl.NSAttention`` ``layer``: its block compressor (RoPE on k_cmp), an
+        un-rotated compression source, and separate window K/V when the layer has them. ``dtype`` default:
+        the spec's dtype for the triton backend, else the layer's parameter dtype."""
+        p = next(layer.parameters())
+        if dtype is None:
+            dtype = _DTYPES[layer.spec.attention.dtype] if layer.backend == "triton" else p.dtype
+        return cls(
+            layer.spec, batch_size, capacity, device=device if device is not None else p.device, dtype=dtype,
+            compress_block=layer.compress_kv_block,
+            separate_source=layer.rope_theta is not None or layer.separate_kv,
+            separate_window=layer.separate_kv, max_step=max_step,
+        )
 
     # ---- storage ------------------------------------------------------------------------------
     @property
@@ -126,25 +162,57 @@ class NSACache:
         """Compressed blocks preallocated per sequence (Tc(capacity))."""
         return _num_cmp(self.spec, self.capacity)
 
+    def _buffers(self) -> dict[str, Tensor]:
+        out = {"k": self.k, "v": self.v, "k_cmp": self.k_cmp_buf, "v_cmp": self.v_cmp_buf}
+        if self.separate_window:
+            out.update(k_win=self.k_win, v_win=self.v_win)
+        if self.separate_source:
+            out.update(k_src=self.k_src, v_src=self.v_src)
+        return out
+
     def _alloc(self, capacity: int) -> None:
-        a = self.spec.attention
-        B, H = self.batch_size, a.kv_heads  # noqa: N806
+        B, H, dk, dv = self.batch_size, self._hkv, self._dk, self._dv  # noqa: N806
         tc = _num_cmp(self.spec, capacity) + 1  # + scratch row
         kw = {"device": self.device, "dtype": self.dtype}
-        k = torch.zeros(B, capacity, H, a.head_dim_qk, **kw)
-        v = torch.zeros(B, capacity, H, a.head_dim_v, **kw)
-        kc = torch.zeros(B, tc, H, a.head_dim_qk, **kw)
-        vc = torch.zeros(B, tc, H, a.head_dim_v, **kw)
+        new = {
+            "k": torch.zeros(B, capacity, H, dk, **kw),
+            "v": torch.zeros(B, capacity, H, dv, **kw),
+            "k_cmp_buf": torch.zeros(B, tc, H, dk, **kw),
+            "v_cmp_buf": torch.zeros(B, tc, H, dv, **kw),
+        }
+        if self.separate_window:
+            new["k_win"] = torch.zeros(B, capacity, H, dk, **kw)
+            new["v_win"] = torch.zeros(B, capacity, H, dv, **kw)
         if self.capacity:
             n, nc = self.capacity, _num_cmp(self.spec, self.capacity)
-            k[:, :n] = self.k
-            v[:, :n] = self.v
-            kc[:, :nc] = self.k_cmp_buf[:, :nc]
-            vc[:, :nc] = self.v_cmp_buf[:, :nc]
+            for name, t in new.items():
+                t[:, : (nc if "cmp" in name else n)] = getattr(self, name)[:, : (nc if "cmp" in name else n)]
             log.info("NSACache: capacity %d -> %d tokens per sequence", self.capacity, capacity)
-        self.k, self.v, self.k_cmp_buf, self.v_cmp_buf = k, v, kc, vc
+        for name, t in new.items():
+            setattr(self, name, t)
+        if not self.separate_window:
+            self.k_win, self.v_win = self.k, self.v  # the window is a view of the raw K/V
         self.capacity = capacity
         self._workspace.clear()
+
+    def _alloc_ring(self, max_step: int) -> None:
+        """Compression-source ring buffer: the last l + max_step - 1 tokens (rounded up to a power of two)."""
+        if not self.separate_source:
+            return
+        need = self.spec.compression.block + max_step - 1
+        ring = 1 << (need - 1).bit_length()
+        if ring <= self.ring:
+            return
+        B, H = self.batch_size, self._hkv  # noqa: N806
+        kw = {"device": self.device, "dtype": self.dtype}
+        k_src = torch.zeros(B, ring, H, self._dk, **kw)
+        v_src = torch.zeros(B, ring, H, self._dv, **kw)
+        if self.ring:  # re-place the kept tokens at their new ring slots
+            for b, n in enumerate(self._host_lengths):
+                pos = torch.arange(max(0, n - self.ring), n, device=self.device)
+                k_src[b, pos % ring] = self.k_src[b, pos % self.ring]
+                v_src[b, pos % ring] = self.v_src[b, pos % self.ring]
+        self.k_src, self.v_src, self.ring = k_src, v_src, ring
 
     def reserve(self, n_tokens: int) -> None:
         """Make room for ``n_tokens`` tokens per sequence (reallocates: pointers change)."""
@@ -171,10 +239,10 @@ class NSACache:
         return max(self._host_lengths)
 
     def window(self, b: int) -> tuple[Tensor, Tensor]:
-        """The window branch's keys/values of sequence ``b``: views of the raw cache (last w tokens)."""
+        """The window branch's keys/values of sequence ``b`` (last w tokens; views of the cache)."""
         n, w = self._host_lengths[b], self.spec.window_size
         lo = max(0, n - w) if w else n
-        return self.k[b, lo:n], self.v[b, lo:n]
+        return self.k_win[b, lo:n], self.v_win[b, lo:n]
 
     # ---- filling ------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -190,29 +258,28 @@ class NSACache:
         *,
         k_cmp: Tensor | None = None,
         v_cmp: Tensor | None = None,
+        k_src: Tensor | None = None,
+        v_src: Tensor | None = None,
+        k_win: Tensor | None = None,
+        v_win: Tensor | None = None,
         cu_seqlens: Tensor | None = None,
     ) -> None:
         """Fill the cache from a full forward's K/V (replaces the contents).
 
-        ``k`` [B, T, Hkv, dk], ``v`` [B, T, Hkv, dv], right-padded; ``lengths`` (default all T) gives each
-        sequence's real length. Or a varlen pack: ``k`` [1, total, ...] with ``cu_seqlens`` int32 [B+1].
-        ``k_cmp``/``v_cmp`` [B, Tc(T), Hkv, ·]: the forward's compressed K/V (for the padded batch; blocks
-        that reach into padding are recomputed when they complete); default: computed with the compressors.
+        ``k`` [B, T, Hkv, dk], ``v`` [B, T, Hkv, dv] (selection K/V), right-padded; ``lengths`` (default all
+        T) gives each sequence's real length. Or a varlen pack: [1, total, ...] tensors with ``cu_seqlens``
+        int32 [B+1] (``k_cmp``/``v_cmp`` then packed at ``compressed_cu_seqlens``). ``k_cmp``/``v_cmp``
+        [B, Tc(T), Hkv, ·]: the forward's compressed K/V (blocks that reach into padding are recomputed when
+        they complete); default: computed here, block by block. ``k_src``/``v_src``: the compressors' input
+        tokens (required with ``separate_source``); ``k_win``/``v_win``: the window K/V (required with
+        ``separate_window``).
         """
+        if self.separate_source and (k_src is None or v_src is None):
+            raise ValueError("k_src/v_src: required (this cache keeps the compressors' own input tokens)")
+        if self.separate_window and (k_win is None or v_win is None):
+            raise ValueError("k_win/v_win: required (this cache keeps separate window K/V)")
         if cu_seqlens is not None:
-            if k_cmp is not None or v_cmp is not None:
-                raise ValueError("k_cmp/v_cmp: not supported together with cu_seqlens (computed here)")
-            offs = [int(x) for x in cu_seqlens.tolist()]
-            lens = [b - a for a, b in zip(offs[:-1], offs[1:], strict=True)]
-            if len(lens) != self.batch_size:
-                raise ValueError(f"cu_seqlens: expected {self.batch_size + 1} entries, got {len(offs)}")
-            T = max(lens) if lens else 0  # noqa: N806
-            kp = k.new_zeros(self.batch_size, T, *k.shape[2:])
-            vp = v.new_zeros(self.batch_size, T, *v.shape[2:])
-            for i, (a, n) in enumerate(zip(offs[:-1], lens, strict=True)):
-                kp[i, :n] = k[0, a : a + n]
-                vp[i, :n] = v[0, a : a + n]
-            return self.prefill(kp, vp, lens)
+            return self._prefill_varlen(k, v, k_cmp, v_cmp, k_src, v_src, k_win, v_win, cu_seqlens)
         self._check_kv("k", k, self._dk)
         self._check_kv("v", v, self._dv)
         B, T = k.shape[:2]  # noqa: N806
@@ -225,13 +292,20 @@ class NSACache:
         self.reserve(T)
         self.k[:, :T] = k.to(self.dtype)
         self.v[:, :T] = v.to(self.dtype)
+        if self.separate_window:
+            self.k_win[:, :T] = k_win.to(self.dtype)
+            self.v_win[:, :T] = v_win.to(self.dtype)
+        if self.separate_source:
+            pos = torch.arange(max(0, T - self.ring), T, device=self.device)
+            self.k_src[:, pos % self.ring] = k_src[:, pos].to(self.dtype)
+            self.v_src[:, pos % self.ring] = v_src[:, pos].to(self.dtype)
         tc = _num_cmp(self.spec, T)
-        with torch.no_grad():
-            if k_cmp is None:
-                k_cmp = self.compress_k(k) if tc else None
-            if v_cmp is None:
-                v_cmp = self.compress_v(v) if tc else None
         if tc:
+            if k_cmp is None or v_cmp is None:
+                with torch.no_grad():
+                    k_cmp, v_cmp = self._compress_range(
+                        k_src if self.separate_source else k, v_src if self.separate_source else v, tc
+                    )
             for name, x, d in (("k_cmp", k_cmp, self._dk), ("v_cmp", v_cmp, self._dv)):
                 if tuple(x.shape) != (B, tc, self._hkv, d):
                     raise ValueError(f"{name}: expected shape {(B, tc, self._hkv, d)}, got {tuple(x.shape)}")
@@ -239,6 +313,40 @@ class NSACache:
             self.v_cmp_buf[:, :tc] = v_cmp.to(self.dtype)
         self._host_lengths = lens
         self.lengths.copy_(torch.tensor(lens, dtype=torch.int32))
+
+    def _prefill_varlen(self, k, v, k_cmp, v_cmp, k_src, v_src, k_win, v_win, cu_seqlens) -> None:
+        from .reference import compressed_cu_seqlens
+
+        offs = [int(x) for x in cu_seqlens.tolist()]
+        lens = [b - a for a, b in zip(offs[:-1], offs[1:], strict=True)]
+        if len(lens) != self.batch_size:
+            raise ValueError(f"cu_seqlens: expected {self.batch_size + 1} entries, got {len(offs)}")
+        T = max(lens) if lens else 0  # noqa: N806
+
+        def unpack(x: Tensor | None, cu: list[int], n: int) -> Tensor | None:
+            if x is None:
+                return None
+            out = x.new_zeros(self.batch_size, n, *x.shape[2:])
+            for i, (a, b) in enumerate(zip(cu[:-1], cu[1:], strict=True)):
+                out[i, : b - a] = x[0, a:b]
+            return out
+
+        tc_offs = None
+        if k_cmp is not None and v_cmp is not None:
+            tc_offs = [int(x) for x in compressed_cu_seqlens(cu_seqlens, self.spec).tolist()]
+        tc = _num_cmp(self.spec, T)
+        self.prefill(
+            unpack(k, offs, T), unpack(v, offs, T), lens,
+            k_cmp=unpack(k_cmp, tc_offs, tc) if tc_offs else None,
+            v_cmp=unpack(v_cmp, tc_offs, tc) if tc_offs else None,
+            k_src=unpack(k_src, offs, T), v_src=unpack(v_src, offs, T),
+            k_win=unpack(k_win, offs, T), v_win=unpack(v_win, offs, T),
+        )
+        if self.separate_source:  # the ring holds each sequence's own last tokens
+            for b, n in enumerate(lens):
+                pos = torch.arange(max(0, n - self.ring), n, device=self.device)
+                self.k_src[b, pos % self.ring] = k_src[0, offs[b] + pos].to(self.dtype)
+                self.v_src[b, pos % self.ring] = v_src[0, offs[b] + pos].to(self.dtype)
 
     def _check_kv(self, name: str, x: Tensor, d: int, s: int | None = None) -> None:
         if not isinstance(x, Tensor) or x.dim() != 4:
@@ -252,38 +360,92 @@ class NSACache:
         if x.device != self.device:
             raise ValueError(f"{name}: must be on the cache's device {self.device}, got {x.device}")
 
-    def append(self, k_new: Tensor, v_new: Tensor, *, compress: str = "auto") -> None:
-        """Append S new tokens to every sequence: ``k_new`` [B, S, Hkv, dk], ``v_new`` [B, S, Hkv, dv].
+    def append(
+        self,
+        k_new: Tensor,
+        v_new: Tensor,
+        *,
+        k_src: Tensor | None = None,
+        v_src: Tensor | None = None,
+        k_win: Tensor | None = None,
+        v_win: Tensor | None = None,
+        compress: str = "auto",
+    ) -> None:
+        """Append S new tokens to every sequence: ``k_new`` [B, S, Hkv, dk], ``v_new`` [B, S, Hkv, dv]
+        (plus ``k_src``/``v_src`` with ``separate_source`` and ``k_win``/``v_win`` with ``separate_window``).
 
         Writes land at each sequence's own length (device-side indices; no sync). Compressed blocks that
-        complete (i*d + l in (L_old, L_new]) are computed from exactly their l raw tokens. ``compress``:
+        complete (i*d + l in (L_old, L_new]) are computed from exactly their l source tokens. ``compress``:
         ``"auto"`` runs the compressor only when the host mirror says some block completes; ``"always"``
-        runs it every step at a static shape (for CUDA-graph capture); ``"never"`` skips it (the caller
-        takes care of it).
+        runs it every step at a static shape (for CUDA-graph capture); ``"never"`` skips it.
         """
+        if compress not in ("auto", "always", "never"):
+            raise ValueError(f"compress: must be 'auto', 'always' or 'never', got {compress!r}")
         self._check_kv("k_new", k_new, self._dk)
         S = k_new.shape[1]  # noqa: N806
         self._check_kv("v_new", v_new, self._dv, S)
+        extra = []
+        if self.separate_source:
+            if k_src is None or v_src is None:
+                raise ValueError("k_src/v_src: required (this cache keeps the compressors' own input tokens)")
+            self._check_kv("k_src", k_src, self._dk, S)
+            self._check_kv("v_src", v_src, self._dv, S)
+        if self.separate_window:
+            if k_win is None or v_win is None:
+                raise ValueError("k_win/v_win: required (this cache keeps separate window K/V)")
+            self._check_kv("k_win", k_win, self._dk, S)
+            self._check_kv("v_win", v_win, self._dv, S)
         self.reserve(self.max_length + S)
+        if self.separate_window:
+            extra = [(self.k_win, k_win), (self.v_win, v_win)]
+        self._alloc_ring(S)
         B = self.batch_size  # noqa: N806
         old = self.lengths
         pos = old.long()[:, None] + torch.arange(S, device=self.device)[None, :]
         bi = torch.arange(B, device=self.device)[:, None].expand(B, S)
-        self.k[bi, pos] = k_new.to(self.dtype)
-        self.v[bi, pos] = v_new.to(self.dtype)
+        for buf, x in [(self.k, k_new), (self.v, v_new), *extra]:
+            buf[bi, pos] = x.to(self.dtype)
+        if self.separate_source:
+            self.k_src[bi, pos % self.ring] = k_src.to(self.dtype)
+            self.v_src[bi, pos % self.ring] = v_src.to(self.dtype)
         new = old + S
         host_old = self._host_lengths
         self._host_lengths = [n + S for n in host_old]
-        if compress == "always" or (
-            compress == "auto" and any(self._completes(a, a + S) for a in host_old)
-        ):
+        if compress == "always" or (compress == "auto" and any(self._completes(a, a + S) for a in host_old)):
             self._compress_new(old, new, S)
-        elif compress not in ("auto", "never"):
-            raise ValueError(f"compress: must be 'auto', 'always' or 'never', got {compress!r}")
         self.lengths.copy_(new)
 
     def _completes(self, n_old: int, n_new: int) -> bool:
         return _num_cmp(self.spec, n_new) > _num_cmp(self.spec, n_old)
+
+    def _gather_blocks(self, start: Tensor) -> tuple[Tensor, Tensor]:
+        """Source tokens of the blocks starting at ``start`` [B, C]: [B*C, l, Hkv, dk], [B*C, l, Hkv, dv]."""
+        l = self.spec.compression.block  # noqa: E741
+        B, C = start.shape  # noqa: N806
+        tok = start[:, :, None] + torch.arange(l, device=self.device)[None, None, :]  # [B, C, l]
+        bi = torch.arange(B, device=self.device)[:, None, None].expand(B, C, l)
+        if self.separate_source:
+            kb, vb = self.k_src[bi, tok % self.ring], self.v_src[bi, tok % self.ring]
+        else:
+            kb, vb = self.k[bi, tok], self.v[bi, tok]
+        return kb.reshape(B * C, l, self._hkv, self._dk), vb.reshape(B * C, l, self._hkv, self._dv)
+
+    def _run_compressor(self, kb: Tensor, vb: Tensor, start: Tensor) -> tuple[Tensor, Tensor]:
+        B, C = start.shape  # noqa: N806
+        end = (start + self.spec.compression.block - 1).reshape(-1)
+        kc, vc = self.compress_block(kb, vb, end)
+        return kc.reshape(B, C, self._hkv, self._dk), vc.reshape(B, C, self._hkv, self._dv)
+
+    def _compress_range(self, k: Tensor, v: Tensor, tc: int) -> tuple[Tensor, Tensor]:
+        """Prefill: blocks 0..tc-1 of full source tensors k/v [B, T, ...], block by block."""
+        l, d = self.spec.compression.block, self.spec.compression.stride  # noqa: E741
+        B = k.shape[0]  # noqa: N806
+        start = (torch.arange(tc, device=k.device) * d)[None, :].expand(B, tc)
+        tok = start[:, :, None] + torch.arange(l, device=k.device)
+        bi = torch.arange(B, device=k.device)[:, None, None]
+        kb = k[bi, tok].reshape(B * tc, l, self._hkv, self._dk)
+        vb = v[bi, tok].reshape(B * tc, l, self._hkv, self._dv)
+        return self._run_compressor(kb, vb, start)
 
     @torch.no_grad()
     def _compress_new(self, old: Tensor, new: Tensor, S: int) -> None:  # noqa: N803
@@ -295,12 +457,8 @@ class NSACache:
         cand = top[:, None] - torch.arange(C, device=dev)[None, :]  # [B, C]
         ok = (cand >= 0) & (cand * d + l > old.long()[:, None])
         start = cand.clamp(min=0) * d
-        tok = start[:, :, None] + torch.arange(l, device=dev)[None, None, :]  # [B, C, l]
-        bi = torch.arange(B, device=dev)[:, None, None].expand(B, C, l)
-        kb = self.k[bi, tok].reshape(B * C, l, self._hkv, self._dk)
-        vb = self.v[bi, tok].reshape(B * C, l, self._hkv, self._dv)
-        kc = self.compress_k(kb).reshape(B, C, self._hkv, self._dk)
-        vc = self.compress_v(vb).reshape(B, C, self._hkv, self._dv)
+        kb, vb = self._gather_blocks(start)
+        kc, vc = self._run_compressor(kb, vb, start)
         dest = torch.where(ok, cand, torch.full_like(cand, self.capacity_cmp))  # scratch row if not complete
         bc = torch.arange(B, device=dev)[:, None].expand(B, C)
         self.k_cmp_buf[bc, dest] = kc.to(self.dtype)
@@ -308,25 +466,23 @@ class NSACache:
 
     # ---- memory -------------------------------------------------------------------------------
     def memory_per_token(self) -> float:
-        """Bytes this layer's cache holds per token of one sequence: raw K/V + compressed K/V / d."""
-        a = self.spec.attention
+        """Bytes this layer's cache holds per token of one sequence: raw K/V (+ separate window K/V) +
+        compressed K/V / d (the compression-source ring buffer is a constant, see ``memory_report``)."""
         e = torch.empty(0, dtype=self.dtype).element_size()
-        raw = a.kv_heads * (a.head_dim_qk + a.head_dim_v) * e
-        return raw * (1.0 + 1.0 / self.spec.compression.stride)
+        raw = self._hkv * (self._dk + self._dv) * e
+        return raw * ((2.0 if self.separate_window else 1.0) + 1.0 / self.spec.compression.stride)
 
     def memory_report(self) -> dict[str, Any]:
         """Allocated bytes per buffer, bytes per token (NSA vs a dense cache), capacity and lengths."""
-        a = self.spec.attention
         e = torch.empty(0, dtype=self.dtype).element_size()
-        bufs = {"k": self.k, "v": self.v, "k_cmp": self.k_cmp_buf, "v_cmp": self.v_cmp_buf}
-        allocated = {n: t.numel() * t.element_size() for n, t in bufs.items()}
+        allocated = {n: t.numel() * t.element_size() for n, t in self._buffers().items()}
         ws = sum(
             t.numel() * t.element_size()
             for w in self._workspace.values()
             for t in (w.values() if isinstance(w, dict) else [])
             if isinstance(t, Tensor)
         )
-        dense = a.kv_heads * (a.head_dim_qk + a.head_dim_v) * e
+        dense = self._hkv * (self._dk + self._dv) * e
         return {
             "batch_size": self.batch_size,
             "capacity": self.capacity,
@@ -339,7 +495,7 @@ class NSACache:
             "bytes_per_token": self.memory_per_token(),
             "dense_bytes_per_token": float(dense),
             "used_bytes": int(self.memory_per_token() * sum(self._host_lengths)),
-            "window_bytes": 0,  # the window is a view of the raw K/V
+            "window_bytes": allocated.get("k_win", 0) + allocated.get("v_win", 0),
         }
 
     def __repr__(self) -> str:
@@ -347,6 +503,15 @@ class NSACache:
             f"NSACache(spec={self.spec.name!r}, B={self.batch_size}, capacity={self.capacity}, "
             f"lengths={self._host_lengths}, dtype={self.dtype}, device={self.device})"
         )
+
+
+def _block_compressor(compress_k: Compressor, compress_v: Compressor) -> BlockCompressor:
+    """Adapt whole-sequence compressors to the block interface (one block of l tokens -> one row)."""
+
+    def f(kb: Tensor, vb: Tensor, end_positions: Tensor) -> tuple[Tensor, Tensor]:
+        return compress_k(kb)[:, 0], compress_v(vb)[:, 0]
+
+    return f
 
 
 # ------------------------------------------------------------------------------------------------
@@ -438,7 +603,76 @@ def decode_reference(q: Tensor, cache: NSACache, g: Tensor, *, scale: float | No
             o = gs[:, 0:1] * o_cmp + gs[:, 1:2] * o_slc
             if w:
                 lo = max(0, t - w + 1)
-                o_win, _ = attend(qh, kk[:, lo:], vv[:, lo:])
+                kw = cache.k_win[b, lo : t + 1, head_kv].to(cdt).transpose(0, 1)
+                vw = cache.v_win[b, lo : t + 1, head_kv].to(cdt).transpose(0, 1)
+                o_win, _ = attend(qh, kw, vw)
                 o = o + gs[:, 2:3] * o_win
             out[b, s] = o
     return out.to(q.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# NSAttention with a cache
+# ------------------------------------------------------------------------------------------------
+
+
+def forward_with_cache(layer: Any, x: Tensor, cache: NSACache, *, cu_seqlens: Tensor | None = None) -> Tensor:
+    """``NSAttention(...)(x, cache=cache)``: prefill when the cache is empty, else a decode step.
+
+    Prefill: x [B, T, hidden] (every sequence T tokens) or a varlen pack x [1, total, hidden] with
+    ``cu_seqlens`` (B = cache.batch_size sequences of different lengths): the full forward's output, and
+    the cache filled with its K/V, compression-source tokens and compressed K/V.
+    Decode: x [B, S, hidden], the S next tokens of every sequence (positions = cached lengths + 0..S-1):
+    projects, appends (compressing the blocks that complete), attends with ``decode_reference``
+    (backend "reference") or the generated kernels (backend "triton"), and returns [B, S, hidden].
+    """
+    from .rope import sequence_positions
+
+    if not isinstance(cache, NSACache):
+        raise TypeError(f"cache: must be an NSACache (see NSACache.for_layer), got {type(cache).__name__}")
+    if cache.spec != layer.spec:
+        raise ValueError(f"cache: built for spec {cache.spec.name!r}, the layer has {layer.spec.name!r}")
+    if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != layer.hidden_size:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"x: expected [B, T, hidden_size={layer.hidden_size}], got {shape}")
+    B, T, _ = x.shape  # noqa: N806
+    separate = layer.separate_kv and layer.spec.window_size > 0
+    if (layer.rope_theta is not None or layer.separate_kv) and not cache.separate_source:
+        raise ValueError("cache: the layer compresses un-rotated or separate K/V: use NSACache.for_layer")
+    if separate and not cache.separate_window:
+        raise ValueError("cache: this layer has separate window K/V: build it with NSACache.for_layer")
+    if cache.max_length == 0:  # prefill
+        if cu_seqlens is None and B != cache.batch_size:
+            raise ValueError(f"x: expected batch {cache.batch_size} (the cache's), got {B}")
+        positions = sequence_positions(T, cu_seqlens, device=x.device)
+        p = layer.project(x, positions)
+        k_cmp, v_cmp = layer.compress_kv(p["k_raw"], p["v_raw"], cu_seqlens=cu_seqlens)
+        g = layer.gates(x)
+        o = layer._attend(p, k_cmp, v_cmp, g, cu_seqlens)
+        with torch.no_grad():
+            cache.prefill(
+                p["k"], p["v"], k_cmp=k_cmp, v_cmp=v_cmp, cu_seqlens=cu_seqlens,
+                k_src=p["k_raw"] if cache.separate_source else None,
+                v_src=p["v_raw"] if cache.separate_source else None,
+                k_win=p["k_win"] if separate else None, v_win=p["v_win"] if separate else None,
+            )
+        return layer.o_proj(o.reshape(B, T, -1).to(x.dtype))
+    if cu_seqlens is not None:
+        raise ValueError("cu_seqlens: only for the prefill call (decode steps take x [B, S, hidden])")
+    if B != cache.batch_size:
+        raise ValueError(f"x: expected batch {cache.batch_size} (the cache's), got {B}")
+    positions = cache.lengths.long()[:, None] + torch.arange(T, device=x.device)[None, :]  # [B, S]
+    p = layer.project(x, positions)
+    with torch.no_grad():
+        cache.append(
+            p["k"], p["v"],
+            k_src=p["k_raw"] if cache.separate_source else None,
+            v_src=p["v_raw"] if cache.separate_source else None,
+            k_win=p["k_win"] if separate else None, v_win=p["v_win"] if separate else None,
+        )
+    g = layer.gates(x)
+    if layer.backend == "triton":
+        o = layer._triton_op().decode(p["q"].to(cache.dtype), cache, g.to(cache.dtype))
+    else:
+        o = decode_reference(p["q"].to(cache.dtype), cache, g)
+    return layer.o_proj(o.reshape(B, T, -1).to(x.dtype))

@@ -229,7 +229,9 @@ class NSAttention(nn.Module):
     def _forward_with_cache(self, x: Tensor, cache: Any, *, cu_seqlens: Tensor | None = None) -> Tensor:
         """Incremental decoding / chunked prefill with an ``nsa_dsl.NSACache`` (implemented by the decode
         work; must produce the same outputs as ``forward`` on the whole sequence)."""
-        raise NotImplementedError("NSAttention: forward with a cache is not implemented yet (nsa_dsl.cache)")
+        from .cache import forward_with_cache
+
+        return forward_with_cache(self, x, cache, cu_seqlens=cu_seqlens)
 
     def extra_repr(self) -> str:
         return (

@@ -219,3 +219,55 @@ def test_errors():
     cache.prefill(k, v)
     with pytest.raises(ValueError, match="S = 5"):
         decode_reference(torch.zeros(2, 5, 4, 16, dtype=torch.float64), cache, torch.zeros(2, 5, 4, 3))
+
+
+# ---- NSAttention with a cache -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("separate_kv,rope", [(False, True), (True, True), (False, False)])
+def test_layer_prefill_then_decode_matches_forward(separate_kv, rope):
+    from nsa_dsl import NSAttention
+
+    spec = SPECS["tiny"]
+    torch.manual_seed(3)
+    layer = NSAttention(24, spec, separate_kv=separate_kv, rope_theta=10000.0 if rope else None).double()
+    B, T, P = 2, 52, 13  # noqa: N806
+    x = torch.randn(B, T, 24, dtype=torch.float64)
+    with torch.no_grad():
+        full = layer(x)
+        cache = NSACache.for_layer(layer, B, capacity=16, max_step=2)
+        outs = [layer(x[:, :P], cache=cache)]
+        t = P
+        for S in [1, 1, 3, 1, 4, 2, 5] * 4:  # noqa: N806 - speculative-style steps of several tokens
+            if t + S > T:
+                break
+            outs.append(layer(x[:, t : t + S], cache=cache))
+            t += S
+    got = torch.cat(outs, 1)
+    torch.testing.assert_close(got, full[:, :t], rtol=1e-10, atol=1e-10)
+    assert cache.host_lengths == [t, t]
+    assert cache.ring >= spec.compression.block + 5 - 1 if (separate_kv or rope) else cache.ring == 0
+
+
+def test_layer_varlen_prefill_mixed_lengths():
+    from nsa_dsl import NSAttention
+
+    spec = SPECS["tiny"]
+    torch.manual_seed(4)
+    layer = NSAttention(24, spec, separate_kv=True).double()
+    lens, steps = [9, 30], 22
+    xs = [torch.randn(1, n + steps, 24, dtype=torch.float64) for n in lens]
+    with torch.no_grad():
+        fulls = [layer(x) for x in xs]
+        cache = NSACache.for_layer(layer, 2, capacity=64)
+        packed = torch.cat([x[:, :n] for x, n in zip(xs, lens, strict=True)], 1)
+        cu = torch.tensor([0, lens[0], sum(lens)], dtype=torch.int32)
+        o = layer(packed, cu_seqlens=cu, cache=cache)
+        torch.testing.assert_close(o[0, : lens[0]], fulls[0][0, : lens[0]], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(o[0, lens[0] :], fulls[1][0, : lens[1]], rtol=1e-10, atol=1e-10)
+        assert cache.host_lengths == lens
+        for i in range(steps):
+            xt = torch.cat([x[:, n + i : n + i + 1] for x, n in zip(xs, lens, strict=True)], 0)
+            ot = layer(xt, cache=cache)
+            for b, n in enumerate(lens):
+                torch.testing.assert_close(ot[b, 0], fulls[b][0, n + i], rtol=1e-10, atol=1e-10)
