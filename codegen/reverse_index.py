@@ -89,12 +89,13 @@ def build(indices: Tensor, cu_seqlens: Tensor, block: int, chunk: int) -> Revers
     keys = torch.where(valid, bkey * T + tok, torch.full_like(bkey, sentinel)).reshape(-1)
     skeys = torch.sort(keys).values
     nkeys = hkv * nb_total
-    counts = torch.bincount(torch.where(valid, bkey, torch.full_like(bkey, nkeys)).reshape(-1),
-                            minlength=nkeys + 1)[:nkeys]
-    n_entries = int(counts.sum().item())
+    n_entries = int(valid.sum().item())
     skeys = skeys[:n_entries]
     tokens = (skeys % T).to(i32)
-    offs = torch.cumsum(counts, 0) - counts
+    # per-block offsets by binary search over the sorted block keys (no bincount: deterministic-mode safe)
+    bounds = torch.searchsorted(skeys // T, torch.arange(nkeys + 1, device=dev))
+    offs = bounds[:-1]
+    counts = bounds[1:] - bounds[:-1]
     nch = (counts + chunk - 1) // chunk
     n_items = int(nch.sum().item())
     if n_items == 0:
