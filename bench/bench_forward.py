@@ -268,6 +268,22 @@ def summarize(meta: dict[str, Any]) -> dict[str, tuple[list[dict[str, Any]], lis
     }
 
 
+def save(meta: dict[str, Any], args, quiet: bool = False) -> None:
+    """Write JSON + Markdown (+ PNG) of the rows so far (called after each T: a killed run keeps its rows)."""
+    tables = summarize(meta)
+    paths = common.write_results(args.name, ROWS, meta, tables, args.out)
+    series: dict[str, list[tuple[float, float]]] = {}
+    for r in ROWS:
+        dense_line = r["section"] == "dense" and "cudnn" in r["impl"]
+        if r["ms"] and (r["section"] in ("full", "window") or dense_line):
+            series.setdefault(f"{r['impl']} ({r['spec']})", []).append((r["T"], r["ms"]))
+    why = common.plot_lines(args.out / f"{args.name}.png", series, title=f"NSA forward, {meta.get('card')}")
+    if not quiet:
+        print(why or f"plot: {args.out / (args.name + '.png')}")
+        print(common.markdown_table(*tables["summary (full forward)"]))
+        print(f"results: {paths['json']} {paths['md']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--T", type=int, nargs="+", default=[8192, 16384, 32768, 65536, 131072])
@@ -294,27 +310,20 @@ def main(argv: list[str] | None = None) -> int:
     meta["matmul_bf16_tflops"] = round(common.matmul_tflops(), 1)
     print(f"card: {meta.get('card')}  torch {meta['torch']}  triton {meta['triton']}  "
           f"bf16 matmul {meta['matmul_bf16_tflops']} TFLOP/s", flush=True)
-    for s in args.specs:
-        try:
-            bench_spec(s, args.T, args)
-        except Exception:
-            traceback.print_exc()
+    # Ts in the outer loop so that a time limit still leaves every spec measured at the smaller Ts
+    for T in args.T:
+        for s in args.specs:
+            try:
+                bench_spec(s, [T], args)
+            except Exception:
+                traceback.print_exc()
+        save(meta, args, quiet=True)
     if not args.no_schedules:
         try:
             schedules(args.schedule_T, args.schedule_specs, args)
         except Exception:
             traceback.print_exc()
-    tables = summarize(meta)
-    paths = common.write_results(args.name, ROWS, meta, tables, args.out)
-    series: dict[str, list[tuple[float, float]]] = {}
-    for r in ROWS:
-        dense_line = r["section"] == "dense" and "cudnn" in r["impl"]
-        if r["ms"] and (r["section"] in ("full", "window") or dense_line):
-            series.setdefault(f"{r['impl']} ({r['spec']})", []).append((r["T"], r["ms"]))
-    why = common.plot_lines(args.out / f"{args.name}.png", series, title=f"NSA forward, {meta.get('card')}")
-    print(why or f"plot: {args.out / (args.name + '.png')}")
-    print(common.markdown_table(*tables["summary (full forward)"]))
-    print(f"results: {paths['json']} {paths['md']}")
+    save(meta, args)
     return 0
 
 
