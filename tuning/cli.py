@@ -89,6 +89,12 @@ def _tune_parser() -> argparse.ArgumentParser:
         help="worker processes, one GPU each, sharing one Optuna storage",
     )
     p.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
+    p.add_argument(
+        "--compile-jobs",
+        type=int,
+        default=None,
+        help="processes compiling candidates in parallel (default: min(8, cores/2) on a GPU)",
+    )
     p.add_argument("--force", action="store_true", help="search again even if the cache has a record")
     p.add_argument("--sampler", choices=("tpe", "random"), default="tpe", help=argparse.SUPPRESS)
     p.add_argument("--fake", action="store_true", help=argparse.SUPPRESS)  # fake kernel/timer (tests, demos)
@@ -195,6 +201,7 @@ def _run_tune(args: argparse.Namespace) -> int:
                     force=args.force,
                     workers=args.workers,
                     sampler=args.sampler,
+                    compile_jobs=args.compile_jobs,
                     progress=cb,
                     **extra,
                 )

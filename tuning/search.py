@@ -215,46 +215,58 @@ def _first_line(e: BaseException) -> str:
     return s[0][:300] if s else ""
 
 
-def _objective(ctx: _Ctx) -> Callable[[Any], float]:
+def _propose(study: Any, ctx: _Ctx) -> tuple[Any, dict[str, Any] | None]:
+    """Ask the sampler for a trial. Invalid points and points already evaluated are told at once (pruned /
+    the earlier value) and come back with config None; otherwise (trial, config to evaluate)."""
     import optuna
 
-    def objective(trial: Any) -> float:
-        point = {p: trial.suggest_categorical(p, list(ctx.space[p])) for p in sorted(ctx.space)}
-        cfg = full_config(ctx.kdef, ctx.spec, point, ctx.limits)
-        c = canonical(cfg)
-        trial.set_user_attr("config", c)
-        why = why_invalid(ctx.kdef, ctx.spec, cfg, ctx.limits)
-        if why:
-            trial.set_user_attr("invalid", why)
-            raise optuna.TrialPruned(why)
-        for t in trial.study.get_trials(deepcopy=False):
-            if t.number == trial.number or t.user_attrs.get("config") != c:
-                continue
-            if t.state == optuna.trial.TrialState.COMPLETE:
-                trial.set_user_attr("duplicate", True)
-                return float(t.value)
-            if t.state == optuna.trial.TrialState.FAIL and t.user_attrs.get("evaluated"):
-                trial.set_user_attr("duplicate", True)
-                raise optuna.TrialPruned("duplicate of a failed candidate")
-        trial.set_user_attr("worker", os.getpid())
-        # "evaluated" is set only once the outcome is known: an interrupted trial (Ctrl-C, killed worker)
-        # does not count towards the budget and its config is tried again on resume.
-        try:
-            ms = _evaluate(ctx, cfg)
-        except CandidateRejected as e:
-            trial.set_user_attr("rejected", str(e))
-            trial.set_user_attr("evaluated", True)
-            log.info("candidate %s rejected: %s", c, e)
-            raise _TrialFailed(str(e)) from None
-        except _TrialFailed as e:
-            trial.set_user_attr("error", str(e))
-            trial.set_user_attr("evaluated", True)
-            log.info("candidate %s failed: %s", c, e)
-            raise
-        trial.set_user_attr("evaluated", True)
-        return ms
+    trial = study.ask()
+    point = {p: trial.suggest_categorical(p, list(ctx.space[p])) for p in sorted(ctx.space)}
+    cfg = full_config(ctx.kdef, ctx.spec, point, ctx.limits)
+    c = canonical(cfg)
+    trial.set_user_attr("config", c)
+    why = why_invalid(ctx.kdef, ctx.spec, cfg, ctx.limits)
+    if why:
+        trial.set_user_attr("invalid", why)
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        return trial, None
+    for t in study.get_trials(deepcopy=False):
+        if t.number == trial.number or t.user_attrs.get("config") != c:
+            continue
+        if t.state == optuna.trial.TrialState.COMPLETE:
+            trial.set_user_attr("duplicate", True)
+            study.tell(trial, float(t.value))
+            return trial, None
+        if t.state == optuna.trial.TrialState.FAIL and t.user_attrs.get("evaluated"):
+            trial.set_user_attr("duplicate", True)
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            return trial, None
+    return trial, cfg
 
-    return objective
+
+def _finish(study: Any, ctx: _Ctx, trial: Any, cfg: dict[str, Any]) -> None:
+    """Evaluate one proposed config and tell the study. ``evaluated`` is set only once the outcome is known:
+    an interrupted trial (Ctrl-C, killed worker) stays RUNNING, does not count, and is tried again later."""
+    import optuna
+
+    c = canonical(cfg)
+    trial.set_user_attr("worker", os.getpid())
+    try:
+        ms = _evaluate(ctx, cfg)
+    except CandidateRejected as e:
+        trial.set_user_attr("rejected", str(e))
+        trial.set_user_attr("evaluated", True)
+        log.info("candidate %s rejected: %s", c, e)
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        return
+    except _TrialFailed as e:
+        trial.set_user_attr("error", str(e))
+        trial.set_user_attr("evaluated", True)
+        log.info("candidate %s failed: %s", c, e)
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        return
+    trial.set_user_attr("evaluated", True)
+    study.tell(trial, ms)
 
 
 def run_search(
@@ -266,14 +278,18 @@ def run_search(
     n_valid: int,
     progress: Callable[[int, int | None], None] | None = None,
     max_attempts: int | None = None,
+    precompile: Any = None,
 ) -> None:
     """Run trials until the study holds ``trials`` evaluated candidates (counted study-wide, so several
-    workers share one budget), the time budget is spent, or every valid point has been evaluated."""
+    workers share one budget), the time budget is spent, or every valid point has been evaluated.
+
+    ``precompile`` (a ``Precompiler``): proposals are taken in batches of its size and compiled in parallel
+    processes (Triton's on-disk cache) before they are evaluated one by one here."""
     t0 = time.monotonic()
     target = min(trials, n_valid) if trials is not None else n_valid
     attempts = 0
     cap = max_attempts if max_attempts is not None else 30 * max(target, 1) + 100
-    obj = _objective(ctx)
+    batch = max(1, getattr(precompile, "jobs", 1))
     with _quiet_optuna():
         while True:
             done = len(evaluated_trials(study))
@@ -286,8 +302,119 @@ def run_search(
             if attempts >= cap:
                 log.warning("search stopped after %d attempts with %d evaluated candidates", attempts, done)
                 break
-            study.optimize(obj, n_trials=1, catch=(_TrialFailed,))
-            attempts += 1
+            want = min(batch, target - done)
+            todo: list[tuple[Any, dict[str, Any]]] = []
+            seen: set[str] = set()
+            while len(todo) < want and attempts < cap:
+                attempts += 1
+                trial, cfg = _propose(study, ctx)
+                if cfg is None:
+                    continue
+                c = canonical(cfg)
+                if c in seen:  # the same point twice in one batch: keep one
+                    trial.set_user_attr("duplicate", True)
+                    import optuna
+
+                    study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                    continue
+                seen.add(c)
+                todo.append((trial, cfg))
+            if precompile is not None and len(todo) > 1:
+                precompile.warm([cfg for _, cfg in todo])
+            for trial, cfg in todo:
+                _finish(study, ctx, trial, cfg)
+                if progress:
+                    progress(len(evaluated_trials(study)), target if trials is not None else None)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# parallel compilation
+# ----------------------------------------------------------------------------------------------------------
+
+_POOLS: dict[int, Any] = {}
+_CHILD_TARGETS: dict[tuple, Any] = {}
+
+
+def _shutdown_pools() -> None:
+    for p in _POOLS.values():
+        p.shutdown(wait=False, cancel_futures=True)
+    _POOLS.clear()
+
+
+def _precompile_one(desc: tuple, config: dict[str, Any]) -> str | None:
+    """In a pool process: build the candidate and run its gate once, which makes Triton compile it into its
+    on-disk cache (shared with the parent). Returns an error line or None; errors are the parent's to find."""
+    spec_d, kernel, T, B, limits, factory = desc  # noqa: N806
+    try:
+        tgt = _CHILD_TARGETS.get(desc[:4])
+        if tgt is None:
+            import json
+
+            from nsa_dsl.spec import NSASpec
+
+            tgt = _make_target(factory, NSASpec.from_dict(json.loads(spec_d)), kernel, T, B, limits, None)
+            _CHILD_TARGETS[desc[:4]] = tgt
+        built = tgt.build(config)
+        tgt.gate(built, config)
+        return None
+    except BaseException as e:  # noqa: BLE001 - reported by the parent's own evaluation
+        return f"{type(e).__name__}: {_first_line(e)}"
+
+
+class Precompiler:
+    """Compiles batches of candidates in ``jobs`` spawned processes (each a CUDA context on the same GPU),
+    so that the sequential, timed evaluation in the parent finds every kernel in Triton's cache. Compilation,
+    not running, dominates a tuning run: this is where the CPU cores of the GPU host are used."""
+
+    def __init__(self, jobs: int, spec: Any, kernel: str, T: int, B: int, limits: Any,  # noqa: N803
+                 target_factory: Callable[..., Any] | None = None, timeout_s: float = 600.0):
+        self.jobs = int(jobs)
+        self.desc = (canonical_spec(spec), kernel, int(T), int(B), limits, target_factory)
+        self.timeout_s = timeout_s
+
+    def _pool(self) -> Any:
+        import atexit
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        pool = _POOLS.get(self.jobs)
+        if pool is None:
+            if not _POOLS:
+                atexit.register(_shutdown_pools)
+            pool = ProcessPoolExecutor(max_workers=self.jobs, mp_context=mp.get_context("spawn"))
+            _POOLS[self.jobs] = pool
+        return pool
+
+    def warm(self, configs: list[dict[str, Any]]) -> list[str | None]:
+        from concurrent.futures import wait
+
+        try:
+            futs = [self._pool().submit(_precompile_one, self.desc, dict(c)) for c in configs]
+        except Exception as e:  # a broken pool only costs speed
+            log.warning("parallel compilation unavailable (%s); compiling in the search process", e)
+            _shutdown_pools()
+            return [None] * len(configs)
+        wait(futs, timeout=self.timeout_s)
+        out: list[str | None] = []
+        for f in futs:
+            try:
+                out.append(f.result(timeout=0))
+            except Exception as e:
+                out.append(f"{type(e).__name__}: {_first_line(e)}")
+        return out
+
+
+def canonical_spec(spec: Any) -> str:
+    return canonical(spec.to_dict())
+
+
+def auto_compile_jobs() -> int:
+    """Parallel compile processes: 0 on CPU / the interpreter (nothing to compile), else min(8, cores/2)."""
+    import torch
+
+    if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available():
+        return 0
+    return max(0, min(8, (os.cpu_count() or 2) // 2))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -362,6 +489,7 @@ def tune_kernel(
     save: bool = True,
     force: bool = False,
     workers: int = 1,
+    compile_jobs: int | None = None,
     device: Any = None,
     progress: Callable[[int, int | None], None] | None = None,
 ) -> TuneResult:
@@ -371,7 +499,9 @@ def tune_kernel(
     ``timer`` (default ``EventTimer``) and ``target`` (default ``targets.default_target``) are injectable.
     ``force``: search even when the user cache already holds a record (otherwise that record is returned
     at once). ``workers`` > 1: that many processes, worker i pinned to GPU i through ``CUDA_VISIBLE_DEVICES``,
-    sharing the study's journal storage (Optuna's distributed optimisation).
+    sharing the study's journal storage (Optuna's distributed optimisation). ``compile_jobs``: processes
+    that compile each batch of candidates in parallel before they are timed (None = ``auto_compile_jobs()``;
+    0 or 1 = compile in the search process).
     """
     from . import _memory_put
     from .store import user_store
@@ -458,6 +588,7 @@ def tune_kernel(
             n_valid=len(good),
             progress=progress,
             study=study,
+            compile_jobs=(auto_compile_jobs() // workers) if compile_jobs is None else int(compile_jobs),
         )
         # The parent re-times on GPU 0 for the confirmation step.
     if target is None:
@@ -465,8 +596,11 @@ def tune_kernel(
     timer = timer or default_timer()
     ctx = _Ctx(kdef=kdef, spec=spec, limits=limits, space=space, target=target, timer=timer)
     if workers <= 1:
+        jobs = auto_compile_jobs() if compile_jobs is None else int(compile_jobs)
+        pre = Precompiler(jobs, spec, kernel, T, B, limits, target_factory) if jobs > 1 else None
         run_search(
-            study, ctx, trials=trials, budget_seconds=budget_seconds, n_valid=len(good), progress=progress
+            study, ctx, trials=trials, budget_seconds=budget_seconds, n_valid=len(good), progress=progress,
+            precompile=pre,
         )
 
     times = _study_times(study)
@@ -570,8 +704,15 @@ def _worker_main(args: dict[str, Any]) -> None:
         target=target,
         timer=args["timer"] or default_timer(),
     )
+    jobs = int(args.get("compile_jobs") or 0)
+    pre = (
+        Precompiler(jobs, spec, args["kernel"], args["T"], args["B"], limits, args["target_factory"])
+        if jobs > 1
+        else None
+    )
     run_search(
-        study, ctx, trials=args["trials"], budget_seconds=args["budget_seconds"], n_valid=args["n_valid"]
+        study, ctx, trials=args["trials"], budget_seconds=args["budget_seconds"], n_valid=args["n_valid"],
+        precompile=pre,
     )
 
 
@@ -596,6 +737,7 @@ def _run_workers(
     n_valid: int,
     progress: Callable[[int, int | None], None] | None,
     study: Any,
+    compile_jobs: int = 0,
 ) -> None:
     import multiprocessing as mp
 
@@ -624,6 +766,7 @@ def _run_workers(
                 key=key,
                 n_startup=n_startup,
                 n_valid=n_valid,
+                compile_jobs=compile_jobs,
             )
             p = ctx.Process(target=_worker_main, args=(args,), name=f"nsa-tune-worker-{rank}")
             p.start()

@@ -37,8 +37,8 @@ class EventTimer:
     rotating over the candidate's input sets.
     """
 
-    warmup_ms: float = 25.0
-    rep_ms: float = 100.0
+    warmup_ms: float = 10.0
+    rep_ms: float = 50.0
     min_reps: int = 10
     max_reps: int = 200
 

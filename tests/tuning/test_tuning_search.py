@@ -253,3 +253,18 @@ def test_two_workers_share_one_study(tmp_path):
     assert len({t.user_attrs["worker"] for t in ev}) == 2  # both processes evaluated candidates
     best = min(fake_time(c) for c in _grid())
     assert fake_time(res.config) <= best * 1.25
+
+
+def test_parallel_precompile_batches():
+    """With a compile pool the search proposes batches, compiles them in 2 processes, then evaluates them."""
+    from nsa_dsl.tuning.testing import fake_target_factory
+
+    timer = FakeTimer(fake_time)
+    res = tune_kernel(SPEC, "fake_fwd", T=1000, trials=12, timer=timer, target_factory=fake_target_factory,
+                      compile_jobs=2, confirm=0, **KW)
+    assert res.trials == 12 and timer.calls == 12 - res.failed
+    pre = search.Precompiler(2, SPEC, "fake_fwd", 1000, 1, LIM, fake_target_factory)
+    bad = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 8, "num_stages": 1, "schedule": "group"}
+    good = {**bad, "num_warps": 4}
+    out = pre.warm([good, bad])
+    assert out[0] is None and "out of resources" in out[1]  # errors come back, never raised
