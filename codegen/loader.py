@@ -52,7 +52,7 @@ def write_source(path: Path, source: str) -> bool:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.is_file() and path.read_text() == source:
         return False
-    with FileLock(str(path) + ".lock"):
+    with FileLock(str(_lock_path(path))):
         if path.is_file() and path.read_text() == source:
             return False
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=str(path.parent))
@@ -67,6 +67,17 @@ def write_source(path: Path, source: str) -> bool:
     STATS["writes"] += 1
     log.debug("wrote %s", path)
     return True
+
+
+def _lock_path(path: Path) -> Path:
+    """Lock files live in ``cache_dir()/locks`` (named by a hash of the target path), so directories written
+    by ``emit_to_dir`` contain only the kernels."""
+    import hashlib
+
+    h = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:24]
+    d = cache_dir() / "locks"
+    d.mkdir(parents=True, exist_ok=True)
+    return d / f"{h}.lock"
 
 
 def load_path(path: Path, module_name: str) -> ModuleType:
