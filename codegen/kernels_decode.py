@@ -14,6 +14,8 @@ Config parameters:
   split_sw    programs per (sequence, token, KV head) over selected + window tiles (0 = auto);
   split_topk  programs per (sequence, KV head) scoring shares of the selection blocks when split_cmp > 1
               (partial top-n lists merged by the selected-attention programs; 0 = auto);
+  SKIP        1: merge a top-n chunk only when one of its keys beats the running n-th best (shared
+              ``_select.j2`` schedule; most chunks of a long context are skipped);
   num_warps, num_stages.
 """
 
@@ -54,6 +56,7 @@ def _decode_constants(spec: NSASpec, cfg: Mapping[str, Any]) -> dict[str, Any]:
     levels = _levels(spec)
     return {
         "ROWS": decode_rows(spec, cfg["tokens"]),
+        "TROWS": next_pow2(cfg["tokens"]) * next_pow2(spec.G),
         "RW": max(16, next_pow2(spec.G)),
         "RP": rp,
         "BLOCK_C": cfg["BLOCK_S"] * rp,
@@ -75,6 +78,7 @@ def _decode_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
         "split_cmp": list(_SPLITS),
         "split_sw": list(_SPLITS[:6]),
         "split_topk": list(_SPLITS[:6]),
+        "SKIP": [0, 1],
         "num_warps": [2, 4, 8],
         "num_stages": [1, 2, 3],
     }
@@ -100,6 +104,8 @@ def _decode_check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) -
         v = cfg.get(t)
         if not isinstance(v, int) or isinstance(v, bool) or v < 0 or v > 256:
             return f"{t}: must be an integer in 0..256 (0 = auto), got {v!r}"
+    if cfg.get("SKIP") not in (0, 1):
+        return f"SKIP: must be 0 or 1, got {cfg.get('SKIP')!r}"
     nw = cfg.get("num_warps")
     if nw not in (1, 2, 4, 8, 16):
         return f"num_warps: must be one of 1, 2, 4, 8, 16, got {nw!r}"
@@ -129,7 +135,7 @@ def _decode_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
     if limits.interpreter:
         return {
             "tokens": 1, "BLOCK_N": 16, "BLOCK_S": bs, "BLOCK_K": 16, "BLOCK_W": 16,
-            "split_cmp": 0, "split_sw": 0, "split_topk": 0, "num_warps": 4, "num_stages": 1,
+            "split_cmp": 0, "split_sw": 0, "split_topk": 0, "SKIP": 1, "num_warps": 4, "num_stages": 1,
         }
     while bs * 2 * rp <= 256:  # one program scores the blocks of one step: wide chunks, few sorts
         bs *= 2
@@ -142,6 +148,7 @@ def _decode_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
         "split_cmp": 0,
         "split_sw": 0,
         "split_topk": 0,
+        "SKIP": 1,
         "num_warps": 4,
         "num_stages": 2,
     }
