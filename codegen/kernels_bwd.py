@@ -111,11 +111,11 @@ def _dense_default(branch: str):
         # the compressed branch's key tiles see (almost) every query: split long query ranges
         q_chunk = 4096 if branch == "cmp" else 0
         wide = _padded(spec.attention.head_dim_qk) + _padded(spec.attention.head_dim_v) > 256
-        if wide:  # dk = 192 / dv = 128: fp32 dK+dV accumulators dominate registers -> small tiles
-            return {"BLOCK_M": 32, "BLOCK_N": 32, "Q_CHUNK": q_chunk, "num_warps": 4, "num_stages": 1,
-                    "DQ_BLOCK_M": 32, "DQ_BLOCK_N": 64, "dq_warps": 8, "dq_stages": 1}
-        return {"BLOCK_M": 64, "BLOCK_N": 64, "Q_CHUNK": q_chunk, "num_warps": 8, "num_stages": 1,
-                "DQ_BLOCK_M": 64, "DQ_BLOCK_N": 64, "dq_warps": 4, "dq_stages": 2}
+        # fp32 dK+dV accumulators dominate registers: 32 x 32 tiles compile without spills on sm90 (ptxas,
+        # dk = 192 / dv = 128 and dk = dv = 128); 64 x 64 spill
+        return {"BLOCK_M": 32, "BLOCK_N": 32, "Q_CHUNK": q_chunk, "num_warps": 4, "num_stages": 2,
+                "DQ_BLOCK_M": 32 if wide else 64, "DQ_BLOCK_N": 64, "dq_warps": 8 if wide else 4,
+                "dq_stages": 1 if wide else 2}
 
     return default
 
@@ -195,9 +195,13 @@ def _slc_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
         return {"BLOCK_T": max(1, 16 // G), "CHUNK": 8, "KEY_SPLIT": 1, "num_warps": 4, "dq_warps": 4,
                 "num_stages": 1}
     wide = _padded(spec.attention.head_dim_qk) + _padded(spec.attention.head_dim_v) > 256
-    # dk = 192 / dv = 128: 64 keys x 320 fp32 dK/dV accumulators spill; two programs of 32 keys do not
-    return {"BLOCK_T": max(1, 64 // G), "CHUNK": 1024, "KEY_SPLIT": 2 if wide else 1, "num_warps": 4,
-            "dq_warps": 4, "num_stages": 1}
+    # register-lean on sm90 (ptxas, no/low spills): dk = 192 / dv = 128 -> 64 rows x 32 keys (two programs
+    # per block), 8 warps; dk = dv = 128 -> 32 rows x 64 keys, 4 warps
+    if wide:
+        return {"BLOCK_T": max(1, 64 // G), "CHUNK": 1024, "KEY_SPLIT": 2, "num_warps": 8, "dq_warps": 4,
+                "num_stages": 1}
+    return {"BLOCK_T": max(1, 32 // G), "CHUNK": 1024, "KEY_SPLIT": 1, "num_warps": 4, "dq_warps": 4,
+            "num_stages": 1}
 
 
 def _slc_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
