@@ -182,13 +182,20 @@ def bench_flex(spec, spec_name: str, T: int, q, k, v, ops) -> None:  # noqa: N80
     except Exception as e:
         add("window", spec_name, T, "flex_attention", None, error=f"block mask: {e}")
         return
-    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
     flop = common.window_flop(spec, T)
-    attempt("window", spec_name, T, "flex_attention",
-            lambda: _FLEX["fn"](qt, kt, vt, block_mask=bm, enable_gqa=True), flop,
-            dk=q.shape[-1], dv=v.shape[-1])
-    attempt("window", spec_name, T, "nsa_dsl win_fwd", lambda: ops.win_fwd(q, k, v), flop,
-            dk=q.shape[-1], dv=v.shape[-1])
+    dims = [(q.shape[-1], v.shape[-1], spec, ops)]
+    if q.shape[-1] != 128 or v.shape[-1] != 128:  # also the anchors' dk = dv = 128 (and a fallback)
+        s128 = spec.replace(attention={"head_dim_qk": 128, "head_dim_v": 128})
+        dims.append((128, 128, s128, nsa_dsl.compile(s128, {"win_fwd": ops.config_for("win_fwd", T=T)})))
+    for dk, dv, _sp, op in dims:
+        qd, kd, vd = (x[..., :d].contiguous() for x, d in ((q, dk), (k, dk), (v, dv)))
+        qt, kt, vt = (x.transpose(1, 2) for x in (qd, kd, vd))
+        fl = flop * (dk + dv) / (q.shape[-1] + v.shape[-1])
+        attempt("window", spec_name, T, "flex_attention",
+                lambda qt=qt, kt=kt, vt=vt: _FLEX["fn"](qt, kt, vt, block_mask=bm, enable_gqa=True), fl,
+                dk=dk, dv=dv)
+        attempt("window", spec_name, T, "nsa_dsl win_fwd",
+                lambda qd=qd, kd=kd, vd=vd, op=op: op.win_fwd(qd, kd, vd), fl, dk=dk, dv=dv)
 
 
 def bench_fla(spec, spec_name: str, T: int, q, k, v, g) -> None:  # noqa: N803
