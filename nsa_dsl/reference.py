@@ -210,17 +210,20 @@ def compressed_cu_seqlens(cu_seqlens: Tensor, spec: NSASpec) -> Tensor:
 
 
 def _masked_softmax(logits: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Softmax over the last dim restricted to ``mask`` (broadcastable to ``logits``).
+    """Softmax over the last dim restricted to ``mask`` (broadcastable to ``logits``; not expanded).
 
     Returns (p, lse) with p = 0 off the mask and, for rows with no key, p = 0 and lse = +inf. NaN-free in
-    forward and backward.
+    forward and backward (also when lse is differentiated). The row max is detached: p and lse do not
+    depend on it mathematically, so the gradients are exact.
     """
-    mask = mask.expand_as(logits)
-    any_ = mask.any(-1, keepdim=True)
-    lf = logits.masked_fill(~mask, -_INF).masked_fill(~any_, 0.0)
-    lse = torch.logsumexp(lf, -1)
-    p = torch.softmax(lf, -1).masked_fill(~mask, 0.0)
-    lse = lse.masked_fill(~any_.squeeze(-1), _INF)
+    lf = logits.masked_fill(~mask, -_INF)
+    m = lf.detach().amax(-1, keepdim=True)
+    has = m > -_INF
+    m = torch.where(has, m, torch.zeros_like(m))
+    e = torch.exp(lf - m)
+    ssum = torch.where(has, e.sum(-1, keepdim=True), torch.ones_like(m))
+    p = e / ssum
+    lse = (m + torch.log(ssum)).squeeze(-1).masked_fill(~has.squeeze(-1), _INF)
     return p, lse
 
 
@@ -501,18 +504,24 @@ def _selected_attention(q, k, v, indices, spec, scale):
     nslc = spec.num_selection_blocks(T)
     dev = q.device
     qg = _group(q.to(cdt), spec)
-    kf = k.to(cdt).permute(0, 2, 1, 3).reshape(B * hkv * T, dk)
-    vf = v.to(cdt).permute(0, 2, 1, 3).reshape(B * hkv * T, dv)
-    base = ((torch.arange(B, device=dev)[:, None] * hkv + torch.arange(hkv, device=dev)[None, :]) * T)[
+
+    def blocks(x: Tensor) -> Tensor:  # [B, T, Hkv, D] -> [B*Hkv*Nslc, l'*D], zero-padded to Nslc*l' tokens
+        x = x.to(cdt).permute(0, 2, 1, 3)
+        x = torch.nn.functional.pad(x, (0, 0, 0, nslc * lp - T))
+        return x.reshape(B * hkv * nslc, lp * x.shape[-1])
+
+    kb, vb = blocks(k), blocks(v)
+    base = ((torch.arange(B, device=dev)[:, None] * hkv + torch.arange(hkv, device=dev)[None, :]) * nslc)[
         :, :, None
-    ]  # [B, Hkv, 1]
+    ]  # [B, Hkv, 1]: first block row of (b, h)
     offs = torch.arange(lp, device=dev)
-    # Worst case the union is every block: size the chunk for [C, Hq, T] logits (x3 for softmax/backward).
+    # Worst case the union is every block: size the chunk for [C, Hq, T] logits (x4 for softmax/backward).
     per_query = max(Hq * T * 4, hkv * n * lp * (dk + dv + 2 * spec.G + 4)) * 8
     C = max(min(T, 16), _chunk_size(T, B * per_query))  # noqa: N806
     outs, lses = [], []
     for t0 in range(0, T, C):
         t1 = min(T, t0 + C)
+        c = t1 - t0
         t_pos = torch.arange(t0, t1, device=dev)
         idx = indices[:, t0:t1].long()  # [B, C, Hkv, n]
         sel = torch.zeros((*idx.shape[:3], nslc + 1), dtype=torch.bool, device=dev)
@@ -520,19 +529,19 @@ def _selected_attention(q, k, v, indices, spec, scale):
         sel = sel[..., :nslc]  # [B, C, Hkv, Nslc]: query c selected block j
         union = sel.any(1)  # [B, Hkv, Nslc]
         nu = max(1, int(union.sum(-1).max()))
-        # Union blocks first, in ascending order (stable sort of the "not in union" flags).
-        ub = torch.sort((~union).to(torch.uint8), dim=-1, stable=True)[1][..., :nu]  # [B, Hkv, U]
-        uok = torch.gather(union, -1, ub)
         q_c = qg[:, t0:t1]
         path = _SELECTION_PATH or ("union" if Hq * nu <= hkv * max(spec.G, 8) * n else "gather")
         if path == "union":
-            # Few distinct blocks (or small G): one matmul per KV head against the union.
+            # Few distinct blocks (or small G): one matmul per KV head against the union of the chunk.
+            # Union blocks first, in ascending order (stable sort of the "not in union" flags).
+            ub = torch.sort((~union).to(torch.uint8), dim=-1, stable=True)[1][..., :nu]  # [B, Hkv, U]
+            uok = torch.gather(union, -1, ub)
+            rows = (base + ub).reshape(-1)
+            kg = kb.index_select(0, rows).view(B, hkv, nu * lp, dk)
+            vg = vb.index_select(0, rows).view(B, hkv, nu * lp, dv)
             pos = (ub[..., None] * lp + offs).reshape(B, hkv, nu * lp)  # token positions [B, Hkv, S]
-            lin = (base + torch.where(pos < T, pos, torch.zeros_like(pos))).reshape(-1)
-            kg = kf.index_select(0, lin).view(B, hkv, nu * lp, dk)
-            vg = vf.index_select(0, lin).view(B, hkv, nu * lp, dv)
-            mine = torch.gather(sel, -1, ub[:, None].expand(-1, t1 - t0, -1, -1)) & uok[:, None]
-            mask = mine[..., None].expand(-1, -1, -1, -1, lp).reshape(B, t1 - t0, hkv, nu * lp)
+            mine = torch.gather(sel, -1, ub[:, None].expand(-1, c, -1, -1)) & uok[:, None]  # [B, C, Hkv, U]
+            mask = mine[..., None].expand(-1, -1, -1, -1, lp).reshape(B, c, hkv, nu * lp)
             mask = mask & (pos[:, None] <= t_pos[None, :, None, None])
             logits = torch.einsum("bchgd,bhsd->bchgs", q_c, kg) * scale
             p, ls = _masked_softmax(logits, mask[:, :, :, None, :])
@@ -541,12 +550,12 @@ def _selected_attention(q, k, v, indices, spec, scale):
             # Per query: gather its own n blocks (the G heads of a KV head share them); repeats count once.
             srt = torch.sort(idx, dim=-1)[0]
             idx = torch.cat([srt[..., :1], srt[..., 1:].masked_fill(srt[..., 1:] == srt[..., :-1], -1)], -1)
-            ipos = (idx[..., None] * lp + offs).reshape(B, t1 - t0, hkv, n * lp)
-            ok = (idx >= 0)[..., None].expand(-1, -1, -1, -1, lp).reshape(B, t1 - t0, hkv, n * lp)
+            rows = (base[:, None] + idx.clamp_min(0)).reshape(-1)
+            kq = kb.index_select(0, rows).view(B, c, hkv, n * lp, dk)
+            vq = vb.index_select(0, rows).view(B, c, hkv, n * lp, dv)
+            ipos = (idx[..., None] * lp + offs).reshape(B, c, hkv, n * lp)
+            ok = (idx >= 0)[..., None].expand(-1, -1, -1, -1, lp).reshape(B, c, hkv, n * lp)
             ok = ok & (ipos <= t_pos[None, :, None, None])
-            ilin = (base[:, None] + torch.where(ok, ipos, torch.zeros_like(ipos))).reshape(-1)
-            kq = kf.index_select(0, ilin).view(B, t1 - t0, hkv, n * lp, dk)
-            vq = vf.index_select(0, ilin).view(B, t1 - t0, hkv, n * lp, dv)
             logits = torch.einsum("bchgd,bchsd->bchgs", q_c, kq) * scale
             p, ls = _masked_softmax(logits, ok[:, :, :, None, :])
             outs.append(_ungroup(torch.einsum("bchgs,bchsv->bchgv", p, vq)))
@@ -578,9 +587,9 @@ def _window_attention(q, k, v, spec, scale):
         return q.new_zeros((B, T, Hq, dv), dtype=cdt), q.new_full((B, T, Hq), _INF, dtype=cdt)
     qg = _group(q.to(cdt), spec)
     kc, vc = k.to(cdt), v.to(cdt)
-    band = min(T, w)
-    C = max(1, min(T, _CHUNK_BYTES // max(1, B * Hq * (band + 1) * 3 * 8)))  # noqa: N806
-    C = max(C, min(T, 64))
+    # Chunks of about w queries read about 2w keys; the budget caps the [C, Hq, C + w] logits.
+    budget = _CHUNK_BYTES // max(1, B * Hq * (2 * min(T, w) + 1) * 4 * 8)
+    C = min(T, max(16, min(w, budget)))  # noqa: N806
     outs, lses = [], []
     for t0 in range(0, T, C):
         t1 = min(T, t0 + C)
