@@ -537,12 +537,23 @@ def _check_decode_inputs(q: Tensor, cache: NSACache, g: Tensor) -> tuple[int, in
     return B, S
 
 
-def decode_reference(q: Tensor, cache: NSACache, g: Tensor, *, scale: float | None = None) -> Tensor:
+def decode_reference(
+    q: Tensor,
+    cache: NSACache,
+    g: Tensor,
+    *,
+    scale: float | None = None,
+    indices: Tensor | None = None,
+    details: dict[str, Any] | None = None,
+) -> Tensor:
     """One decode step in plain PyTorch: the S newest tokens of every sequence attend to the cache.
 
     ``q`` [B, S, Hq, dk], ``g`` [B, S, Hq, 3]; query s of sequence b sits at position t = L_b - S + s
     (the new tokens' K/V must already be appended). Returns o [B, S, Hq, dv] in q's dtype (computed in
     float32, float64 for float64 inputs). Top-n ties go to the lower block index.
+    ``indices`` [B, S, Hkv, n] (-1 = unused): attend to these selection blocks instead of the top-n (to check
+    a kernel whose choice among near-equal scores differed). ``details``: a dict that receives ``scores``
+    (per (b, s): group scores [Hkv, t // l' + 1], forced blocks +inf) and ``indices`` (the reference top-n).
     """
     B, S = _check_decode_inputs(q, cache, g)  # noqa: N806
     spec = cache.spec
@@ -591,8 +602,16 @@ def decode_reference(q: Tensor, cache: NSACache, g: Tensor, *, scale: float | No
             forced = (j < s_.force_initial) | (j > t // lp - s_.force_local)
             grp = torch.where(forced[None, :], torch.full_like(grp, float("inf")), grp)
             order = torch.sort(grp, dim=1, descending=True, stable=True).indices[:, : min(n_top, nb)]
-            sel = torch.zeros(a.kv_heads, nb, dtype=torch.bool, device=q.device)
-            sel.scatter_(1, order, True)
+            if details is not None:
+                details.setdefault("scores", {})[(b, s)] = grp
+                details.setdefault("indices", {})[(b, s)] = order
+            sel = torch.zeros(a.kv_heads, nb + 1, dtype=torch.bool, device=q.device)  # + a column for -1
+            if indices is None:
+                sel.scatter_(1, order, True)
+            else:
+                given = indices[b, s].long().to(q.device)
+                sel.scatter_(1, torch.where((given >= 0) & (given < nb), given, nb), True)
+            sel = sel[:, :nb]
             tok_blk = torch.arange(t + 1, device=q.device) // lp
             tok_mask = sel[:, tok_blk][head_kv]  # [H, t+1]
             kk = kb[: t + 1, head_kv].transpose(0, 1)

@@ -151,11 +151,22 @@ def test_gpu_bf16_decode_8k_matches_reference():
     a = spec.attention
     q = torch.randn(B, 1, a.heads, a.head_dim_qk, device="cuda", dtype=torch.bfloat16)
     g = torch.rand(B, 1, a.heads, 3, device="cuda", dtype=torch.bfloat16)
-    want = decode_reference(q.float(), _as_float(cache), g.float())
+    ref_cache = _as_float(cache)
+    details: dict = {}
+    decode_reference(q.float(), ref_cache, g.float(), details=details)
     for sp in SPLITS + [None]:
-        o = decode(ops, q, cache, g, splits=sp).float()
-        err = (o - want).abs().max().item()
-        assert err < 3e-2, (sp, err)
+        o, idx = decode(ops, q, cache, g, splits=sp, return_indices=True)
+        # bf16 scores may order near-equal blocks differently: the chosen blocks must score like the
+        # reference top-n (sorted scores within bf16 tolerance), and the output must equal the reference
+        # attending to exactly those blocks
+        for b in range(B):
+            scores, ref_idx = details["scores"][(b, 0)], details["indices"][(b, 0)]
+            for h in range(a.kv_heads):
+                got = torch.sort(scores[h, idx[b, 0, h].long()]).values
+                want_s = torch.sort(scores[h, ref_idx[h]]).values
+                torch.testing.assert_close(got, want_s, rtol=2e-2, atol=1e-4)
+        want = decode_reference(q.float(), ref_cache, g.float(), indices=idx.clone())
+        torch.testing.assert_close(o.float(), want, rtol=2e-2, atol=2e-2, msg=f"splits {sp}")
 
 
 def _as_float(cache):
