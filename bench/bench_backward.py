@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import platform
 import statistics
@@ -117,8 +116,35 @@ def bench_nsa(spec, ops, T, *, pool: bool) -> dict:  # noqa: N803
             nsa_backward(ops, qd, kd, vd, kcd, vcd, gd, do, saved, profile=prof)
     row["fwd_stages_ms"] = fw
     row["bwd_stages_ms"] = {kk: vv / 3 for kk, vv in prof.items()}
+    fl = bwd_flops(spec, T)
+    row["bwd_tflops"] = {
+        kk: fl[kk] / row["bwd_stages_ms"][kk] / 1e9 for kk in fl if row["bwd_stages_ms"].get(kk)
+    }
     torch.cuda.empty_cache()
     return row
+
+
+def branch_pairs(spec, T) -> dict[str, float]:  # noqa: N803
+    """(query head, key) pairs each branch attends to at length T (selection: an estimate assuming the
+    current block is among the n selected and the others are full blocks)."""
+    t = torch.arange(T, dtype=torch.float64)
+    hq = spec.attention.heads
+    l, d = spec.compression.block, spec.compression.stride  # noqa: E741
+    tc = spec.num_compressed(T)
+    nvis = torch.clamp(torch.div(t - l + 1, d, rounding_mode="floor") + 1, 0, tc)
+    lp, n = spec.selection.block, spec.selection.top_n
+    nb = torch.div(t, lp, rounding_mode="floor") + 1
+    slc = torch.where(nb <= n, t + 1, (n - 1) * lp + torch.remainder(t, lp) + 1)
+    w = spec.window_size
+    win = torch.clamp(t + 1, max=w) if w > 0 else torch.zeros_like(t)
+    return {"cmp": hq * float(nvis.sum()), "slc": hq * float(slc.sum()), "win": hq * float(win.sum())}
+
+
+def bwd_flops(spec, T) -> dict[str, float]:  # noqa: N803
+    """Executed backward FLOPs per branch: dK/dV kernel 2*(2dk + 2dv) + dQ kernel 2*(2dk + dv) per pair."""
+    dk, dv = spec.attention.head_dim_qk, spec.attention.head_dim_v
+    per = 2 * (2 * dk + 2 * dv) + 2 * (2 * dk + dv)
+    return {f"bwd_{b}": per * p for b, p in branch_pairs(spec, T).items()}
 
 
 SDPA_BACKENDS = ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION")
@@ -197,50 +223,80 @@ def matmul_tflops() -> float:
     return 2 * 8192**3 / ms / 1e9
 
 
+def candidates(spec) -> list[dict[str, dict]]:
+    """A few whole-backward configs (kernel -> params) to time; index 0 = the defaults."""
+    G = spec.G  # noqa: N806
+    return [
+        {},
+        {
+            "bwd_cmp": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 1,
+                        "DQ_BLOCK_M": 64, "DQ_BLOCK_N": 64, "dq_warps": 4, "dq_stages": 2},
+            "bwd_win": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 1,
+                        "DQ_BLOCK_M": 64, "DQ_BLOCK_N": 64, "dq_warps": 4, "dq_stages": 2},
+            "bwd_slc": {"BLOCK_T": max(1, 128 // G), "KEY_SPLIT": 2, "num_warps": 8},
+        },
+        {
+            "bwd_cmp": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2,
+                        "DQ_BLOCK_M": 128, "DQ_BLOCK_N": 64, "dq_warps": 8, "dq_stages": 2},
+            "bwd_win": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2,
+                        "DQ_BLOCK_M": 128, "DQ_BLOCK_N": 64, "dq_warps": 8, "dq_stages": 2},
+            "bwd_slc": {"BLOCK_T": max(1, 32 // G), "KEY_SPLIT": 1, "num_warps": 4},
+        },
+    ]
+
+
+def with_candidate(ops, cand):
+    for kname, params in cand.items():
+        if ops.has_kernel(kname):
+            cfg = dict(ops.config_for(kname, T=16384))
+            cfg.update(params)
+            ops = ops.with_config(kname, cfg)
+    return ops
+
+
+def warm(spec_name: str, idx: int) -> None:
+    """Compile (Triton cache) the forward + backward kernels of one candidate at T = 8192."""
+    spec = load_spec(spec_name)
+    ops = with_candidate(nsa_dsl.compile(spec), candidates(spec)[idx])
+    xs, do = nsa_inputs(spec, 8192, grad=False)
+    q, k, v, kc, vc, g = xs
+    with torch.no_grad():
+        _, saved = ops.forward_train(q, k, v, kc, vc, g)
+        nsa_backward(ops, q, k, v, kc, vc, g, do, saved)
+    torch.cuda.synchronize()
+
+
 def sweep(spec, ops, T):  # noqa: N803
-    """Time a few backward-kernel configs per kernel at one T; returns (ops with the best, log rows)."""
-    cands = {
-        "bwd_cmp": [
-            {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
-            {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
-            {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
-        ],
-        "bwd_slc": [
-            {"BLOCK_T": max(1, 64 // spec.G), "num_warps": 4},
-            {"BLOCK_T": max(1, 128 // spec.G), "num_warps": 8},
-        ],
-        "bwd_win": [
-            {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
-            {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
-        ],
-    }
+    """Time the candidate configs per backward kernel at one T; returns (ops with the best, log rows)."""
     xs, do = nsa_inputs(spec, T, grad=False)
     q, k, v, kc, vc, g = xs
     with torch.no_grad():
         _, saved = ops.forward_train(q, k, v, kc, vc, g)
     log = []
-    best_ops = ops
-    for kname, cfgs in cands.items():
-        if not ops.has_kernel(kname):
+    times: dict[str, list[tuple[float, int]]] = {}
+    for i, cand in enumerate(candidates(spec)):
+        trial = with_candidate(ops, cand)
+        try:
+            prof: dict[str, float] = {}
+            nsa_backward(trial, q, k, v, kc, vc, g, do, saved)
+            for _ in range(3):
+                nsa_backward(trial, q, k, v, kc, vc, g, do, saved, profile=prof)
+        except Exception as e:  # noqa: BLE001
+            log.append({"candidate": i, "error": str(e)[:200]})
             continue
-        best = (math.inf, None)
-        for cfg in cfgs:
-            try:
-                trial = best_ops.with_config(kname, cfg)
-                prof: dict[str, float] = {}
-                nsa_backward(trial, q, k, v, kc, vc, g, do, saved)
-                for _ in range(3):
-                    nsa_backward(trial, q, k, v, kc, vc, g, do, saved, profile=prof)
-                ms = prof[kname] / 3
-            except Exception as e:  # noqa: BLE001
-                log.append({"kernel": kname, "config": cfg, "error": str(e)[:200]})
-                continue
-            log.append({"kernel": kname, "config": cfg, "ms": ms})
-            if ms < best[0]:
-                best = (ms, cfg)
-        if best[1] is not None:
-            best_ops = best_ops.with_config(kname, best[1])
-    return best_ops, log
+        row = {kk: vv / 3 for kk, vv in prof.items()}
+        log.append({"candidate": i, "T": T, "ms": row})
+        for kname in ("bwd_cmp", "bwd_slc", "bwd_win"):
+            if kname in row:
+                times.setdefault(kname, []).append((row[kname], i))
+    best = ops
+    for kname, lst in times.items():
+        _, i = min(lst)
+        params = candidates(spec)[i].get(kname)
+        if params:
+            best = with_candidate(best, {kname: params})
+        log.append({"kernel": kname, "best_candidate": i})
+    return best, log
 
 
 def main() -> int:
@@ -250,7 +306,11 @@ def main() -> int:
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sdpa-all-max", type=int, default=16384)
     ap.add_argument("--no-fla", action="store_true")
+    ap.add_argument("--warm", nargs=2, metavar=("SPEC", "CANDIDATE"), help="only compile one candidate")
     args = ap.parse_args()
+    if args.warm:
+        warm(args.warm[0], int(args.warm[1]))
+        return 0
     if not torch.cuda.is_available():
         print("bench_backward: needs a CUDA device", file=sys.stderr)
         return 2
@@ -277,8 +337,8 @@ def main() -> int:
     paper, compat = load_spec("nsa_paper"), load_spec("fla_compat")
     ops_p, ops_c = nsa_dsl.compile(paper), nsa_dsl.compile(compat)
     if args.sweep:
-        ops_p, log_p = sweep(paper, ops_p, 16384)
-        ops_c, log_c = sweep(compat, ops_c, 16384)
+        ops_p, log_p = sweep(paper, ops_p, 32768)
+        ops_c, log_c = sweep(compat, ops_c, 32768)
         meta["sweep"] = {"nsa_paper": log_p, "fla_compat": log_c}
         print(json.dumps(meta["sweep"], indent=1), flush=True)
     meta["configs"] = {
@@ -368,7 +428,8 @@ def to_markdown(meta, rows) -> str:
         if "bwd_stages_ms" in r:
             st = ", ".join(f"{k} {v:.2f}" for k, v in r["bwd_stages_ms"].items())
             fw = ", ".join(f"{k} {v:.2f}" for k, v in r["fwd_stages_ms"].items())
-            lines.append(f"- {r['spec']} T={r['T']}: bwd [{st}]; fwd [{fw}]")
+            tf = ", ".join(f"{k} {v:.0f}" for k, v in r.get("bwd_tflops", {}).items())
+            lines.append(f"- {r['spec']} T={r['T']}: bwd [{st}]; executed TFLOP/s [{tf}]; fwd [{fw}]")
     return "\n".join(lines) + "\n"
 
 
