@@ -23,8 +23,11 @@ import nsa_dsl  # noqa: E402
 from nsa_dsl.reference import select_blocks  # noqa: E402
 
 GROUP = [
-    {"BLOCK_N": 64, "num_warps": w, "num_stages": s, "TPP": tpp}
-    for (w, s, tpp) in [(2, 2, 1), (2, 2, 2), (2, 2, 4), (4, 2, 1), (4, 2, 4)]
+    {"BLOCK_N": bn, "num_warps": w, "num_stages": s, "TPP": tpp}
+    for (bn, w, s, tpp) in [
+        (64, 2, 2, 1), (64, 2, 2, 2), (64, 2, 2, 4), (32, 2, 3, 1), (32, 2, 4, 1), (32, 4, 3, 1),
+        (32, 2, 3, 2),
+    ]
 ]
 KVOUTER = [
     {"BLOCK_M": bm, "CHUNK": ch, "KV_RESIDENT": res, "num_warps": w, "num_stages": s}
