@@ -127,8 +127,9 @@ def test_errors_and_hooks():
         layer(torch.randn(2, 5, 8))
     with pytest.raises(ValueError, match="x: expected batch B = 1 with cu_seqlens"):
         layer(torch.randn(2, 5, 16), cu_seqlens=torch.tensor([0, 5], dtype=torch.int32))
-    with pytest.raises(NotImplementedError):
-        NSAttention._forward_with_cache(layer, torch.randn(1, 1, 16), object())
+    # cache= is delegated to _forward_with_cache (nsa_dsl.cache), which rejects a non-cache object.
+    with pytest.raises((TypeError, ValueError, NotImplementedError)):
+        layer(torch.randn(1, 1, 16), cache=object())
     # The tiny spec builds and runs.
     assert NSAttention(24, load_spec("tiny"))(torch.randn(1, 40, 24)).shape == (1, 40, 24)
 
