@@ -139,14 +139,15 @@ def test_win_fwd_disabled_and_config_checks():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("heads", [1, 4])
 @pytest.mark.parametrize("T", [1000, 8192])
-def test_win_fwd_bf16_paper_gpu(T):
+def test_win_fwd_bf16_paper_gpu(T, heads):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     spec = load_spec("nsa_paper")
     gen = torch.Generator().manual_seed(T)
     q, k, v = inputs(spec, 1, T, torch.bfloat16, gen, "cuda")
-    o, lse = load(make_plan(spec, "win_fwd")).run(q, k, v)
+    o, lse = load(make_plan(spec, "win_fwd", {"HEADS": heads})).run(q, k, v)
     ro, rlse = window_attention(q.float(), k.float(), v.float(), spec)
     torch.testing.assert_close(o.float(), ro.float(), atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(lse, rlse.float(), atol=2e-3, rtol=2e-3)
