@@ -194,14 +194,10 @@ def _slc_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
     if limits.interpreter:
         return {"BLOCK_T": max(1, 16 // G), "CHUNK": 8, "KEY_SPLIT": 1, "num_warps": 4, "dq_warps": 4,
                 "num_stages": 1}
-    wide = _padded(spec.attention.head_dim_qk) + _padded(spec.attention.head_dim_v) > 256
-    # register-lean on sm90 (ptxas, no/low spills): dk = 192 / dv = 128 -> 64 rows x 32 keys (two programs
-    # per block), 8 warps; dk = dv = 128 -> 32 rows x 64 keys, 4 warps
-    if wide:
-        return {"BLOCK_T": max(1, 64 // G), "CHUNK": 1024, "KEY_SPLIT": 2, "num_warps": 8, "dq_warps": 4,
-                "num_stages": 1}
-    return {"BLOCK_T": max(1, 32 // G), "CHUNK": 1024, "KEY_SPLIT": 1, "num_warps": 4, "dq_warps": 4,
-            "num_stages": 1}
+    # register-lean on sm90 (ptxas: no spills at dk = 192 / dv = 128 and dk = dv = 128): 64 rows x 32 keys
+    # (two programs per block), 8 warps
+    return {"BLOCK_T": max(1, 64 // G), "CHUNK": 1024, "KEY_SPLIT": 2 if spec.selection.block >= 32 else 1,
+            "num_warps": 8, "dq_warps": 4, "num_stages": 1}
 
 
 def _slc_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
