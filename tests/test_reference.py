@@ -399,6 +399,10 @@ def test_validation_errors_are_one_line():
         assert "\n" not in str(ei.value)
     with pytest.raises(ValueError, match="spec: expected an NSASpec"):
         R.nsa_attention(q, k, v, kc, vc, g, {"heads": 4})
+    with pytest.raises(ValueError, match="k: expected device cpu"):
+        R.nsa_attention(q, k.to("meta"), v, kc, vc, g, spec)
+    with pytest.raises(ValueError, match="g: expected device cpu"):
+        R.nsa_attention(q, k, v, kc, vc, g.to("meta"), spec)
     with pytest.raises(ValueError, match="indices: expected selection.top_n"):
         R.selected_attention(q, k, v, torch.zeros(1, T, 2, 5, dtype=torch.int32), spec)
     with pytest.raises(ValueError, match="q: expected batch B = 1 with cu_seqlens"):
