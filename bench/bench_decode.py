@@ -41,6 +41,12 @@ SWEEPS = {
 }
 
 
+# (spec, B, T) -> tile/schedule alternatives of the decode kernel (plan configs) timed next to the default
+TILE_SWEEPS = {
+    ("nsa_paper", 16, 65536): [{"BLOCK_N": 128}, {"num_warps": 8}, {"num_stages": 3}, {"SKIP": 0}],
+}
+
+
 def _flush() -> None:
     _FLUSH.zero_()
 
@@ -265,6 +271,15 @@ def main() -> None:
                     + f" | x{row['speedup']:.2f} (bytes x{row['expected_speedup']:.1f})",
                     flush=True,
                 )
+                for delta in TILE_SWEEPS.get((spec_name, B, T), []):
+                    try:
+                        alt = run_nsa(spec, ops.with_config("decode", delta), B, T)["us"]
+                    except Exception as e:  # a config that does not compile or fit
+                        alt = str(e).splitlines()[0][:100]
+                    row["nsa"].setdefault("tiles", {})[json.dumps(delta)] = alt
+                    torch.cuda.empty_cache()
+                for kk, v in row["nsa"].get("tiles", {}).items():
+                    print(f"    config {kk}: {v if isinstance(v, str) else f'{v:.1f} us'}", flush=True)
                 for kk, v in row["nsa"].get("sweep", {}).items():
                     print(f"    splits {kk}: {v:.1f} us", flush=True)
                 for kk, v in row["nsa"].get("kernels_us", {}).items():
