@@ -24,7 +24,6 @@ import torch
 from torch import Tensor
 
 from ..spec import NSASpec
-from . import reverse_index
 from .ops import NSAOps
 from .ops import compile as _compile
 
@@ -145,7 +144,7 @@ def nsa_backward(
     # selection branch: dq += ; dk/dv written per selected block through the reverse index
     slc = mod("bwd_slc")
     indices = saved["indices"].to(torch.int32).contiguous()
-    rev = reverse_index.build(indices.view(B * T, hkv, n), cu_packed, spec.selection.block, slc.CHUNK)
+    rev = slc.build_reverse_index(indices.view(B * T, hkv, n), cu_packed, spec.selection.block, slc.CHUNK)
     mark("reverse_index")
     slc.run(q, k, v, do, g, f32c(saved["lse_slc"]), delta[1], indices, rev, dq, dk, dv,
             cu_seqlens=cu_seqlens, max_len=max_len, accum_q=True)
