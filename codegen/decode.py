@@ -98,9 +98,11 @@ def decode(
     if min(sc, ss, st) < 1:
         raise ValueError(f"splits: must be positive integers (split_cmp, split_sw, split_topk), got {splits}")
     capc = cache.k_cmp_buf.shape[1]
-    wkey = ("decode", plan.key, B, S, capc, sc, ss, st, str(q.device))
+    wkey = ("decode", plan.key, B, S, capc, str(q.device), sc, ss, st)
     ws = cache._workspace.get(wkey)
     if ws is None:
+        for key in [k for k in cache._workspace if k[0] == "decode" and k[2:6] == wkey[2:6]]:
+            del cache._workspace[key]  # other plans/splits of this shape (a captured step keeps its own refs)
         ws = mod.workspace(B, S, capc, sc, ss, st, q.device)
         cache._workspace[wkey] = ws
     idx = mod.run(
@@ -167,6 +169,8 @@ class CapturedDecodeStep:
             self._restore(saved)
             self.graphs[mode] = graph
         torch.cuda.synchronize(dev)
+        # the graphs address these buffers: keep them alive even if the cache's workspace moves on
+        self._keep = (dict(cache._workspace), cache._buffers(), cache.lengths)
 
     def _restore(self, saved: tuple[Tensor, list[int]]) -> None:
         self.cache.lengths.copy_(saved[0])
