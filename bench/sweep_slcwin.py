@@ -30,7 +30,7 @@ GROUP = [
     ]
 ]
 KVOUTER = [
-    {"BLOCK_M": bm, "CHUNK": ch, "KV_RESIDENT": res, "num_warps": w, "num_stages": s}
+    {"BLOCK_M": bm, "CHUNK": ch, "KV_RESIDENT": res, "KV_WARPS": w, "num_stages": s}
     for (bm, ch, res, w, s) in [
         (64, 64, True, 4, 1), (64, 256, True, 4, 2), (128, 256, True, 8, 2), (64, 256, False, 4, 2),
         (128, 256, False, 8, 2),

@@ -196,7 +196,7 @@ GPU_CONFIGS = [
     {"schedule": "group"},
     {"schedule": "kvouter"},
     {"schedule": "group", "TPP": 2, "BLOCK_N": 32, "num_stages": 3},
-    {"schedule": "kvouter", "BLOCK_M": 128, "KV_RESIDENT": False, "num_warps": 8},
+    {"schedule": "kvouter", "BLOCK_M": 128, "KV_RESIDENT": False, "KV_WARPS": 8, "BLOCK_R": 32},
 ]
 
 
