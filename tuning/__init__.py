@@ -59,17 +59,35 @@ def autotune_enabled() -> bool:
     return os.environ.get("NSA_DSL_AUTOTUNE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _usable(cfg: dict[str, Any], kdef: Any, spec: Any, limits: Any, where: str) -> dict[str, Any] | None:
+    """``cfg`` merged over the kernel's default if the current generator accepts it (known parameters,
+    ``KernelDef.check`` under the current limits), else None (logged). Without a KernelDef: ``cfg`` as is."""
+    if kdef is None:
+        return dict(cfg)
+    try:
+        default = dict(kdef.default(spec, limits))
+        known = set(default) | set(kdef.space(spec, limits))
+        unknown = sorted(set(cfg) - known)
+        full = {**default, **cfg}
+        why = f"unknown parameters {unknown}" if unknown else kdef.check(spec, full, limits)
+    except Exception as e:  # a stale record must never break a lookup
+        why = f"{type(e).__name__}: {e}"
+    if why:
+        log.info("%s config for %s ignored: %s", where, getattr(kdef, "name", "?"), why)
+        return None
+    return full
+
+
 def _shipped_match(fields: dict[str, Any], kdef: Any, spec: Any, limits: Any) -> dict[str, Any] | None:
-    """Best shipped record for ``fields``: same spec hash, kernel and batch bucket; the same GPU
+    """Best usable shipped record for ``fields``: same spec hash, kernel and batch bucket; the same GPU
     name (else the same compute capability); the nearest T bucket (ties -> the smaller). Software versions
-    are not compared (shipped configs are data, re-validated with ``KernelDef.check`` under the current
-    limits)."""
+    are not compared (shipped configs are data, re-validated by ``_usable`` under the current limits)."""
     import math
 
     from .store import shipped_records
 
-    best: tuple[tuple[int, float, int], dict[str, Any]] | None = None
-    for rec in shipped_records().values():
+    ranked: list[tuple[tuple[int, float, int, str], dict[str, Any]]] = []
+    for key, rec in shipped_records().items():
         f = rec["fields"]
         if (f.get("spec_hash"), f.get("kernel"), f.get("B_bucket")) != (
             fields["spec_hash"],
@@ -81,23 +99,13 @@ def _shipped_match(fields: dict[str, Any], kdef: Any, spec: Any, limits: Any) ->
             continue
         same_gpu = f.get("gpu") == fields["gpu"]
         tb = int(f.get("T_bucket", 1))
-        rank = (0 if same_gpu else 1, abs(math.log2(tb) - math.log2(fields["T_bucket"])), tb)
-        if best is None or rank < best[0]:
-            best = (rank, rec)
-    if best is None:
-        return None
-    cfg = dict(best[1]["config"])
-    if kdef is not None:
-        try:
-            full = {**kdef.default(spec, limits), **cfg}
-            why = kdef.check(spec, full, limits)
-        except Exception as e:  # a stale shipped config must never break a lookup
-            why = f"{type(e).__name__}: {e}"
-        if why:
-            log.info("shipped config for %s ignored: %s", fields["kernel"], why)
-            return None
-        cfg = full
-    return cfg
+        dist = abs(math.log2(tb) - math.log2(fields["T_bucket"]))
+        ranked.append(((0 if same_gpu else 1, dist, tb, key), rec))
+    for _, rec in sorted(ranked, key=lambda x: x[0]):
+        cfg = _usable(rec["config"], kdef, spec, limits, "shipped")
+        if cfg is not None:
+            return cfg
+    return None
 
 
 def lookup(
@@ -130,10 +138,12 @@ def lookup(
     except Exception as e:  # unreadable cache dir etc.: never fatal
         log.warning("tuning cache lookup failed (%s); ignoring the user cache", e)
         rec = None
-    if rec is not None:
-        _memory_put(key, rec["config"])
-        return dict(rec["config"])
     reg = get_registry() if registry is None else registry
+    if rec is not None:
+        cfg = _usable(rec["config"], reg.get(kernel), spec, limits, "cached")
+        if cfg is not None:
+            _memory_put(key, cfg)
+            return cfg
     cfg = _shipped_match(fields, reg.get(kernel), spec, limits)
     if cfg is not None:
         _memory_put(key, cfg)

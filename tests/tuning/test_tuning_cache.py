@@ -10,7 +10,7 @@ import nsa_dsl.tuning as tuning
 import nsa_dsl.tuning.keys as keys
 import pytest
 from nsa_dsl.tuning import store
-from nsa_dsl.tuning.testing import fake_registry
+from nsa_dsl.tuning.testing import FakeKernelDef, fake_registry
 
 from nsa_dsl import load_spec
 
@@ -103,7 +103,7 @@ def test_record_from_other_version_is_ignored(monkeypatch):
     assert tuning.lookup(SPEC, "fake_fwd", T=1000, B=1, limits=H100, registry=reg) is None
     # The current version's record is found.
     store.user_store().put({"fields": cur, "config": {"BLOCK_M": 128}})
-    assert tuning.lookup(SPEC, "fake_fwd", T=1000, B=1, limits=H100, registry=reg) == {"BLOCK_M": 128}
+    assert tuning.lookup(SPEC, "fake_fwd", T=1000, B=1, limits=H100, registry=reg)["BLOCK_M"] == 128
 
 
 @pytest.mark.parametrize(
@@ -129,9 +129,8 @@ def test_corrupt_file_reported_and_ignored(content, caplog):
     store.user_store().put(rec)
     assert json.loads(path.read_text())["format"] == store.FORMAT
     assert path.with_name(path.name + ".corrupt").exists()
-    assert tuning.lookup(SPEC, "fake_fwd", T=1000, B=1, limits=H100, registry=fake_registry()) == {
-        "BLOCK_M": 64
-    }
+    got = tuning.lookup(SPEC, "fake_fwd", T=1000, B=1, limits=H100, registry=fake_registry())
+    assert got["BLOCK_M"] == 64
 
 
 def test_bad_record_inside_good_file_is_skipped(caplog):
@@ -262,10 +261,26 @@ def test_export_import_roundtrip(tmp_path, monkeypatch):
     tuning.clear_memory()
     assert store.user_store().load() == {}
     assert tuning.import_records(out) == 3
-    assert tuning.lookup(SPEC, "fake_fwd", T=2048, B=1, limits=H100, registry=fake_registry()) == {
-        "BLOCK_M": 32
-    }
+    got = tuning.lookup(SPEC, "fake_fwd", T=2048, B=1, limits=H100, registry=fake_registry())
+    assert got == {**FakeKernelDef().default(SPEC, H100), "BLOCK_M": 32}  # merged over the default
     bad = tmp_path / "bad.json"
     bad.write_text("nope")
     with pytest.raises(ValueError, match="not a tuning-records file"):
         tuning.import_records(bad)
+
+
+def test_stale_record_with_unknown_or_invalid_params_is_ignored():
+    reg = fake_registry()
+    f = keys.key_fields(SPEC, "fake_fwd", T=1000, B=1, limits=H100)
+    store.user_store().put({"fields": f, "config": {"BLOCK_M": 64, "OLD_PARAM": 3}})
+    assert tuning.lookup(SPEC, "fake_fwd", T=1000, B=1, limits=H100, registry=reg) is None
+    store.user_store().put({"fields": f, "config": {"BLOCK_M": 128, "BLOCK_N": 64}})  # fails check()
+    assert tuning.lookup(SPEC, "fake_fwd", T=1000, B=1, limits=H100, registry=reg) is None
+    # shipped: the best-ranked record is stale, the next one is used
+    base = FakeKernelDef().default(SPEC, H100)
+    f8 = keys.key_fields(SPEC, "fake_fwd", T=8192, B=1, limits=H100)
+    f16 = keys.key_fields(SPEC, "fake_fwd", T=16384, B=1, limits=H100)
+    _write_shipped(
+        [{"fields": f8, "config": {**base, "GONE": 1}}, {"fields": f16, "config": {**base, "BLOCK_M": 16}}]
+    )
+    assert tuning.lookup(SPEC, "fake_fwd", T=8192, B=1, limits=H100, registry=reg)["BLOCK_M"] == 16

@@ -260,8 +260,17 @@ def test_parallel_precompile_batches():
     from nsa_dsl.tuning.testing import fake_target_factory
 
     timer = FakeTimer(fake_time)
-    res = tune_kernel(SPEC, "fake_fwd", T=1000, trials=12, timer=timer, target_factory=fake_target_factory,
-                      compile_jobs=2, confirm=0, **KW)
+    res = tune_kernel(
+        SPEC,
+        "fake_fwd",
+        T=1000,
+        trials=12,
+        timer=timer,
+        target_factory=fake_target_factory,
+        compile_jobs=2,
+        confirm=0,
+        **KW,
+    )
     assert res.trials == 12 and timer.calls == 12 - res.failed
     pre = search.Precompiler(2, SPEC, "fake_fwd", 1000, 1, LIM, fake_target_factory)
     bad = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 8, "num_stages": 1, "schedule": "group"}

@@ -1,0 +1,162 @@
+"""Replay a measured grid (``bench_tuning.py``'s grid.json) through the tuner's search, many seeds, no GPU.
+
+Each sampler (TPE, random) gets ``--frac`` of the grid's points as its trial budget; a trial's time is the
+grid's measurement of that config (failed points fail again). Reports, per sampler, how often the search ends
+within 3% of the grid's best, the median number of trials it needed to get there, and the mean final ratio.
+This is how the sampler choice in ``nsa_dsl.tuning.search`` is justified with real landscapes.
+
+    python bench/tuning_replay.py bench/results/tuning_grid_h100.json --seeds 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+class TableKernelDef:
+    """A kernel whose valid points are exactly the grid's (space = the values seen per parameter)."""
+
+    name = "replay"
+    pass_ = "fwd"
+    template = "replay"
+
+    def __init__(self, points: list[dict[str, Any]], default: dict[str, Any]):
+        from nsa_dsl.tuning.keys import canonical
+
+        self.table = {canonical(p["config"]): p["ms"] for p in points}
+        keys = sorted({k for p in points for k in p["config"]})
+        self._space = {
+            k: sorted({p["config"][k] for p in points}, key=lambda v: (str(type(v)), v)) for k in keys
+        }
+        self._default = default
+
+    def space(self, spec: Any, limits: Any) -> dict[str, list[Any]]:
+        return self._space
+
+    def check(self, spec: Any, config: dict[str, Any], limits: Any) -> str | None:
+        from nsa_dsl.tuning.keys import canonical
+
+        return None if canonical(config) in self.table else "not a valid point of the grid"
+
+    def default(self, spec: Any, limits: Any) -> dict[str, Any]:
+        return dict(self._default)
+
+
+class ReplayTarget:
+    def __init__(self, kd: TableKernelDef):
+        self.kd = kd
+
+    def build(self, config: dict[str, Any]) -> Any:
+        from nsa_dsl.tuning.keys import canonical
+
+        if self.kd.table.get(canonical(config)) is None:
+            raise RuntimeError("failed in the measured grid")
+        return config
+
+    def gate(self, built: Any, config: dict[str, Any]) -> str | None:
+        return None
+
+    def candidate(self, built: Any, config: dict[str, Any]) -> Any:
+        from nsa_dsl.tuning.timing import Candidate
+
+        return Candidate(config=config, run=lambda i: None)
+
+
+class _Lim:
+    name, capability, sm_count, smem_per_block, interpreter = "replay", (0, 0), 1, 0, True
+
+
+def replay(grid: dict[str, Any], *, samplers: list[str], seeds: int, frac: float) -> dict[str, Any]:
+    import optuna
+    from nsa_dsl.tuning import search, tune_kernel
+    from nsa_dsl.tuning.keys import canonical
+    from nsa_dsl.tuning.timing import FakeTimer
+
+    from nsa_dsl import load_spec
+
+    pts = grid["points"]
+    default = grid.get("default") or pts[0]["config"]
+    kd = TableKernelDef(pts, default)
+    ok = [p["ms"] for p in pts if p["ms"] is not None]
+    best = min(ok)
+    budget = max(1, math.ceil(frac * len(pts)))
+    spec = load_spec("tiny")
+    table = kd.table
+    out: dict[str, Any] = {
+        "points": len(pts),
+        "budget": budget,
+        "best_ms": best,
+        "default_ms": table.get(canonical(default)),
+    }
+    for sampler in samplers:
+        to3, final, hit = [], [], 0
+        for seed in range(seeds):
+            with tempfile.TemporaryDirectory() as d:
+                os.environ["NSA_DSL_CACHE_DIR"] = d
+                j = Path(d) / "s.journal"
+                r = tune_kernel(
+                    spec,
+                    "replay",
+                    T=1024,
+                    limits=_Lim(),
+                    trials=budget,
+                    sampler=sampler,
+                    seed=seed,
+                    timer=FakeTimer(lambda c: table[canonical(c)]),
+                    target=ReplayTarget(kd),
+                    registry={"replay": kd},
+                    storage_path=j,
+                    save=False,
+                    confirm=0,
+                    compile_jobs=0,
+                )
+                st, name = search.study_storage(j, r.key)
+                study = optuna.load_study(study_name=name, storage=st)
+                cur, first = math.inf, None
+                n = 0
+                for t in study.get_trials(deepcopy=False):
+                    if not t.user_attrs.get("evaluated"):
+                        continue
+                    n += 1
+                    ms = table.get(t.user_attrs["config"])
+                    if ms is not None:
+                        cur = min(cur, ms)
+                    if first is None and cur <= best * 1.03:
+                        first = n
+                final.append(cur / best)
+                if first is not None:
+                    hit += 1
+                    to3.append(first)
+        out[sampler] = {
+            "seeds": seeds,
+            "within_3pct": hit,
+            "median_trials_to_3pct": statistics.median(to3) if to3 else None,
+            "mean_final_ratio": statistics.fmean(final),
+            "worst_final_ratio": max(final),
+        }
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("grid")
+    ap.add_argument("--seeds", type=int, default=20)
+    ap.add_argument("--frac", type=float, default=0.25)
+    ap.add_argument("--samplers", default="tpe,random")
+    a = ap.parse_args()
+    grid = json.loads(Path(a.grid).read_text())
+    res = replay(grid, samplers=a.samplers.split(","), seeds=a.seeds, frac=a.frac)
+    print(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
