@@ -14,6 +14,7 @@ Config parameters (constexprs baked into the emitted source):
   BLOCK_T           tokens per dK/dV tile of bwd_slc (rows = BLOCK_T x G);
   CHUNK             most tokens per bwd_slc work item (longer reverse-index lists are split);
   KEY_SPLIT         programs sharing one bwd_slc work item, each with l'/KEY_SPLIT keys (fewer registers);
+  DQ_TOKENS         consecutive tokens per bwd_slc dQ program (distinct selected blocks loaded once);
   BLOCK_R           rows per program of bwd_pre;
   num_warps, num_stages (and dq_warps for the bwd_slc dQ kernel).
 No kernel uses atomics, so every config is bitwise reproducible run to run.
@@ -186,18 +187,22 @@ for _branch, _enabled in (("cmp", None), ("win", lambda s: s.window_size > 0)):
 
 
 def _slc_constants(spec: NSASpec, cfg: Mapping[str, Any]) -> dict[str, Any]:
-    return {"GP_BWD": max(16, next_pow2(spec.G)), "LPP": max(16, next_pow2(spec.selection.block))}
+    return {
+        "DQ_ROWS": max(16, next_pow2(cfg["DQ_TOKENS"] * spec.G)),
+        "LPP": max(16, next_pow2(spec.selection.block)),
+    }
 
 
 def _slc_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
     G = spec.G  # noqa: N806
     if limits.interpreter:
         return {"BLOCK_T": max(1, 16 // G), "CHUNK": 8, "KEY_SPLIT": 1, "num_warps": 4, "dq_warps": 4,
-                "num_stages": 1}
+                "num_stages": 1, "DQ_TOKENS": 2}
     # register-lean on sm90 (ptxas: no spills at dk = 192 / dv = 128 and dk = dv = 128): 64 rows x 32 keys
     # (two programs per block), 8 warps
+    # dQ: 2 tokens per program (32 rows at G = 16): each distinct selected block is loaded once for both
     return {"BLOCK_T": max(1, 64 // G), "CHUNK": 1024, "KEY_SPLIT": 2 if spec.selection.block >= 32 else 1,
-            "num_warps": 8, "dq_warps": 4, "num_stages": 1}
+            "num_warps": 8, "dq_warps": 4, "num_stages": 1, "DQ_TOKENS": max(1, min(4, 32 // G))}
 
 
 def _slc_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
@@ -206,6 +211,7 @@ def _slc_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
         "BLOCK_T": sorted({max(1, r // G) for r in (16, 32, 64, 128)}),
         "CHUNK": [256, 512, 1024, 2048, 4096],
         "KEY_SPLIT": [k for k in (1, 2, 4) if max(16, next_pow2(spec.selection.block)) // k >= 16],
+        "DQ_TOKENS": [1, 2, 4],
         "num_warps": [4, 8],
         "dq_warps": [2, 4, 8],
         "num_stages": [1, 2, 3],
@@ -223,6 +229,8 @@ def _slc_check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) -> s
         return f"KEY_SPLIT: must be 1, 2 or 4 with at least 16 keys per program, got {cfg['KEY_SPLIT']}"
     if not isinstance(cfg["CHUNK"], int) or cfg["CHUNK"] < 1:
         return f"CHUNK: must be an integer >= 1, got {cfg['CHUNK']}"
+    if cfg.get("DQ_TOKENS") not in (1, 2, 4):
+        return f"DQ_TOKENS: must be 1, 2 or 4, got {cfg.get('DQ_TOKENS')}"
     if cfg.get("dq_warps") not in (1, 2, 4, 8, 16):
         return f"dq_warps: must be one of 1, 2, 4, 8, 16, got {cfg.get('dq_warps')}"
     return _common_check(cfg)

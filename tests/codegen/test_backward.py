@@ -138,8 +138,10 @@ def test_schedule_variants_agree():
     do = torch.randn(1, 71, spec.attention.heads, spec.attention.head_dim_v, generator=gen)
     want = ref_grads(spec, xs, do)
     variants = [
-        {"bwd_slc": {"CHUNK": 4096, "BLOCK_T": 16, "KEY_SPLIT": 1}, "bwd_cmp": {"Q_CHUNK": 16}},
-        {"bwd_slc": {"CHUNK": 5, "BLOCK_T": 8, "KEY_SPLIT": 2}, "bwd_win": {"DQ_BLOCK_N": 32, "BLOCK_N": 32}},
+        {"bwd_slc": {"CHUNK": 4096, "BLOCK_T": 16, "KEY_SPLIT": 1, "DQ_TOKENS": 4},
+         "bwd_cmp": {"Q_CHUNK": 16}},
+        {"bwd_slc": {"CHUNK": 5, "BLOCK_T": 8, "KEY_SPLIT": 2, "DQ_TOKENS": 1},
+         "bwd_win": {"DQ_BLOCK_N": 32, "BLOCK_N": 32}},
     ]
     for cfg in variants:
         assert_close(kernel_grads(spec, xs, do, config=cfg), want)
