@@ -233,14 +233,14 @@ def candidates(spec) -> list[dict[str, dict]]:
                         "DQ_BLOCK_M": 64, "DQ_BLOCK_N": 64, "dq_warps": 4, "dq_stages": 2},
             "bwd_win": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 1,
                         "DQ_BLOCK_M": 64, "DQ_BLOCK_N": 64, "dq_warps": 4, "dq_stages": 2},
-            "bwd_slc": {"BLOCK_T": max(1, 128 // G), "KEY_SPLIT": 2, "num_warps": 8},
+            "bwd_slc": {"BLOCK_T": max(1, 128 // G), "KEY_SPLIT": 2, "num_warps": 8, "DQ_TOKENS": 4},
         },
         {
             "bwd_cmp": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2,
                         "DQ_BLOCK_M": 128, "DQ_BLOCK_N": 64, "dq_warps": 8, "dq_stages": 2},
             "bwd_win": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2,
                         "DQ_BLOCK_M": 128, "DQ_BLOCK_N": 64, "dq_warps": 8, "dq_stages": 2},
-            "bwd_slc": {"BLOCK_T": max(1, 64 // G), "KEY_SPLIT": 4, "num_warps": 4},
+            "bwd_slc": {"BLOCK_T": max(1, 64 // G), "KEY_SPLIT": 4, "num_warps": 4, "DQ_TOKENS": 1},
         },
     ]
 
