@@ -51,7 +51,7 @@ def kvouter_split(spec_name: str, spec, x, idx, T: int) -> list[dict]:  # noqa: 
         mod = load(make_plan(spec, "slc_fwd", {"schedule": "kvouter"}))
         q, k, v = x["q"], x["k"], x["v"]
         ri = mod._reverse_index(idx, None, 1, T)
-        entries, items, tok0, kend, nbt = ri
+        entries, items, tok0, kend, nbt, nbs = ri
         a = spec.attention
         rows = T * a.kv_heads * spec.selection.top_n * spec.G
         op = torch.empty(rows, a.head_dim_v, device=q.device, dtype=q.dtype)
@@ -61,7 +61,7 @@ def kvouter_split(spec_name: str, spec, x, idx, T: int) -> list[dict]:  # noqa: 
 
         def main_k():
             mod._slc_kvouter_kernel[(items.shape[0],)](
-                q, k, v, entries, items, tok0, kend, op, lp, nbt, DOT_PREC="tf32",
+                q, k, v, entries, items, tok0, kend, op, lp, T, nbt, nbs, VARLEN=False, DOT_PREC="tf32",
                 num_warps=mod.NUM_WARPS, num_stages=mod.NUM_STAGES)
 
         def merge_k():
