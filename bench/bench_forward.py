@@ -59,7 +59,7 @@ def attempt(section: str, spec: str, T: int, impl: str, fn, flop: float | None =
     """Time ``fn`` (after one un-timed call); record an error note instead of failing the run."""
     try:
         fn()
-        ms = common.bench_ms(fn)
+        ms = common.bench_ms(fn, warmup=15, rep=60)
     except Exception as e:  # one baseline failing must not stop the run
         msg = f"{e.__class__.__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
         add(section, spec, T, impl, None, error=msg)
@@ -141,7 +141,7 @@ def bench_one(spec, spec_name: str, T: int, ops, kv_ops, args) -> None:  # noqa:
             attempt("kernel", spec_name, T, "combine_fwd",
                     lambda: ops.module("combine_fwd", T=T).run(o_cmp, o_slc, o_win, g))
             if not args.no_flex and DEVICE == "cuda" and T in args.flex_T:
-                bench_flex(spec, spec_name, T, q, k, v, ops)
+                bench_flex(spec, spec_name, T, q, k, v, ops, args)
         # --- dense baselines
         dflop = common.dense_causal_flop(spec, T)
         for name, backend in common.sdpa_backends().items():
@@ -163,7 +163,7 @@ def random_indices(spec, T: int) -> torch.Tensor:  # noqa: N803
 _FLEX: dict[str, Any] = {}
 
 
-def bench_flex(spec, spec_name: str, T: int, q, k, v, ops) -> None:  # noqa: N803
+def bench_flex(spec, spec_name: str, T: int, q, k, v, ops, args) -> None:  # noqa: N803
     """FlexAttention causal sliding window (compiled) vs our window kernel, same inputs."""
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -178,22 +178,29 @@ def bench_flex(spec, spec_name: str, T: int, q, k, v, ops) -> None:  # noqa: N80
         return (ki <= qi) & (qi - ki < w)
 
     try:
-        bm = create_block_mask(sliding, B=None, H=None, Q_LEN=T, KV_LEN=T, device="cuda")
+        try:  # compiled mask construction: no T x T mask in memory
+            bm = create_block_mask(sliding, B=None, H=None, Q_LEN=T, KV_LEN=T, device="cuda", _compile=True)
+        except TypeError:
+            bm = create_block_mask(sliding, B=None, H=None, Q_LEN=T, KV_LEN=T, device="cuda")
     except Exception as e:
         add("window", spec_name, T, "flex_attention", None, error=f"block mask: {e}")
         return
     flop = common.window_flop(spec, T)
-    dims = [(q.shape[-1], v.shape[-1], spec, ops)]
-    if q.shape[-1] != 128 or v.shape[-1] != 128:  # also the anchors' dk = dv = 128 (and a fallback)
+    dims = [(q.shape[-1], v.shape[-1], ops)]
+    if q.shape[-1] != 128 or v.shape[-1] != 128:  # fallback (and the anchors' dims): dk = dv = 128
         s128 = spec.replace(attention={"head_dim_qk": 128, "head_dim_v": 128})
-        dims.append((128, 128, s128, nsa_dsl.compile(s128, {"win_fwd": ops.config_for("win_fwd", T=T)})))
-    for dk, dv, _sp, op in dims:
+        dims.append((128, 128, nsa_dsl.compile(s128, {"win_fwd": ops.config_for("win_fwd", T=T)})))
+    for i, (dk, dv, op) in enumerate(dims):
+        if i > 0 and not _FLEX.get("failed") and not args.flex_128:
+            break
         qd, kd, vd = (x[..., :d].contiguous() for x, d in ((q, dk), (k, dk), (v, dv)))
         qt, kt, vt = (x.transpose(1, 2) for x in (qd, kd, vd))
         fl = flop * (dk + dv) / (q.shape[-1] + v.shape[-1])
-        attempt("window", spec_name, T, "flex_attention",
-                lambda qt=qt, kt=kt, vt=vt: _FLEX["fn"](qt, kt, vt, block_mask=bm, enable_gqa=True), fl,
-                dk=dk, dv=dv)
+        ms = attempt("window", spec_name, T, "flex_attention",
+                     lambda qt=qt, kt=kt, vt=vt: _FLEX["fn"](qt, kt, vt, block_mask=bm, enable_gqa=True), fl,
+                     dk=dk, dv=dv)
+        if i == 0 and ms is None:
+            _FLEX["failed"] = True
         attempt("window", spec_name, T, "nsa_dsl win_fwd",
                 lambda qd=qd, kd=kd, vd=vd, op=op: op.win_fwd(qd, kd, vd), fl, dk=dk, dv=dv)
 
@@ -300,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-fla", action="store_true")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--flex-T", type=int, nargs="+", default=[16384, 65536], help="Ts for FlexAttention")
+    ap.add_argument("--flex-128", action="store_true", help="also compare the window at dk = dv = 128")
     ap.add_argument("--no-schedules", action="store_true")
     ap.add_argument("--math-max-t", type=int, default=8192, help="largest T for the SDPA math backend")
     ap.add_argument("--out", type=Path, default=common.RESULTS_DIR)
