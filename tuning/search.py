@@ -32,7 +32,7 @@ from typing import Any
 
 from ._compat import detect_limits, get_kernel_def, tuning_dir
 from .keys import canonical, key_fields, record_key
-from .space import full_config, valid_points, why_invalid
+from .space import full_config, grid_size, valid_points, why_invalid
 from .timing import Candidate, default_timer
 
 __all__ = [
@@ -49,6 +49,9 @@ __all__ = [
 log = logging.getLogger("nsa_dsl.tuning.search")
 
 DEFAULT_TIE_TOL = 0.02
+#: Grids up to this many points are listed and pruned up front (exhaustive search possible); larger ones
+#: are pruned point by point as the sampler proposes them.
+MAX_ENUMERATE = 20000
 
 
 class CandidateRejected(RuntimeError):
@@ -541,12 +544,17 @@ def tune_kernel(
             )
 
     space = kdef.space(spec, limits)
-    good, _bad = valid_points(kdef, spec, limits)
-    if not good:
+    gsize = grid_size(space)
+    if gsize <= MAX_ENUMERATE:
+        good, _bad = valid_points(kdef, spec, limits)
+        n_valid = len(good)
+    else:  # too many points to list: the search prunes as it goes, and is never exhaustive
+        good, n_valid = [], gsize
+    if gsize <= MAX_ENUMERATE and not good:
         raise RuntimeError(f"kernel {kernel}: no valid point in its search space for this spec and device")
     storage, name = study_storage(storage_path, key)
     n_startup = max(4, min(10, (trials or 32) // 4))
-    exhaustive = trials is not None and trials >= len(good)
+    exhaustive = bool(good) and trials is not None and trials >= len(good)
     if exhaustive:
         sampler = "random"  # every valid point is enqueued; the model-based sampler would only cost time
     study = open_study(storage, name, sampler=sampler, seed=seed, n_startup=n_startup)
@@ -585,7 +593,7 @@ def tune_kernel(
             storage_path=storage_path,
             key=key,
             n_startup=n_startup,
-            n_valid=len(good),
+            n_valid=n_valid,
             progress=progress,
             study=study,
             compile_jobs=(auto_compile_jobs() // workers) if compile_jobs is None else int(compile_jobs),
@@ -599,7 +607,7 @@ def tune_kernel(
         jobs = auto_compile_jobs() if compile_jobs is None else int(compile_jobs)
         pre = Precompiler(jobs, spec, kernel, T, B, limits, target_factory) if jobs > 1 else None
         run_search(
-            study, ctx, trials=trials, budget_seconds=budget_seconds, n_valid=len(good), progress=progress,
+            study, ctx, trials=trials, budget_seconds=budget_seconds, n_valid=n_valid, progress=progress,
             precompile=pre,
         )
 
@@ -648,7 +656,7 @@ def tune_kernel(
         time_ms=times[win],
         default_config=default_cfg,
         default_ms=default_ms,
-        grid=len(good),
+        grid=n_valid,
         seconds=time.monotonic() - t_start,
         fields=fields,
         **counts,

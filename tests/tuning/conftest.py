@@ -16,6 +16,11 @@ def _isolated_tuning(tmp_path, monkeypatch):
     shipped = tmp_path / "shipped"
     shipped.mkdir()
     monkeypatch.setattr(store, "SHIPPED_DIR", shipped)
+    # Durability (fsync) is not what these tests check, and it dominates their time on slow disks: the
+    # Optuna journal fsyncs every log line. Worker processes spawned by a test keep the real fsync.
+    import os
+
+    monkeypatch.setattr(os, "fsync", lambda fd: None)
     tuning.clear_memory()
     yield
     tuning.clear_memory()

@@ -277,3 +277,18 @@ def test_parallel_precompile_batches():
     good = {**bad, "num_warps": 4}
     out = pre.warm([good, bad])
     assert out[0] is None and "out of resources" in out[1]  # errors come back, never raised
+
+
+def test_big_grid_is_pruned_lazily(monkeypatch):
+    """Grids too big to list are searched without enumerating them (and never 'exhaustively')."""
+    monkeypatch.setattr(search, "MAX_ENUMERATE", 50)
+    timer = FakeTimer(fake_time)
+    res = tune_kernel(SPEC, "fake_fwd", T=1000, trials=15, timer=timer, target=FakeTarget(), confirm=0, **KW)
+    assert res.grid == 216 and res.trials == 15  # the declared grid size: validity is unknown up front
+    storage, name = search.study_storage(None, res.key)
+    st = optuna.load_study(study_name=name, storage=storage)
+    assert all(
+        t.user_attrs.get("invalid")
+        for t in st.trials
+        if t.state == optuna.trial.TrialState.PRUNED and not t.user_attrs.get("duplicate")
+    )

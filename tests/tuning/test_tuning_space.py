@@ -133,10 +133,15 @@ def test_registered_kernels_spaces_are_valid_on_h100(spec_name):
         kd = plan.get_kernel(k)
         if not kd.is_enabled(spec):
             continue
-        good, bad = sp.valid_points(kd, spec, lim)
-        assert good, f"{k}: no valid point"
-        for cfg in good:
-            plan.make_plan(spec, k, cfg, lim)  # raises on anything the generator rejects
-        assert all(why for _, why in bad)
+        space = kd.space(spec, lim)
+        step = max(1, sp.grid_size(space) // 150)  # a deterministic sample of big grids
+        kept = 0
+        for p in itertools.islice(sp.iter_points(space), 0, None, step):
+            cfg = sp.full_config(kd, spec, p, lim)
+            why = sp.why_invalid(kd, spec, cfg, lim)
+            if why is None:
+                plan.make_plan(spec, k, cfg, lim)  # raises on anything the generator rejects
+                kept += 1
+        assert kept, f"{k}: no valid point in the sample"
         default = kd.default(spec, lim)
         assert sp.why_invalid(kd, spec, default, lim) is None, k
