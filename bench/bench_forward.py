@@ -90,17 +90,18 @@ def bench_spec(spec_name: str, Ts: list[int], args) -> None:  # noqa: N803
     ops = nsa_dsl.compile(spec, _config(spec_name, args))
     used = [f"{kn}={ops.config_for(kn, T=Ts[0])}" for kn in ("slc_fwd", "win_fwd") if ops.has_kernel(kn)]
     print(f"[{spec_name}] configs: " + "; ".join(used), flush=True)
-    kv_ops = ops.with_config("slc_fwd", {**ops.config_for("slc_fwd", T=Ts[0]), "schedule": "kvouter"})
+    base = ops.config_for("slc_fwd", T=Ts[0])
+    sched_ops = {s: ops.with_config("slc_fwd", {**base, "schedule": s}) for s in ("group", "kvouter")}
     for T in Ts:
         common.free_memory()
         try:
-            bench_one(spec, spec_name, T, ops, kv_ops, args)
+            bench_one(spec, spec_name, T, ops, sched_ops, args)
         except Exception:
             traceback.print_exc()
         common.free_memory()
 
 
-def bench_one(spec, spec_name: str, T: int, ops, kv_ops, args) -> None:  # noqa: N803
+def bench_one(spec, spec_name: str, T: int, ops, sched_ops, args) -> None:  # noqa: N803
     x = common.make_inputs(spec, T, device=DEVICE)
     q, k, v, kc, vc, g = x["q"], x["k"], x["v"], x["k_cmp"], x["v_cmp"], x["g"]
     print(f"[{spec_name}] T={T}", flush=True)
@@ -128,8 +129,10 @@ def bench_one(spec, spec_name: str, T: int, ops, kv_ops, args) -> None:  # noqa:
             o_cmp = torch.randn(1, T, spec.attention.heads, spec.attention.head_dim_v, device=DEVICE,
                                 dtype=q.dtype)
         sflop = common.selection_flop(spec, idx)
-        attempt("kernel", spec_name, T, "slc_fwd[group]", lambda: ops.slc_fwd(q, k, v, idx), sflop)
-        attempt("kernel", spec_name, T, "slc_fwd[kvouter]", lambda: kv_ops.slc_fwd(q, k, v, idx), sflop)
+        for name, o in sched_ops.items():
+            default = " (default)" if name == base_schedule(ops, T) else ""
+            attempt("kernel", spec_name, T, f"slc_fwd[{name}]{default}",
+                    lambda o=o: o.slc_fwd(q, k, v, idx), sflop)
         if spec.window_size:
             o_win, _ = ops.win_fwd(q, k, v)
             wflop = common.window_flop(spec, T)
@@ -151,6 +154,10 @@ def bench_one(spec, spec_name: str, T: int, ops, kv_ops, args) -> None:  # noqa:
         # --- fla-core
         if spec_name == "fla_compat" and not args.no_fla and DEVICE == "cuda":
             bench_fla(spec, spec_name, T, q, k, v, g)
+
+
+def base_schedule(ops, T: int) -> str:  # noqa: N803
+    return ops.config_for("slc_fwd", T=T).get("schedule", "group")
 
 
 def random_indices(spec, T: int) -> torch.Tensor:  # noqa: N803
