@@ -106,7 +106,15 @@ class NSAOps:
             return p
         cfg = self.config.get(kernel)
         if cfg is None and self.use_tuned:
-            cfg = _lookup_tuned(self.spec, kernel, T, B, self.limits)
+            tuned = _lookup_tuned(self.spec, kernel, T, B, self.limits)
+            if tuned is not None:
+                try:
+                    p = make_plan(self.spec, kernel, tuned, self.limits)
+                except ValueError as e:  # a stale record (older generator) must not break the op
+                    log.warning("tuned config for %s rejected (%s); using the default", kernel, e)
+                else:
+                    self._resolved[ck] = p
+                    return p
         p = make_plan(self.spec, kernel, cfg, self.limits)
         self._resolved[ck] = p
         return p

@@ -6,6 +6,7 @@ import pytest
 import torch
 from _cmp_helpers import check_indices, make_spec, ref_scores_and_indices
 from nsa_dsl.codegen.ops import NSAOps
+from nsa_dsl.codegen.plan import get_kernel
 
 import nsa_dsl
 from nsa_dsl.reference import compressed_cu_seqlens, nsa_attention
@@ -113,3 +114,15 @@ def test_forward_rejects_bad_shapes():
         ops.forward(q, k, v, kc[:, :-1], vc, g)
     with pytest.raises(ValueError, match="^g:"):
         ops.forward(q, k, v, kc, vc, g[..., :2])
+
+
+def test_tuned_lookup_used_and_stale_record_ignored(monkeypatch):
+    import nsa_dsl.tuning as tuning
+
+    spec = make_spec(**SPEC_KW)
+    monkeypatch.setattr(tuning, "lookup", lambda s, k, **kw: {"BLOCK_M": 32} if k == "cmp_fwd" else None)
+    assert nsa_dsl.compile(spec).config_for("cmp_fwd", T=64)["BLOCK_M"] == 32
+    monkeypatch.setattr(tuning, "lookup", lambda s, k, **kw: {"OLD_PARAM": 1})
+    ops = nsa_dsl.compile(spec)
+    assert ops.config_for("cmp_fwd", T=64) == get_kernel("cmp_fwd").default(spec, ops.limits)
+    assert nsa_dsl.compile(spec, {"cmp_fwd": {"BLOCK_N": 32}}).config_for("cmp_fwd", T=64)["BLOCK_N"] == 32
