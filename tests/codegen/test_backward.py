@@ -77,6 +77,20 @@ def ref_grads(spec, xs, do, cu_seqlens=None):
     return [x.grad if x.grad is not None else torch.zeros_like(x) for x in xs]
 
 
+def ref_grads_given_indices(spec, xs, do, indices):
+    """Reference gradients with the selection fixed to ``indices`` (e.g. the kernels' own top-n, so that
+    near-tie picks of a lower-precision forward do not count as gradient errors). B rows, no varlen."""
+    xs = [x.detach().clone().requires_grad_(True) for x in xs]
+    q, k, v, kc, vc, g = xs
+    o_cmp, _ = R.compressed_attention(q, kc, vc, spec)
+    o_slc, _ = R.selected_attention(q, k, v, indices, spec)
+    o = g[..., 0:1] * o_cmp + g[..., 1:2] * o_slc
+    if spec.window_size > 0:
+        o = o + g[..., 2:3] * R.window_attention(q, k, v, spec)[0]
+    o.backward(do)
+    return [x.grad if x.grad is not None else torch.zeros_like(x) for x in xs]
+
+
 def kernel_grads(spec, xs, do, cu_seqlens=None, config=None, ops=None):
     q, k, v, kc, vc, g = (x.detach() for x in xs)
     saved = R.nsa_branches(q, k, v, kc, vc, spec, cu_seqlens=cu_seqlens)
@@ -280,9 +294,11 @@ def test_gpu_bf16_paper_vs_fp32_reference():
     spec, xs, do = _paper_case(1024 + 37, 0)
     ops = nsa_dsl.compile(spec)
     xs_b = [x.requires_grad_(True) for x in xs]
-    o = nsa_attention(*xs_b, ops)
+    o, idx = nsa_attention(*xs_b, ops, return_indices=True)
     got = torch.autograd.grad(o, xs_b, do)
-    want = ref_grads(spec, [x.float() for x in xs], do.float())
+    want = ref_grads_given_indices(spec, [x.float() for x in xs], do.float(), idx)
+    o_ref = R.nsa_attention(*[x.detach().float() for x in xs], spec)
+    assert float((o.float() - o_ref).norm() / o_ref.norm()) < 2e-2
     for name, a, b in zip(NAMES, got, want, strict=True):
         assert bool(torch.isfinite(a).all()), name
         err = (a.float() - b).norm() / b.norm().clamp_min(1e-6)
