@@ -59,7 +59,7 @@ def test_cmp_fwd_t_below_l_is_zero_and_inf():
 
 def test_cmp_fwd_varlen_matches_per_sequence():
     spec = make_spec(hq=4, hkv=2, l=8, d=4, lp=16)
-    cu = torch.tensor([0, 5, 30, 31, 49], dtype=torch.int32)  # first and third shorter than l
+    cu = torch.tensor([0, 0, 5, 30, 31, 49], dtype=torch.int32)  # an empty one; two shorter than l
     _run(spec, 1, 49, cu=cu, config={"BLOCK_M": 16, "BLOCK_N": 16})
 
 

@@ -120,6 +120,12 @@ def test_topk_varlen_matches_per_sequence():
     _check(spec, 1, 90, cu=cu, config={"BLOCK_M": 64}, fused=True)
 
 
+def test_topk_varlen_empty_sequences_g3():
+    spec = make_spec(hq=6, hkv=2, l=8, d=4, lp=16, n=3, fi=1, fl=1)  # G = 3: padded to 4 rows per token
+    cu = torch.tensor([0, 0, 20, 20, 33], dtype=torch.int32)
+    _check(spec, 1, 33, cu=cu, config={"BLOCK_M": 32})
+
+
 def test_topk_fp16():
     _check(make_spec(hq=4, hkv=2, l=8, d=4, lp=16, n=3), 1, 70, dtype=torch.float16, config={"BLOCK_M": 64})
 
