@@ -50,8 +50,11 @@ __all__ = [
 log = logging.getLogger("nsa_dsl.reference")
 
 # Bytes of intermediate data one chunk of queries may hold (per branch). Keeps T = 4096+ runs within RAM.
-_CHUNK_BYTES = 64 * 2**20
-# Selection branch strategy: None = pick per chunk by cost; "union" or "gather" forces one (tests use this).
+# Small chunks are much faster than big ones on CPUs (temporaries stay in cache and in the allocator's free
+# lists); _MIN_CHUNK queries per chunk bound the Python loop. Both only change speed, never results.
+_CHUNK_BYTES = 4 * 2**20
+_MIN_CHUNK = 64
+# Selection branch strategy: None = "union" (default); "gather" = per-query gathers (tests run both).
 _SELECTION_PATH: str | None = None
 _INF = float("inf")
 
@@ -227,8 +230,22 @@ def _masked_softmax(logits: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     return p, lse
 
 
-def _chunk_size(T: int, per_query_bytes: int) -> int:  # noqa: N803
-    return max(1, min(T, _CHUNK_BYTES // max(1, per_query_bytes)))
+def _attend_heads(qh: Tensor, kh: Tensor, vh: Tensor, mask: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """Masked attention in the [B, Hkv, C, G, .] layout (no large permuted copies).
+
+    qh [B, Hkv, C, G, dk], kh [B, Hkv, S, dk], vh [B, Hkv, S, dv], mask broadcastable to [B, Hkv, C, 1, S]
+    -> (o [B, C, Hq, dv], lse [B, C, Hq]) with Hq = Hkv*G in head order h = hkv*G + g.
+    """
+    B, H, C, G, dk = qh.shape  # noqa: N806
+    logits = torch.matmul(qh.reshape(B, H, C * G, dk), kh.transpose(-1, -2)).view(B, H, C, G, -1) * scale
+    p, lse = _masked_softmax(logits, mask)
+    o = torch.matmul(p.view(B, H, C * G, -1), vh).view(B, H, C, G, -1)
+    return o.permute(0, 2, 1, 3, 4).reshape(B, C, H * G, -1), lse.permute(0, 2, 1, 3).reshape(B, C, H * G)
+
+
+def _chunk_size(T: int, per_query_bytes: int, minimum: int = 1) -> int:  # noqa: N803
+    """Queries per chunk: as many as fit in _CHUNK_BYTES, at least ``minimum`` (bounds the Python loop)."""
+    return max(1, min(T, max(minimum, _CHUNK_BYTES // max(1, per_query_bytes))))
 
 
 def _group(q: Tensor, spec: NSASpec) -> Tensor:
@@ -294,7 +311,7 @@ def _compressed_attention(q, k_cmp, v_cmp, spec, scale):
         return o, lse
     qg = _group(q.to(cdt), spec)
     kc, vc = k_cmp.to(cdt), v_cmp.to(cdt)
-    C = _chunk_size(T, B * Hq * tc * 3 * torch.finfo(cdt).bits // 8)  # noqa: N806
+    C = _chunk_size(T, B * Hq * tc * 3 * torch.finfo(cdt).bits // 8, _MIN_CHUNK)  # noqa: N806
     outs, lses = [], []
     for t0 in range(0, T, C):
         t_pos = torch.arange(t0, min(T, t0 + C), device=q.device)
@@ -437,7 +454,7 @@ def _indices_from_q(q: Tensor, k_cmp: Tensor, spec: NSASpec, scale: float) -> Te
     tc = k_cmp.shape[1]
     qg = _group(q.detach().to(cdt), spec)
     kc = k_cmp.detach().to(cdt)
-    C = _chunk_size(T, B * (Hq * max(tc, 1) * 3 + hkv * nslc * 4) * 8)  # noqa: N806
+    C = _chunk_size(T, B * (Hq * max(tc, 1) * 3 + hkv * nslc * 4) * 8, _MIN_CHUNK)  # noqa: N806
     out = []
     for t0 in range(0, T, C):
         t_pos = torch.arange(t0, min(T, t0 + C), device=q.device)
@@ -492,9 +509,9 @@ def selected_attention(
 
 
 def _selected_attention(q, k, v, indices, spec, scale):
-    """Per chunk of queries, whichever is cheaper: gather the union of the blocks any query of the chunk
-    selected (per KV head) and do one batched matmul against them with a mask keeping each query's own
-    blocks; or gather each query's own n blocks. Both mask tokens > t. Same result either way."""
+    """Per chunk of queries: gather the union of the blocks any query of the chunk selected (per KV head)
+    and do one batched matmul against them with a mask keeping each query's own blocks ("union"); or
+    gather each query's own n blocks ("gather"). Both mask tokens > t. Same result either way."""
     B, T, Hq, _ = q.shape  # noqa: N806
     hkv, dk, dv = k.shape[2], k.shape[3], v.shape[3]
     cdt = _compute_dtype(q.dtype)
@@ -517,7 +534,7 @@ def _selected_attention(q, k, v, indices, spec, scale):
     offs = torch.arange(lp, device=dev)
     # Worst case the union is every block: size the chunk for [C, Hq, T] logits (x4 for softmax/backward).
     per_query = max(Hq * T * 4, hkv * n * lp * (dk + dv + 2 * spec.G + 4)) * 8
-    C = max(min(T, 16), _chunk_size(T, B * per_query))  # noqa: N806
+    C = _chunk_size(T, B * per_query, _MIN_CHUNK // 2)  # noqa: N806
     outs, lses = [], []
     for t0 in range(0, T, C):
         t1 = min(T, t0 + C)
@@ -530,9 +547,10 @@ def _selected_attention(q, k, v, indices, spec, scale):
         union = sel.any(1)  # [B, Hkv, Nslc]
         nu = max(1, int(union.sum(-1).max()))
         q_c = qg[:, t0:t1]
-        path = _SELECTION_PATH or ("union" if Hq * nu <= hkv * max(spec.G, 8) * n else "gather")
+        path = _SELECTION_PATH or "union"
         if path == "union":
-            # Few distinct blocks (or small G): one matmul per KV head against the union of the chunk.
+            # One matmul per KV head against the union of the chunk's blocks (at worst dense causal, but
+            # BLAS-efficient and without per-query copies: faster on CPUs than the per-query gather).
             # Union blocks first, in ascending order (stable sort of the "not in union" flags).
             ub = torch.sort((~union).to(torch.uint8), dim=-1, stable=True)[1][..., :nu]  # [B, Hkv, U]
             uok = torch.gather(union, -1, ub)
@@ -540,12 +558,14 @@ def _selected_attention(q, k, v, indices, spec, scale):
             kg = kb.index_select(0, rows).view(B, hkv, nu * lp, dk)
             vg = vb.index_select(0, rows).view(B, hkv, nu * lp, dv)
             pos = (ub[..., None] * lp + offs).reshape(B, hkv, nu * lp)  # token positions [B, Hkv, S]
-            mine = torch.gather(sel, -1, ub[:, None].expand(-1, c, -1, -1)) & uok[:, None]  # [B, C, Hkv, U]
-            mask = mine[..., None].expand(-1, -1, -1, -1, lp).reshape(B, c, hkv, nu * lp)
-            mask = mask & (pos[:, None] <= t_pos[None, :, None, None])
-            logits = torch.einsum("bchgd,bhsd->bchgs", q_c, kg) * scale
-            p, ls = _masked_softmax(logits, mask[:, :, :, None, :])
-            outs.append(_ungroup(torch.einsum("bchgs,bhsv->bchgv", p, vg)))
+            mine = torch.gather(sel.transpose(1, 2), -1, ub[:, :, None].expand(-1, -1, c, -1))
+            mine = mine & uok[:, :, None]  # [B, Hkv, C, U]: query c selected union block u
+            mask = mine[..., None].expand(-1, -1, -1, -1, lp).reshape(B, hkv, c, nu * lp)
+            mask = mask & (pos[:, :, None, :] <= t_pos[None, None, :, None])
+            o_c, ls = _attend_heads(q_c.transpose(1, 2), kg, vg, mask[:, :, :, None, :], scale)
+            outs.append(o_c)
+            lses.append(ls)
+            continue
         else:
             # Per query: gather its own n blocks (the G heads of a KV head share them); repeats count once.
             srt = torch.sort(idx, dim=-1)[0]
@@ -586,21 +606,26 @@ def _window_attention(q, k, v, spec, scale):
     if w == 0 or T == 0:
         return q.new_zeros((B, T, Hq, dv), dtype=cdt), q.new_full((B, T, Hq), _INF, dtype=cdt)
     qg = _group(q.to(cdt), spec)
-    kc, vc = k.to(cdt), v.to(cdt)
+    kh, vh = k.to(cdt).transpose(1, 2), v.to(cdt).transpose(1, 2)  # [B, Hkv, T, .]
     # Chunks of about w queries read about 2w keys; the budget caps the [C, Hq, C + w] logits.
     budget = _CHUNK_BYTES // max(1, B * Hq * (2 * min(T, w) + 1) * 4 * 8)
-    C = min(T, max(16, min(w, budget)))  # noqa: N806
+    C = min(T, max(_MIN_CHUNK // 4, min(w, budget)))  # noqa: N806
     outs, lses = [], []
     for t0 in range(0, T, C):
         t1 = min(T, t0 + C)
         k0 = max(0, t0 - w + 1)
         t_pos = torch.arange(t0, t1, device=q.device)
         s_pos = torch.arange(k0, t1, device=q.device)
-        logits = torch.einsum("bchgd,bshd->bchgs", qg[:, t0:t1], kc[:, k0:t1]) * scale
         mask = (s_pos[None, :] <= t_pos[:, None]) & (s_pos[None, :] > t_pos[:, None] - w)
-        p, ls = _masked_softmax(logits, mask[None, :, None, None, :])
-        outs.append(_ungroup(torch.einsum("bchgs,bshv->bchgv", p, vc[:, k0:t1])))
-        lses.append(ls.flatten(2))
+        o_c, ls = _attend_heads(
+            qg[:, t0:t1].transpose(1, 2),
+            kh[:, :, k0:t1],
+            vh[:, :, k0:t1],
+            mask[None, None, :, None, :],
+            scale,
+        )
+        outs.append(o_c)
+        lses.append(ls)
     return torch.cat(outs, 1), torch.cat(lses, 1)
 
 
