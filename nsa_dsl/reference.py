@@ -41,6 +41,7 @@ __all__ = [
     "compression_probs",
     "selection_scores",
     "select_blocks",
+    "selection_indices",
     "selected_attention",
     "window_attention",
     "compressed_cu_seqlens",
@@ -440,6 +441,33 @@ def select_blocks(scores: Tensor, spec: NSASpec, T: int) -> Tensor:  # noqa: N80
     _check_dim("scores", scores, 3, spec.num_selection_blocks(T), "Nslc = ceil(T / l')")
     t_pos = torch.arange(T, device=scores.device)
     return _select_chunk(scores, t_pos, spec)
+
+
+def selection_indices(
+    q: Tensor,
+    k_cmp: Tensor,
+    spec: NSASpec,
+    *,
+    scale: float | None = None,
+    cu_seqlens: Tensor | None = None,
+) -> Tensor:
+    """q and k_cmp -> selected block indices [B, T, Hkv, n] int32 (p_cmp -> ``selection_scores`` ->
+    ``select_blocks``, computed in chunks without materialising p_cmp; varlen like ``nsa_attention``).
+    No gradient flows through the result."""
+    _check_spec(spec)
+    _check_q(q, spec)
+    sc = _resolve_scale(spec, scale)
+    if cu_seqlens is None:
+        _check_cmp(q, k_cmp, None, spec, _num_cmp(spec, q.shape[1]), f"T={q.shape[1]}")
+        return _indices_from_q(q, k_cmp, spec, sc)
+    offs = _check_cu_seqlens(cu_seqlens, q)
+    coffs = [int(x) for x in compressed_cu_seqlens(cu_seqlens, spec).tolist()]
+    _check_cmp(q, k_cmp, None, spec, coffs[-1], f"cu_seqlens={offs} (packed per sequence)")
+    parts = [
+        _indices_from_q(q[:, offs[s] : offs[s + 1]], k_cmp[:, coffs[s] : coffs[s + 1]], spec, sc)
+        for s in range(len(offs) - 1)
+    ]
+    return torch.cat(parts, 1)
 
 
 @torch.no_grad()

@@ -460,3 +460,15 @@ def test_lse_gradients_are_finite_where_no_key():
     lse.masked_fill(torch.isinf(lse), 0.0).sum().backward()
     assert torch.isfinite(q.grad).all() and torch.isfinite(kc.grad).all()
     assert (q.grad[:, :7] == 0).all() and (q.grad[:, 7:] != 0).any()
+
+
+def test_selection_indices_matches_pipeline_and_varlen():
+    spec = make_spec(l=8, d=4, lp=8, n=3)
+    q, k, v, kc, vc, g = rand_inputs(spec, 1, 50, seed=19)
+    want = R.select_blocks(R.selection_scores(R.compression_probs(q, kc, spec), spec, 50), spec, 50)
+    assert torch.equal(R.selection_indices(q, kc, spec), want)
+    cu = torch.tensor([0, 20, 50], dtype=torch.int32)
+    ccu = R.compressed_cu_seqlens(cu, spec)
+    q2, k2, v2, kc2, vc2, g2 = rand_inputs(spec, 1, 50, seed=20, Tc=int(ccu[-1]))
+    _, idx = R.nsa_attention(q2, k2, v2, kc2, vc2, g2, spec, cu_seqlens=cu, return_indices=True)
+    assert torch.equal(R.selection_indices(q2, kc2, spec, cu_seqlens=cu), idx)
