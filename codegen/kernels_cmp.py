@@ -151,6 +151,7 @@ def _topk_space(fused: bool):
         }
         sp["MAP"] = ["reshape", "dot"]
         sp["SKIP"] = [0, 1]
+        sp["MERGE"] = ["sort", "bitonic"]
         if fused:
             sp["BLOCK_N"] = [16, 32, 64, 128]
         return sp
@@ -180,6 +181,8 @@ def _topk_check(fused: bool):
             return f"MAP: must be 'reshape' or 'dot', got {cfg.get('MAP')!r}"
         if cfg.get("MAP") == "dot" and bs < 16:
             return f"BLOCK_S: MAP='dot' needs BLOCK_S >= 16 (tl.dot N), got {bs}"
+        if cfg.get("MERGE", "sort") not in ("sort", "bitonic"):
+            return f"MERGE: must be 'sort' or 'bitonic', got {cfg.get('MERGE')!r}"
         if cfg.get("SKIP", 0) not in (0, 1):
             return f"SKIP: must be 0 or 1, got {cfg.get('SKIP')!r}"
         if fused and cfg.get("BLOCK_N") not in _POW2:

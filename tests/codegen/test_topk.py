@@ -98,7 +98,9 @@ def test_fused_cmp_topk_matches_reference(kw, B, T, config):  # noqa: N803
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused"])
-@pytest.mark.parametrize("variant", [{"MAP": "dot"}, {"SKIP": 1}, {"MAP": "dot", "SKIP": 1}], ids=str)
+@pytest.mark.parametrize(
+    "variant", [{"MAP": "dot"}, {"SKIP": 1}, {"MAP": "dot", "SKIP": 1, "MERGE": "bitonic"}], ids=str
+)
 @pytest.mark.parametrize(
     "kw,T",
     [
@@ -111,6 +113,12 @@ def test_topk_schedule_variants(kw, T, variant, fused):  # noqa: N803
     """MAP='dot' (hi/lo 16-bit MMAs for the overlap mapping) and SKIP=1 (merge only on improvement)."""
     cfg = {"BLOCK_M": 64 if kw["hq"] // kw["hkv"] < 16 else 128, "BLOCK_S": 16, **variant}
     _check(make_spec(**kw), 1, T, config=cfg, fused=fused)
+
+
+def test_topk_bitonic_merge_top16():
+    # n = 16 (NP = 16: four half-cleaner stages) over 25 selection blocks, forced initial + 2 local
+    spec = make_spec(hq=4, hkv=1, l=8, d=4, lp=8, n=16, fi=1, fl=2)
+    _check(spec, 1, 200, config={"BLOCK_M": 64, "BLOCK_S": 16, "MERGE": "bitonic"})
 
 
 def test_topk_varlen_matches_per_sequence():
