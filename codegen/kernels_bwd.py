@@ -9,6 +9,8 @@
 Config parameters (constexprs baked into the emitted source):
   BLOCK_M, BLOCK_N  query / key tile of the dK/dV kernel (bwd_cmp, bwd_win);
   DQ_BLOCK_M, DQ_BLOCK_N, dq_warps, dq_stages  the same for their dQ kernel;
+  KV_PASSES         1: dK and dV accumulated together; 2: two passes over the queries (dV, then dK), one
+                    accumulator live at a time (+30% FLOPs, far fewer registers -> larger MMA tiles);
   Q_CHUNK           query tokens per dK/dV program before the query range is split over more programs
                     (fp32 partials summed in order; 0 = never split);
   BLOCK_T           tokens per dK/dV tile of bwd_slc (rows = BLOCK_T x G);
@@ -108,15 +110,15 @@ def _dense_default(branch: str):
     def default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
         if limits.interpreter:
             return {"BLOCK_M": 16, "BLOCK_N": 16, "Q_CHUNK": 0, "num_warps": 4, "num_stages": 1,
-                    "DQ_BLOCK_M": 16, "DQ_BLOCK_N": 16, "dq_warps": 4, "dq_stages": 1}
+                    "KV_PASSES": 1, "DQ_BLOCK_M": 16, "DQ_BLOCK_N": 16, "dq_warps": 4, "dq_stages": 1}
         # the compressed branch's key tiles see (almost) every query: split long query ranges
         q_chunk = 4096 if branch == "cmp" else 0
         wide = _padded(spec.attention.head_dim_qk) + _padded(spec.attention.head_dim_v) > 256
         # fp32 dK+dV accumulators dominate registers: 32 x 32 tiles compile without spills on sm90 (ptxas,
         # dk = 192 / dv = 128 and dk = dv = 128); 64 x 64 spill
         return {"BLOCK_M": 32, "BLOCK_N": 32, "Q_CHUNK": q_chunk, "num_warps": 4, "num_stages": 2,
-                "DQ_BLOCK_M": 32 if wide else 64, "DQ_BLOCK_N": 64, "dq_warps": 8 if wide else 4,
-                "dq_stages": 1 if wide else 2}
+                "KV_PASSES": 1, "DQ_BLOCK_M": 32 if wide else 64, "DQ_BLOCK_N": 64,
+                "dq_warps": 8 if wide else 4, "dq_stages": 1 if wide else 2}
 
     return default
 
@@ -128,6 +130,7 @@ def _dense_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
         "Q_CHUNK": [0, 1024, 2048, 4096, 8192],
         "num_warps": [4, 8],
         "num_stages": [1, 2, 3],
+        "KV_PASSES": [1, 2],
         "DQ_BLOCK_M": [16, 32, 64, 128],
         "DQ_BLOCK_N": [16, 32, 64, 128],
         "dq_warps": [4, 8],
@@ -148,6 +151,8 @@ def _dense_check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) ->
     for key in ("BLOCK_M", "BLOCK_N", "DQ_BLOCK_M", "DQ_BLOCK_N"):
         if cfg[key] not in _POW2:
             return f"{key}: must be a power of two in 16..256, got {cfg[key]}"
+    if cfg.get("KV_PASSES") not in (1, 2):
+        return f"KV_PASSES: must be 1 or 2, got {cfg.get('KV_PASSES')}"
     if not isinstance(cfg["Q_CHUNK"], int) or cfg["Q_CHUNK"] < 0:
         return f"Q_CHUNK: must be an integer >= 0, got {cfg['Q_CHUNK']}"
     why = _common_check(cfg) or _common_check({"num_warps": cfg["dq_warps"], "num_stages": cfg["dq_stages"]})
@@ -157,7 +162,8 @@ def _dense_check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) ->
         need = _dense_smem(spec, cfg)
         if need > limits.smem_per_block:
             return f"shared memory: needs ~{need} bytes > {limits.smem_per_block} on {limits.name}"
-        acc = cfg["BLOCK_N"] * (_padded(spec.attention.head_dim_qk) + _padded(spec.attention.head_dim_v))
+        dk_, dv_ = _padded(spec.attention.head_dim_qk), _padded(spec.attention.head_dim_v)
+        acc = cfg["BLOCK_N"] * ((dk_ + dv_) if cfg["KV_PASSES"] == 1 else max(dk_, dv_))
         if acc > 192 * 32 * cfg["num_warps"]:
             return "registers: BLOCK_N x (dk + dv) fp32 dK/dV accumulators exceed 192 per thread"
         if cfg["DQ_BLOCK_M"] * _padded(spec.attention.head_dim_qk) > 128 * 32 * cfg["dq_warps"]:
