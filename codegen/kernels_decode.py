@@ -14,6 +14,8 @@ Config parameters:
   split_sw    programs per (sequence, token, KV head) over selected + window tiles (0 = auto);
   split_topk  programs per (sequence, KV head) scoring shares of the selection blocks when split_cmp > 1
               (partial top-n lists merged by the selected-attention programs; 0 = auto);
+  COMBINE     "kernel": a last launch merges split selected/window states; "last": the split program that
+              finishes last (atomic ticket) merges them (one launch less);
   SKIP        1: merge a top-n chunk only when one of its keys beats the running n-th best (shared
               ``_select.j2`` schedule; most chunks of a long context are skipped);
   num_warps, num_stages.
@@ -79,6 +81,7 @@ def _decode_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
         "split_sw": list(_SPLITS[:6]),
         "split_topk": list(_SPLITS[:6]),
         "SKIP": [0, 1],
+        "COMBINE": ["kernel", "last"],
         "num_warps": [2, 4, 8],
         "num_stages": [1, 2, 3],
     }
@@ -104,6 +107,8 @@ def _decode_check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) -
         v = cfg.get(t)
         if not isinstance(v, int) or isinstance(v, bool) or v < 0 or v > 256:
             return f"{t}: must be an integer in 0..256 (0 = auto), got {v!r}"
+    if cfg.get("COMBINE", "kernel") not in ("kernel", "last"):
+        return f"COMBINE: must be 'kernel' or 'last', got {cfg.get('COMBINE')!r}"
     if cfg.get("SKIP") not in (0, 1):
         return f"SKIP: must be 0 or 1, got {cfg.get('SKIP')!r}"
     nw = cfg.get("num_warps")
@@ -135,7 +140,8 @@ def _decode_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
     if limits.interpreter:
         return {
             "tokens": 1, "BLOCK_N": 16, "BLOCK_S": bs, "BLOCK_K": 16, "BLOCK_W": 16,
-            "split_cmp": 0, "split_sw": 0, "split_topk": 0, "SKIP": 1, "num_warps": 4, "num_stages": 1,
+            "split_cmp": 0, "split_sw": 0, "split_topk": 0, "SKIP": 1, "COMBINE": "kernel", "num_warps": 4,
+            "num_stages": 1,
         }
     while bs * 2 * rp <= 256:  # one program scores the blocks of one step: wide chunks, few sorts
         bs *= 2
@@ -149,6 +155,7 @@ def _decode_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
         "split_sw": 0,
         "split_topk": 0,
         "SKIP": 1,
+        "COMBINE": "kernel",
         "num_warps": 4,
         "num_stages": 2,
     }

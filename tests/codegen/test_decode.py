@@ -76,7 +76,8 @@ def test_kernel_token_by_token_matches_full_forward(name):
 @pytest.mark.parametrize("S", [1, 3])
 def test_kernel_mixed_lengths_multi_token(S):  # noqa: N803
     spec = SPECS["tiny"]  # float32
-    ops = nsa_dsl.compile(spec, config={"decode": {"SKIP": 0}})  # the other top-n merge schedule
+    # the other top-n merge schedule, and the split selected/window states merged by the last program
+    ops = nsa_dsl.compile(spec, config={"decode": {"SKIP": 0, "COMBINE": "last"}})
     B, T = 3, 64  # noqa: N806
     q, k, v, g = inputs(spec, B, T, dtype=torch.float32, seed=21)
     ck, cv = compressors(spec, seed=22)
@@ -89,9 +90,10 @@ def test_kernel_mixed_lengths_multi_token(S):  # noqa: N803
         cache.append(k[bi, sel], v[bi, sel])
         want = decode_reference(q[bi, sel], cache, g[bi, sel])  # itself checked against the full forward
         for sp in (SPLITS[i], SPLITS[i + 2], SPLITS[4 - i]):
-            out = _poisoned(B, S, spec)
-            o = decode(ops, q[bi, sel], cache, g[bi, sel], out=out, splits=sp)
-            torch.testing.assert_close(o, want, rtol=1e-4, atol=1e-5, msg=f"step {i} splits {sp}")
+            for _ in range(2):  # twice: the "last program" tickets must be reset after a step
+                out = _poisoned(B, S, spec)
+                o = decode(ops, q[bi, sel], cache, g[bi, sel], out=out, splits=sp)
+                torch.testing.assert_close(o, want, rtol=1e-4, atol=1e-5, msg=f"step {i} splits {sp}")
     # and the last step against the full forward of each sequence
     for b, n in enumerate(pre):
         L = n + 2 * S  # noqa: N806
@@ -154,8 +156,9 @@ def test_gpu_bf16_decode_8k_matches_reference():
     ref_cache = _as_float(cache)
     details: dict = {}
     decode_reference(q.float(), ref_cache, g.float(), details=details)
-    for sp in SPLITS + [None]:
-        o, idx = decode(ops, q, cache, g, splits=sp, return_indices=True)
+    last = ops.with_config("decode", {"COMBINE": "last"})
+    for op, sp in [(ops, x) for x in SPLITS + [None]] + [(last, (3, 2, 2)), (last, None)]:
+        o, idx = decode(op, q, cache, g, splits=sp, return_indices=True)
         # bf16 scores may order near-equal blocks differently: the chosen blocks must score like the
         # reference top-n (sorted scores within bf16 tolerance), and the output must equal the reference
         # attending to exactly those blocks
