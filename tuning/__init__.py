@@ -138,7 +138,14 @@ def lookup(
     except Exception as e:  # unreadable cache dir etc.: never fatal
         log.warning("tuning cache lookup failed (%s); ignoring the user cache", e)
         rec = None
-    reg = get_registry() if registry is None else registry
+    if registry is None:
+        reg = get_registry()
+        if kernel.startswith("schedule."):
+            from .schedules import schedule_defs
+
+            reg = {**reg, **schedule_defs()}
+    else:
+        reg = registry
     if rec is not None:
         cfg = _usable(rec["config"], reg.get(kernel), spec, limits, "cached")
         if cfg is not None:

@@ -67,7 +67,14 @@ def get_registry() -> dict[str, Any]:
 
 def get_kernel_def(kernel: str, registry: dict[str, Any] | None = None) -> Any:
     """The KernelDef for ``kernel``; ``KeyError`` with a one-line message if it is not registered."""
-    reg = get_registry() if registry is None else registry
+    if registry is None:
+        reg = get_registry()
+        if kernel.startswith("schedule."):
+            from .schedules import schedule_defs
+
+            reg = {**reg, **schedule_defs()}
+    else:
+        reg = registry
     if kernel not in reg:
         known = ", ".join(sorted(reg)) or "none"
         raise KeyError(f"kernel: '{kernel}' is not registered in nsa_dsl.codegen (registered: {known})")

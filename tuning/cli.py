@@ -157,7 +157,9 @@ def _run_tune(args: argparse.Namespace) -> int:
         registry = fake_registry()
         extra = {"registry": registry, "target_factory": fake_target_factory, "timer": FakeTimer(fake_time)}
     else:
-        registry = get_registry()
+        from .schedules import schedule_defs
+
+        registry = {**get_registry(), **schedule_defs()}
     kernels, notes = _select_kernels(spec, args.kernels, registry)
     for n in notes:
         console.print(f"[yellow]note[/]: {n}")

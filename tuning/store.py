@@ -153,6 +153,9 @@ class RecordStore:
         data = {"format": FORMAT, "records": {k: records[k] for k in sorted(records)}}
         fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=str(self.path.parent))
         try:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; a cache file is as readable as any other
             with os.fdopen(fd, "w") as f:
                 json.dump(data, f, indent=1, sort_keys=True)
                 f.write("\n")

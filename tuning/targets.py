@@ -567,8 +567,12 @@ def default_target(
     """The target ``tune_kernel`` uses unless told otherwise (by the kernel's pass)."""
     from ._compat import get_kernel_def
 
-    kdef = get_kernel_def(kernel)
     n_inputs = 2 if T * B >= 32768 else 3
+    if kernel.startswith("schedule."):
+        from .schedules import ScheduleTarget
+
+        return ScheduleTarget(spec, kernel, T=T, B=B, limits=limits, device=device, n_inputs=n_inputs)
+    kdef = get_kernel_def(kernel)
     kw = dict(T=T, B=B, limits=limits, device=device, n_inputs=n_inputs)
     p = getattr(kdef, "pass_", "fwd")
     if p == "bwd":

@@ -181,3 +181,25 @@ def test_backward_target_gate():
     ops.module = module
     why = tg.gate((ops, mod), cfg)
     assert why and why.startswith("dg")
+
+
+def test_schedule_choice_is_tuned_and_looked_up():
+    """The fused-vs-separate compression+selection composition is a tunable record like a kernel's."""
+    pytest.importorskip("nsa_dsl.codegen.ops")
+    from nsa_dsl.tuning import lookup
+    from nsa_dsl.tuning.schedules import schedule_defs
+
+    if "schedule.cmp_select" not in schedule_defs() or "cmp_topk" not in plan.all_kernels():
+        pytest.skip("no cmp_select schedule choice in this generator")
+    times = {"separate": 2.0, "fused": 1.0}
+    res = tune_kernel(
+        SPEC,
+        "schedule.cmp_select",
+        T=40,
+        limits=INTERP,
+        trials=2,
+        timer=FakeTimer(lambda c: times[c["choice"]]),
+    )
+    assert res.trials == 2 and res.rejected == 0 and res.failed == 0  # both compositions pass the gate
+    assert res.config == {"choice": "fused"} and res.default_config == {"choice": "separate"}
+    assert lookup(SPEC, "schedule.cmp_select", T=40, B=1, limits=INTERP) == {"choice": "fused"}
