@@ -29,11 +29,13 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--spec", default="nsa_paper")
     ap.add_argument("--seq-lens", default="8k,32k")
-    ap.add_argument("--kernels", default="cmp_fwd,slc_topk,slc_fwd,win_fwd")
+    ap.add_argument(
+        "--kernels", default="cmp_fwd,slc_topk,slc_fwd,win_fwd,schedule.cmp_select,schedule.combine"
+    )
     ap.add_argument("--trials", type=int, default=12)
     ap.add_argument("--grid-kernel", default="slc_topk")
     ap.add_argument("--grid-T", type=int, default=8192)
-    ap.add_argument("--compile-jobs", type=int, default=12)
+    ap.add_argument("--compile-jobs", type=int, default=6)
     ap.add_argument("--deadline-s", type=float, default=170.0)
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--smoke", action="store_true", help="tiny spec, tiny shapes, interpreter")
@@ -41,7 +43,7 @@ def main() -> int:
     t_start = time.monotonic()
     if a.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
-        a.spec, a.seq_lens, a.kernels, a.trials = "tiny", "64,128", "cmp_fwd,win_fwd", 3
+        a.spec, a.seq_lens, a.kernels, a.trials = "tiny", "64,128", "cmp_fwd,win_fwd,schedule.combine", 3
         a.grid_kernel, a.grid_T, a.compile_jobs = "combine_fwd", 64, 2
     os.environ.setdefault("NSA_DSL_CACHE_DIR", "/tmp/nsa_tune_bench_cache")
     cache_root = Path(os.environ["NSA_DSL_CACHE_DIR"])

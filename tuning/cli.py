@@ -166,6 +166,19 @@ def _run_tune(args: argparse.Namespace) -> int:
     if not kernels:
         raise CliError(f"--kernels: nothing to tune for '{args.kernels}' (see the notes above)")
     limits = detect_limits()
+    if not args.fake:
+        import torch
+
+        if getattr(limits, "interpreter", False):
+            console.print(
+                "[yellow]note[/]: no CUDA device: candidates run in the Triton interpreter (slow; "
+                "CPU timings are not GPU timings)"
+            )
+        elif args.workers > torch.cuda.device_count():
+            raise CliError(
+                f"--workers: {args.workers} workers need {args.workers} GPUs, "
+                f"{torch.cuda.device_count()} visible"
+            )
     jobs = [(k, t) for t in seq_lens for k in kernels]
     budget = args.budget_seconds / len(jobs) if args.budget_seconds else None
     console.print(

@@ -9,8 +9,12 @@ points already evaluated reuse their result. Compile errors and out-of-resource 
 The study lives in an Optuna journal file under ``<cache_root>/tuning/studies/`` named after the record
 key, so an interrupted run resumes where it stopped and several worker processes (one per GPU) can share it.
 
-Sampler: TPE (seeded, multivariate). Reasoning and measurement: see ``compare_samplers`` and bench/RESULTS.md
-"## Autotuning". When the trial budget covers every valid point the search is exhaustive.
+Sampler: TPE (seeded, multivariate). The spaces are small, categorical and structured (tiles x warps x
+stages x schedule), where a model of good vs bad points can beat uniform sampling; Optuna's CMA-ES leaves
+categorical parameters to its independent fallback sampler, and a grid is too slow beyond a few hundred
+points. TPE vs random was measured with ``bench/tuning_replay.py`` (a measured grid replayed over many
+seeds): see bench/RESULTS.md "## Autotuning". When the trial budget covers every valid point the search is
+exhaustive.
 
 The choice is deterministic: the best few candidates and the default are re-timed, then every candidate
 within ``tie_tol`` (relative) of the best counts as tied and the tie goes to the default config if it is
