@@ -171,19 +171,32 @@ class RecordStore:
         self._memo = None
 
 
+_STORES: dict[str, RecordStore] = {}
+
+
 def user_store() -> RecordStore:
-    """The user's record file, ``<cache_root>/tuning/records.json`` (honours ``NSA_DSL_CACHE_DIR``)."""
-    return RecordStore(tuning_dir() / "records.json")
+    """The user's record file, ``<cache_root>/tuning/records.json`` (honours ``NSA_DSL_CACHE_DIR``). One
+    instance per path, so that its parsed contents are reused until the file changes (mtime/size)."""
+    path = tuning_dir() / "records.json"
+    st = _STORES.get(str(path))
+    if st is None:
+        st = _STORES.setdefault(str(path), RecordStore(path))
+    return st
 
 
 def shipped_records(folder: str | os.PathLike[str] | None = None) -> dict[str, dict[str, Any]]:
     """Records of the configs shipped in the package (``nsa_dsl.tuning/configs/*.json``), merged; files
     processed in name order (a later file wins on equal keys)."""
     folder = Path(SHIPPED_DIR if folder is None else folder)
-    out: dict[str, dict[str, Any]] = {}
     if not folder.is_dir():
-        return out
-    for p in sorted(folder.glob("*.json")):
+        return {}
+    files = sorted(folder.glob("*.json"))
+    stamp = tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in files)
+    hit = _SHIPPED_MEMO.get(str(folder))
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    out: dict[str, dict[str, Any]] = {}
+    for p in files:
         try:
             recs = _parse(p.read_text(), str(p))
         except OSError as e:
@@ -191,4 +204,8 @@ def shipped_records(folder: str | os.PathLike[str] | None = None) -> dict[str, d
             continue
         if recs:
             out.update(recs)
+    _SHIPPED_MEMO[str(folder)] = (stamp, out)
     return out
+
+
+_SHIPPED_MEMO: dict[str, tuple[tuple, dict[str, dict[str, Any]]]] = {}
