@@ -236,13 +236,6 @@ def candidates(spec) -> list[dict[str, dict]]:
             "bwd_slc": {"BLOCK_T": max(1, 128 // G), "KEY_SPLIT": 2, "num_warps": 8, "DQ_TOKENS": 4},
         },
         {
-            "bwd_cmp": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2,
-                        "DQ_BLOCK_M": 128, "DQ_BLOCK_N": 64, "dq_warps": 8, "dq_stages": 2},
-            "bwd_win": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2,
-                        "DQ_BLOCK_M": 128, "DQ_BLOCK_N": 64, "dq_warps": 8, "dq_stages": 2},
-            "bwd_slc": {"BLOCK_T": max(1, 64 // G), "KEY_SPLIT": 4, "num_warps": 4, "DQ_TOKENS": 1},
-        },
-        {
             "bwd_cmp": {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "KV_PASSES": 2},
             "bwd_win": {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "KV_PASSES": 2},
             "bwd_slc": {"BLOCK_T": max(1, 32 // G), "KEY_SPLIT": 2, "num_warps": 4, "DQ_TOKENS": 4},

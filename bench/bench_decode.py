@@ -44,7 +44,7 @@ SWEEPS = {
 # (spec, B, T) -> tile/schedule alternatives of the decode kernel (plan configs) timed next to the default
 TILE_SWEEPS = {
     ("nsa_paper", 1, 65536): [{"COMBINE": "last"}],
-    ("nsa_paper", 16, 65536): [{"BLOCK_N": 128}, {"num_warps": 8}, {"num_stages": 3}, {"SKIP": 0},
+    ("nsa_paper", 16, 65536): [{"BLOCK_N": 128}, {"num_warps": 4}, {"BLOCK_K": 64, "BLOCK_W": 64},
                                {"COMBINE": "last"}],
 }
 

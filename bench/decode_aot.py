@@ -1,0 +1,101 @@
+"""Compile the generated decode kernels ahead of time for sm90 on any machine (no GPU needed) and report
+ptxas' registers and spills per kernel: catches GPU-only compile errors and picks register-safe defaults.
+
+Usage: ``python bench/decode_aot.py [SPEC ...] [--config JSON]`` (needs a Triton build with the NVIDIA
+backend, e.g. the PyPI wheel).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import triton  # noqa: E402
+from nsa_dsl.codegen.plan import DeviceLimits, make_plan  # noqa: E402
+from nsa_dsl.codegen.render import render  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+import nsa_dsl  # noqa: E402
+
+_TYPES = {
+    **dict.fromkeys(("Q", "K", "V", "KC", "VC", "KW", "VW", "GATE", "O"), "*bf16"),
+    **dict.fromkeys(("LOGITS", "LSEB", "PM", "PL", "PACC", "OC", "PM2", "PL2", "PACC2"), "*fp32"),
+    **dict.fromkeys(("LENS", "IDX", "CNT"), "*i32"),
+    "CAND": "*i64",
+}
+
+
+def _signature(fn, consts: dict) -> dict[str, str]:
+    return {n: "constexpr" if n in consts else _TYPES.get(n, "i32") for n in fn.arg_names}
+
+
+def _ptxas() -> str:
+    from triton.backends.nvidia import compiler
+
+    return compiler.get_ptxas(90).path
+
+
+def check(spec_name: str, config: dict) -> list[tuple[str, str]]:
+    h100 = DeviceLimits("H100 (AOT)", (9, 0), 132, 227 * 1024)
+    plan = make_plan(nsa_dsl.load_spec(spec_name), "decode", config, h100)
+    tmp = Path(tempfile.mkdtemp())
+    path = tmp / f"decode_{plan.key}.py"
+    path.write_text(render(plan))
+    spec = importlib.util.spec_from_file_location(f"aot_decode_{plan.key}", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    last = plan.config.get("COMBINE") == "last"
+    variants = [
+        ("cmp (split)", mod._cmp_kernel, {"FUSED": False, "FUSE_ALL": False, "DOT_PREC": "tf32"}),
+        ("cmp+top-n+slc/win (one launch)", mod._cmp_kernel,
+         {"FUSED": True, "FUSE_ALL": True, "DOT_PREC": "tf32"}),
+        ("top-n (split)", mod._topk_kernel, {}),
+        ("slc/win (split)", mod._sw_kernel,
+         {"FINAL": False, "MERGE": True, "CAND_P": 256, "LAST": last, "DOT_PREC": "tf32"}),
+        ("combine", mod._combine_kernel, {}),
+    ]
+    out = []
+    for name, fn, consts in variants:
+        src = ASTSource(fn=fn, signature=_signature(fn, consts), constexprs=consts)
+        try:
+            c = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                               options={"num_warps": mod.NUM_WARPS, "num_stages": mod.NUM_STAGES})
+        except Exception as e:
+            out.append((name, f"COMPILE ERROR {type(e).__name__}: {str(e).splitlines()[0][:200]}"))
+            continue
+        ptx = tmp / "k.ptx"
+        ptx.write_text(c.asm["ptx"])
+        res = subprocess.run([_ptxas(), "-arch=sm_90a", "-v", str(ptx), "-o", str(tmp / "k.cubin")],
+                             capture_output=True, text=True)
+        txt = res.stderr + res.stdout
+        regs = re.search(r"Used (\d+) registers", txt)
+        spill = re.search(r"(\d+) bytes spill stores", txt)
+        out.append((name, f"{regs.group(1) if regs else '?'} registers, "
+                          f"{spill.group(1) if spill else '?'} bytes spilled, smem {c.metadata.shared} B"))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("specs", nargs="*", default=["nsa_paper", "small_group"])
+    ap.add_argument("--config", default="{}", help="decode config overrides (JSON)")
+    args = ap.parse_args()
+    cfg = json.loads(args.config)
+    for s in args.specs:
+        for name, info in check(s, cfg):
+            print(f"{s:12s} {json.dumps(cfg)} {name:32s} {info}")
+
+
+if __name__ == "__main__":
+    main()
