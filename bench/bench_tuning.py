@@ -35,7 +35,13 @@ def main() -> int:
     ap.add_argument("--trials", type=int, default=12)
     ap.add_argument("--grid-kernel", default="slc_topk")
     ap.add_argument("--grid-T", type=int, default=8192)
+    ap.add_argument(
+        "--grid-fix",
+        default="MAP=reshape,SKIP=0",
+        help="parameters fixed to one value for the grid (a sub-grid small enough to measure)",
+    )
     ap.add_argument("--compile-jobs", type=int, default=6)
+    ap.add_argument("--grid-jobs", type=int, default=14)
     ap.add_argument("--deadline-s", type=float, default=170.0)
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--smoke", action="store_true", help="tiny spec, tiny shapes, interpreter")
@@ -44,7 +50,13 @@ def main() -> int:
     if a.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
         a.spec, a.seq_lens, a.kernels, a.trials = "tiny", "64,128", "cmp_fwd,win_fwd,schedule.combine", 3
-        a.grid_kernel, a.grid_T, a.compile_jobs = "combine_fwd", 64, 2
+        a.grid_kernel, a.grid_T, a.compile_jobs, a.grid_jobs, a.grid_fix = (
+            "combine_fwd",
+            64,
+            2,
+            2,
+            "num_warps=4",
+        )
     os.environ.setdefault("NSA_DSL_CACHE_DIR", "/tmp/nsa_tune_bench_cache")
     cache_root = Path(os.environ["NSA_DSL_CACHE_DIR"])
     shutil.rmtree(cache_root, ignore_errors=True)
@@ -157,6 +169,25 @@ def main() -> int:
 
     # ---- A: exhaustive grid --------------------------------------------------------------------------------
     gk, gT = a.grid_kernel, a.grid_T  # noqa: N806
+    fix = {}
+    for item in [x for x in a.grid_fix.split(",") if x]:
+        name, val = item.split("=", 1)
+        fix[name] = int(val) if val.lstrip("-").isdigit() else val
+    from dataclasses import replace
+
+    from nsa_dsl.tuning._compat import get_kernel_def
+
+    gdef = get_kernel_def(gk)
+    full_space = gdef.space
+
+    def sub_space(spec_, lim_):
+        sp_ = dict(full_space(spec_, lim_))
+        for name_, val_ in fix.items():
+            if name_ in sp_:
+                sp_[name_] = [val_]
+        return sp_
+
+    greg = {gk: replace(gdef, space=sub_space)}
     if left() < 30:
         res["skipped"].append("grid: out of time")
     else:
@@ -170,12 +201,13 @@ def main() -> int:
                 B=1,
                 limits=limits,
                 trials=10**6,
-                compile_jobs=a.compile_jobs,
+                compile_jobs=a.grid_jobs,
                 force=True,
                 save=False,
                 confirm=0,
                 storage_path=journal,
-                budget_seconds=max(10.0, left() - 25),
+                registry=greg,
+                budget_seconds=max(10.0, left() - 12),
             )
             st, name = search.study_storage(journal, r.key)
             import optuna
@@ -196,6 +228,8 @@ def main() -> int:
             res["grid"] = {
                 "kernel": gk,
                 "T": gT,
+                "fixed": fix,
+                "default": r.default_config,
                 "valid_points": r.grid,
                 "evaluated": len(pts),
                 "complete": len(pts) >= r.grid,
@@ -229,6 +263,7 @@ def main() -> int:
                 compile_jobs=0,
                 force=True,
                 save=False,
+                registry=greg,
                 confirm=0,
                 storage_path=journal,
                 sampler=sampler,
