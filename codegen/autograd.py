@@ -88,7 +88,8 @@ def nsa_backward(
     indices``; window entries may be None when the window is off). Gradients come back in the inputs'
     dtypes; all accumulation is fp32. Rows whose branch saw no key (lse = +inf) contribute exactly zero.
     ``deterministic``: accepted for API symmetry; every path is already atomic-free and reproducible.
-    ``profile``: if a dict is given, CUDA-event milliseconds per stage are stored in it (synchronises).
+    ``profile``: if a dict is given, CUDA-event milliseconds per stage (``bwd_cmp``, ...) and per kernel
+    launch (``bwd_cmp.dq``, ``bwd_cmp.dkdv``, ...) are added to it (synchronises).
     """
     ops = _as_ops(ops_or_spec)
     spec = ops.spec
@@ -126,6 +127,8 @@ def nsa_backward(
             marks.append((name, ev))
 
     mark("start")
+    # per-launch events inside the generated modules (only when profiling on CUDA)
+    kprof: dict[str, Any] | None = {} if (profile is not None and q.is_cuda) else None
 
     def mod(name: str):
         return ops.module(name, T=max_len, B=nseq)
@@ -139,7 +142,7 @@ def nsa_backward(
     mark("bwd_pre")
     # compressed branch: writes dq (no accumulation) and dk_cmp / dv_cmp
     mod("bwd_cmp").run(q, k_cmp, v_cmp, do, g, f32c(saved["lse_cmp"]), delta[0], dq, dkc, dvc,
-                       cu_seqlens=cu_seqlens, cu_cmp=cu_cmp, max_len=max_len)
+                       cu_seqlens=cu_seqlens, cu_cmp=cu_cmp, max_len=max_len, profile=kprof)
     mark("bwd_cmp")
     # selection branch: dq += ; dk/dv written per selected block through the reverse index
     slc = mod("bwd_slc")
@@ -147,11 +150,11 @@ def nsa_backward(
     rev = slc.build_reverse_index(indices.view(B * T, hkv, n), cu_packed, spec.selection.block, slc.CHUNK)
     mark("reverse_index")
     slc.run(q, k, v, do, g, f32c(saved["lse_slc"]), delta[1], indices, rev, dq, dk, dv,
-            cu_seqlens=cu_seqlens, max_len=max_len, accum_q=True)
+            cu_seqlens=cu_seqlens, max_len=max_len, accum_q=True, profile=kprof)
     mark("bwd_slc")
     if win_on:
         mod("bwd_win").run(q, k, v, do, g, f32c(saved["lse_win"]), delta[2], dq, dk, dv,
-                           cu_seqlens=cu_seqlens, max_len=max_len, accum_q=True, accum_kv=True)
+                           cu_seqlens=cu_seqlens, max_len=max_len, accum_q=True, accum_kv=True, profile=kprof)
         mark("bwd_win")
     out = (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dkc.to(k_cmp.dtype), dvc.to(v_cmp.dtype),
             dg.to(g.dtype))
@@ -159,6 +162,8 @@ def nsa_backward(
     if marks:
         torch.cuda.synchronize()
         for (_, a), (name, b) in zip(marks, marks[1:], strict=False):
+            profile[name] = profile.get(name, 0.0) + a.elapsed_time(b)
+        for name, a, b in (kprof or {}).get("_events", []):
             profile[name] = profile.get(name, 0.0) + a.elapsed_time(b)
     return out
 
