@@ -33,6 +33,7 @@ import nsa_dsl  # noqa: E402
 from nsa_dsl.cache import NSACache  # noqa: E402
 
 _FLUSH = None
+DEVICE = "cuda"
 # (B, T) -> alternative (split_cmp, split_sw, split_topk) timed next to the automatic choice
 SWEEPS = {
     (1, 65536): [(8, 4, 4), (32, 8, 16), (64, 16, 16)],
@@ -108,7 +109,7 @@ def _graph_us(fn, *, calls: int, reps: int) -> float:
 def copy_bandwidth() -> float:
     """Device-to-device copy of 2 GiB: (read + write) bytes / s, in TB/s."""
     n = 1 << 30
-    a = torch.empty(n, dtype=torch.bfloat16, device="cuda").normal_()
+    a = torch.empty(n, dtype=torch.bfloat16, device=DEVICE).normal_()
     b = torch.empty_like(a)
     for _ in range(3):
         b.copy_(a)
@@ -141,7 +142,7 @@ def nsa_bytes(spec, T: int, B: int) -> tuple[float, float]:  # noqa: N803
 def run_nsa(spec, ops, B: int, T: int, splits=None, sweep=None, profile=False) -> dict:  # noqa: N803
     a = spec.attention
     ident = lambda x: x  # noqa: E731 - the cache is filled directly; no compressor runs in this benchmark
-    cache = NSACache(spec, B, capacity=T + 16, device="cuda", dtype=torch.bfloat16,
+    cache = NSACache(spec, B, capacity=T + 16, device=DEVICE, dtype=torch.bfloat16,
                      compress_k=ident, compress_v=ident)
     for t in (cache.k, cache.v, cache.k_cmp_buf, cache.v_cmp_buf):
         t.normal_()
@@ -149,9 +150,9 @@ def run_nsa(spec, ops, B: int, T: int, splits=None, sweep=None, profile=False) -
     cache._host_lengths = [T] * B
     if splits is None:
         splits = _splits(ops, decode_plan(ops, B=B, S=1, T=T), B, 1, T)
-    q = torch.randn(B, 1, a.heads, a.head_dim_qk, device="cuda", dtype=torch.bfloat16)
-    g = torch.rand(B, 1, a.heads, 3, device="cuda", dtype=torch.bfloat16)
-    out = torch.empty(B, 1, a.heads, a.head_dim_v, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(B, 1, a.heads, a.head_dim_qk, device=DEVICE, dtype=torch.bfloat16)
+    g = torch.rand(B, 1, a.heads, 3, device=DEVICE, dtype=torch.bfloat16)
+    out = torch.empty(B, 1, a.heads, a.head_dim_v, device=DEVICE, dtype=torch.bfloat16)
     step = lambda: decode(ops, q, cache, g, out=out, splits=splits, plan_length=T)  # noqa: E731
     res = {"us": abs(graph_us(step)), "splits": list(splits), "finite": bool(torch.isfinite(out).all())}
     for alt in sweep or []:
@@ -188,10 +189,10 @@ def run_dense(spec, B: int, T: int) -> dict:  # noqa: N803
     from torch.nn.attention import sdpa_kernel
 
     a = spec.attention
-    q = torch.randn(B, a.heads, 1, a.head_dim_qk, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(B, a.heads, 1, a.head_dim_qk, device=DEVICE, dtype=torch.bfloat16)
     qg = q.view(B, a.kv_heads, spec.G, a.head_dim_qk)
-    k = torch.empty(B, a.kv_heads, T, a.head_dim_qk, device="cuda", dtype=torch.bfloat16).normal_()
-    v = torch.empty(B, a.kv_heads, T, a.head_dim_v, device="cuda", dtype=torch.bfloat16).normal_()
+    k = torch.empty(B, a.kv_heads, T, a.head_dim_qk, device=DEVICE, dtype=torch.bfloat16).normal_()
+    v = torch.empty(B, a.kv_heads, T, a.head_dim_v, device=DEVICE, dtype=torch.bfloat16).normal_()
     out = {}
     for name, be in sdpa_backends().items():
         if name == "math" and B * T > 16 * 16384:
@@ -231,7 +232,7 @@ def main() -> None:
     args = ap.parse_args()
     outdir = Path(args.out)
     outdir.mkdir(parents=True, exist_ok=True)
-    _FLUSH = torch.empty(128 << 20, dtype=torch.bfloat16, device="cuda")
+    _FLUSH = torch.empty(128 << 20, dtype=torch.bfloat16, device=DEVICE)
     meta = env_info()
     meta["copy_tbps"] = copy_bandwidth()
     print(f"# {meta.get('card')} torch {meta['torch']} triton {meta['triton']}", flush=True)
@@ -241,7 +242,7 @@ def main() -> None:
     t_start = time.time()
     for spec_name in args.specs.split(","):
         spec = nsa_dsl.load_spec(spec_name)
-        ops = nsa_dsl.compile(spec, device="cuda")
+        ops = nsa_dsl.compile(spec, device=DEVICE)
         a = spec.attention
         per_tok = a.kv_heads * (a.head_dim_qk + a.head_dim_v) * 2
         for B in [int(x) for x in args.batches.split(",")]:  # noqa: N806
@@ -311,8 +312,9 @@ def main() -> None:
         d = {k: v for k, v in r["dense"].items() if isinstance(v, float)}
         bk = min(d, key=d.get) if d else "-"
         lines.append(
-            f"| {r['spec']} | {r['B']} | {r['T']} | {r['nsa']['us']:.1f} ({r['nsa']['splits'][0]},"
-            f"{r['nsa']['splits'][1]}) | {r['nsa_must_bytes'] / 1e6:.1f} | {r['nsa_tbps']:.2f} "
+            f"| {r['spec']} | {r['B']} | {r['T']} | {r['nsa']['us']:.1f} "
+            f"({','.join(str(x) for x in r['nsa']['splits'])}) | {r['nsa_must_bytes'] / 1e6:.1f} | "
+            f"{r['nsa_tbps']:.2f} "
             f"({100 * r['nsa_tbps'] / meta['copy_tbps']:.0f}%) | {r['dense_best_us']:.1f} ({bk}) | "
             f"{r['dense_best_tbps']:.2f} | {r['speedup']:.2f}× | {r['expected_speedup']:.1f}× |"
         )
