@@ -141,10 +141,15 @@ def branch_pairs(spec, T) -> dict[str, float]:  # noqa: N803
 
 
 def bwd_flops(spec, T) -> dict[str, float]:  # noqa: N803
-    """Executed backward FLOPs per branch: dK/dV kernel 2*(2dk + 2dv) + dQ kernel 2*(2dk + dv) per pair."""
+    """Backward matmul FLOPs per branch and kernel (one pass over the pairs): dK/dV kernel 2*(2dk + 2dv),
+    dQ kernel 2*(2dk + dv) per (query head, key) pair."""
     dk, dv = spec.attention.head_dim_qk, spec.attention.head_dim_v
-    per = 2 * (2 * dk + 2 * dv) + 2 * (2 * dk + dv)
-    return {f"bwd_{b}": per * p for b, p in branch_pairs(spec, T).items()}
+    out = {}
+    for b, p in branch_pairs(spec, T).items():
+        out[f"bwd_{b}.dkdv"] = 2 * (2 * dk + 2 * dv) * p
+        out[f"bwd_{b}.dq"] = 2 * (2 * dk + dv) * p
+        out[f"bwd_{b}"] = out[f"bwd_{b}.dkdv"] + out[f"bwd_{b}.dq"]
+    return out
 
 
 SDPA_BACKENDS = ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION")
@@ -284,17 +289,36 @@ def sweep(spec, ops, T):  # noqa: N803
             continue
         row = {kk: vv / 3 for kk, vv in prof.items()}
         log.append({"candidate": i, "T": T, "ms": row})
-        for kname in ("bwd_cmp", "bwd_slc", "bwd_win"):
-            if kname in row:
-                times.setdefault(kname, []).append((row[kname], i))
+        for key, ms in row.items():
+            times.setdefault(key, []).append((ms, i))
+    # dQ and dK/dV kernels of a branch have separate parameters: pick each from its own timing
     best = ops
-    for kname, lst in times.items():
-        _, i = min(lst)
-        params = candidates(spec)[i].get(kname)
-        if params:
-            best = with_candidate(best, {kname: params})
-        log.append({"kernel": kname, "best_candidate": i})
+    for kname in ("bwd_cmp", "bwd_slc", "bwd_win"):
+        for part, keys in PARAM_GROUPS[kname].items():
+            lst = times.get(f"{kname}.{part}")
+            if not lst:
+                continue
+            _, i = min(lst)
+            params = {kk: vv for kk, vv in candidates(spec)[i].get(kname, {}).items() if kk in keys}
+            if params:
+                best = with_candidate(best, {kname: params})
+            log.append({"kernel": f"{kname}.{part}", "best_candidate": i})
     return best, log
+
+
+#: Which config parameters belong to which kernel of a backward stage (for the sweep's per-kernel pick).
+_DENSE_GROUPS = {
+    "dkdv": {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "KV_PASSES", "Q_CHUNK"},
+    "dq": {"DQ_BLOCK_M", "DQ_BLOCK_N", "dq_warps", "dq_stages"},
+}
+PARAM_GROUPS = {
+    "bwd_cmp": _DENSE_GROUPS,
+    "bwd_win": _DENSE_GROUPS,
+    "bwd_slc": {
+        "dkdv": {"BLOCK_T", "KEY_SPLIT", "num_warps", "num_stages", "CHUNK"},
+        "dq": {"DQ_TOKENS", "dq_warps"},
+    },
+}
 
 
 def main() -> int:
