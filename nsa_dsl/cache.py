@@ -1,24 +1,31 @@
-"""The NSA KV cache for generation (``nsa_dsl.NSACache``) and the PyTorch reference decode step.
+"""The NSA KV cache for generation (``nsa_dsl.NSACache``), the PyTorch reference decode step, and
+``NSAttention``'s cached forward.
 
 One ``NSACache`` serves one attention layer and a batch of ``B`` sequences of different lengths:
 
-* ``k``/``v`` [B, capacity, Hkv, dk/dv]: the raw keys/values (selection reads any block of them; the
-  window branch reads the last ``w`` of them, so the window is a view of the same buffers);
+* ``k``/``v`` [B, capacity, Hkv, dk/dv]: the selection branch's keys/values (preallocated, grown by
+  ``grow_factor``); the window branch reads the last ``w`` tokens of the same buffers (a view), or of its
+  own ``k_win``/``v_win`` when the layer has separate window projections (``separate_window``);
 * ``k_cmp``/``v_cmp`` [B, capacity_cmp + 1, Hkv, dk/dv]: the compressed keys/values. Block i (tokens
   [i*d, i*d + l)) is written when it completes, by running the layer's compressor on exactly those l tokens,
   as prefill's compression does (the last row is a scratch row for writes of blocks that did not complete);
+* ``k_src``/``v_src`` (``separate_source``): a ring buffer of the compressors' own input tokens (the layer's
+  un-rotated K/V), only the last l + max_step - 1 of them, since completed blocks never change;
 * ``lengths`` int32 [B] on the device (plus a host mirror, so no step ever synchronises with the GPU).
 
-``prefill`` fills the cache from a full forward's K/V (right-padded batch with per-sequence lengths, or a
-varlen pack); ``append`` adds S new tokens to every sequence (S = 1 for plain decoding, a few for speculative
-decoding) at static shapes: every step is capturable in a CUDA graph as long as the capacity does not grow.
+``prefill`` fills the cache from a full forward (right-padded batch with per-sequence lengths, or a varlen
+pack); ``append`` adds S new tokens to every sequence (S = 1 for plain decoding, a few for speculative
+decoding) at static shapes: every step is capturable in a CUDA graph as long as the capacity does not grow
+(``nsa_dsl.codegen.decode.CapturedDecodeStep``). ``memory_per_token`` / ``memory_report`` account the bytes.
 
-The compressor is any callable ``f(x [N, L, Hkv, D]) -> [N, Tc(L), Hkv, D]`` implementing compression
-block i = phi(x[i*d : i*d + l]) (e.g. ``nsa_dsl.compress`` with the layer's parameters, or a
-``nsa_dsl.Compressor`` module). With ``function: mean`` and no compressor the mean is used.
+Compressors: whole-sequence callables ``f(x [N, L, Hkv, D]) -> [N, Tc(L), Hkv, D]`` (``nsa_dsl.Compressor``
+modules, ``nsa_dsl.compress``; the mean by default for ``function: mean``), or a block compressor
+``f(k_tokens, v_tokens, end_positions)`` such as ``NSAttention.compress_kv_block`` (which also applies RoPE
+to k_cmp at the block's last token). ``NSACache.for_layer(layer, B, capacity)`` wires a layer's.
 
 ``decode_reference(q, cache, g)`` is the decode step in plain PyTorch (the generated kernels are tested
-against it and against the full-sequence reference ``nsa_dsl.reference.nsa_attention``).
+against it and against the full-sequence reference ``nsa_dsl.reference.nsa_attention``);
+``forward_with_cache`` is ``NSAttention(...)(x, cache=cache)`` (prefill, then decode steps).
 """
 
 from __future__ import annotations
