@@ -526,7 +526,11 @@ def tune_kernel(
         raise ValueError("trials: give a trial count or budget_seconds")
 
     if not force:
+        from . import _usable
+
         rec = user_store().get(key, fields)
+        if rec is not None and _usable(rec["config"], kdef, spec, limits, "cached") is None:
+            rec = None  # stale for the current generator: tune again
         if rec is not None:
             _memory_put(key, rec["config"])
             return TuneResult(
@@ -667,7 +671,7 @@ def tune_kernel(
     )
     if save:
         user_store().put(res.to_record())
-    _memory_put(key, res.config)
+        _memory_put(key, res.config)
     return res
 
 
