@@ -239,6 +239,12 @@ def test_custom_op_end_to_end_and_compile():
     torch.testing.assert_close(o, R.nsa_attention(*[x.detach() for x in xs], spec), atol=1e-4, rtol=1e-4)
     grads = torch.autograd.grad(o, xs, do)
     assert_close(grads, ref_grads(spec, xs, do))
+    # varlen through the op (generated forward + backward), against the reference per sequence
+    cu = torch.tensor([0, 11, 27], dtype=torch.int32)
+    tc = int(R.compressed_cu_seqlens(cu, spec)[-1])
+    xv = [x.requires_grad_(True) for x in make_inputs(spec, 1, 27, gen, tc=tc)]
+    ov = ops.forward(*xv, cu_seqlens=cu)
+    assert_close(torch.autograd.grad(ov, xv, do), ref_grads(spec, xv, do, cu_seqlens=cu))
     fn = torch.compile(lambda *a: nsa_attention(*a, ops), backend="aot_eager", fullgraph=True)
     o2 = fn(*xs)
     grads2 = torch.autograd.grad(o2, xs, do)
