@@ -91,3 +91,18 @@ def test_console_script_error():
         [*cmd, "tiny", "--fake", "--kernels", "nope"], capture_output=True, text=True, timeout=120
     )
     assert p.returncode == 2 and "Traceback" not in p.stderr and "--kernels" in p.stderr
+
+
+def test_real_kernel_through_the_interpreter(capsys):
+    """End to end on a generated kernel (tiny spec, Triton interpreter): tune, then a cache hit."""
+    pytest.importorskip("nsa_dsl.codegen.plan")
+    from nsa_dsl.codegen.plan import all_kernels
+
+    if "win_fwd" not in all_kernels():
+        pytest.skip("win_fwd not registered")
+    argv = ["tiny", "--kernels", "win_fwd", "--seq-lens", "32", "--trials", "2"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "win_fwd" in out and "tuned" in out
+    assert main(argv) == 0
+    assert "cache" in capsys.readouterr().out
