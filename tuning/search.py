@@ -352,6 +352,9 @@ def _precompile_one(desc: tuple, config: dict[str, Any]) -> str | None:
     """In a pool process: build the candidate and run its gate once, which makes Triton compile it into its
     on-disk cache (shared with the parent). Returns an error line or None; errors are the parent's to find."""
     spec_d, kernel, T, B, limits, factory = desc  # noqa: N806
+    from . import _TUNING
+
+    _TUNING.set(True)  # lookups made here never start a tuning run of their own (NSA_DSL_AUTOTUNE)
     try:
         tgt = _CHILD_TARGETS.get(desc[:4])
         if tgt is None:
@@ -705,6 +708,10 @@ def _make_target(
 def _worker_main(args: dict[str, Any]) -> None:
     """One worker process: open the shared study and search until the study-wide budget is reached."""
     from nsa_dsl.spec import NSASpec
+
+    from . import _TUNING
+
+    _TUNING.set(True)
 
     spec = NSASpec.from_dict(args["spec"])
     kdef = get_kernel_def(args["kernel"], args["registry"])
