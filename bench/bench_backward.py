@@ -16,16 +16,17 @@ Usage: python bench/bench_backward.py [--T 8192 16384 32768 65536] [--out DIR] [
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 from pathlib import Path
 
 import torch
 from nsa_dsl.codegen.autograd import activation_bytes_per_token, nsa_attention, nsa_backward
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (bench/common.py, shared with the forward and decode benchmarks)
 
 import nsa_dsl
 from nsa_dsl import load_spec
@@ -152,46 +153,33 @@ def bwd_flops(spec, T) -> dict[str, float]:  # noqa: N803
     return out
 
 
-SDPA_BACKENDS = ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION")
+SDPA_BACKENDS = ("flash", "cudnn", "efficient")
 
 
 def bench_sdpa(T, dk, dv, backend) -> dict | None:  # noqa: N803
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
+    """Dense causal GQA attention (64 q / 4 kv heads) through one SDPA backend (``common.sdpa_dense``):
+    forward and forward+backward, or None when the backend does not run this shape."""
     g = torch.Generator(device="cuda").manual_seed(0)
-    q = torch.randn(1, 64, T, dk, device="cuda", dtype=DT, generator=g, requires_grad=True)
-    k = torch.randn(1, 4, T, dk, device="cuda", dtype=DT, generator=g, requires_grad=True)
-    v = torch.randn(1, 4, T, dv, device="cuda", dtype=DT, generator=g, requires_grad=True)
+    q = torch.randn(1, T, 64, dk, device="cuda", dtype=DT, generator=g, requires_grad=True)
+    k = torch.randn(1, T, 4, dk, device="cuda", dtype=DT, generator=g, requires_grad=True)
+    v = torch.randn(1, T, 4, dv, device="cuda", dtype=DT, generator=g, requires_grad=True)
     do = torch.randn(1, 64, T, dv, device="cuda", dtype=DT, generator=g)
-    be = getattr(SDPBackend, backend)
-    F = torch.nn.functional  # noqa: N806
+    try:
+        run = common.sdpa_dense(q, k, v, common.sdpa_backends()[backend])
+        run().backward(do)
+        torch.cuda.synchronize()
+    except Exception:  # noqa: BLE001 - this backend does not support the shape
+        return None
 
-    def call(gqa):
-        if gqa:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        kk, vv = k.repeat_interleave(16, 1), v.repeat_interleave(16, 1)
-        return F.scaled_dot_product_attention(q, kk, vv, is_causal=True)
+    def fwd():
+        with torch.no_grad():
+            run()
 
-    for gqa in (True, False):
-        try:
-            with sdpa_kernel(be):
-                o = call(gqa)
-                o.backward(do)
-            torch.cuda.synchronize()
-        except Exception:
-            continue
-        with sdpa_kernel(be):
+    def fwdbwd():
+        run().backward(do)
+        q.grad = k.grad = v.grad = None
 
-            def fwd(gqa=gqa):
-                with torch.no_grad():
-                    call(gqa)
-
-            def fwdbwd(gqa=gqa):
-                call(gqa).backward(do)
-                q.grad = k.grad = v.grad = None
-
-            return {"backend": backend, "gqa": gqa, "fwd_ms": timeit(fwd), "fwdbwd_ms": timeit(fwdbwd)}
-    return None
+    return {"backend": backend, "fwd_ms": timeit(fwd), "fwdbwd_ms": timeit(fwdbwd)}
 
 
 def bench_fla(T) -> dict | None:  # noqa: N803
@@ -219,13 +207,6 @@ def bench_fla(T) -> dict | None:  # noqa: N803
         return {"impl": "fla-core parallel_nsa", "fwd_ms": timeit(fwd), "fwdbwd_ms": timeit(fwdbwd)}
     except Exception as e:  # noqa: BLE001
         return {"impl": "fla-core parallel_nsa", "error": str(e)[:200]}
-
-
-def matmul_tflops() -> float:
-    a = torch.randn(8192, 8192, device="cuda", dtype=DT)
-    b = torch.randn(8192, 8192, device="cuda", dtype=DT)
-    ms = timeit(lambda: a @ b, budget_ms=300)
-    return 2 * 8192**3 / ms / 1e9
 
 
 def candidates(spec) -> list[dict[str, dict]]:
@@ -336,25 +317,11 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("bench_backward: needs a CUDA device", file=sys.stderr)
         return 2
-    import triton
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "card": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "python": platform.python_version(),
-        "nsa_dsl": nsa_dsl.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "matmul_tflops_bf16": matmul_tflops(),
-    }
-    try:
-        import fla
-
-        meta["fla"] = getattr(fla, "__version__", "?")
-    except Exception:  # noqa: BLE001
-        meta["fla"] = None
+    meta = common.env_info()
+    meta["matmul_tflops_bf16"] = common.matmul_tflops()
     rows = []
     paper, compat = load_spec("nsa_paper"), load_spec("fla_compat")
     ops_p, ops_c = nsa_dsl.compile(paper), nsa_dsl.compile(compat)
@@ -414,7 +381,7 @@ def main() -> int:
 def to_markdown(meta, rows) -> str:
     lines = [
         f"Card: {meta['card']}; torch {meta['torch']}, triton {meta['triton']}, fla {meta.get('fla')}; "
-        f"{meta['date']}; bf16 8192^3 matmul {meta['matmul_tflops_bf16']:.0f} TFLOP/s.",
+        f"{meta['date_utc']} UTC; bf16 8192^3 matmul {meta['matmul_tflops_bf16']:.0f} TFLOP/s.",
         "",
         "| T | impl | spec | fwd ms | fwd+bwd ms |",
         "|---|---|---|---|---|",
