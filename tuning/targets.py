@@ -131,17 +131,18 @@ class KernelTarget:
         def rnd(*shape: int) -> Any:
             return torch.randn(*shape, generator=g, device=self.device, dtype=torch.float32).to(self.dtype)
 
-        return {
+        x = {
             "q": rnd(B, T, a.heads, a.head_dim_qk),
             "k": rnd(B, T, a.kv_heads, a.head_dim_qk),
             "v": rnd(B, T, a.kv_heads, a.head_dim_v),
             "k_cmp": rnd(B, tc, a.kv_heads, a.head_dim_qk),
             "v_cmp": rnd(B, tc, a.kv_heads, a.head_dim_v),
             "g": torch.rand(B, T, a.heads, 3, generator=g, device=self.device).to(self.dtype),
-            "o_cmp": rnd(B, T, a.heads, a.head_dim_v),
-            "o_slc": rnd(B, T, a.heads, a.head_dim_v),
-            "o_win": rnd(B, T, a.heads, a.head_dim_v),
         }
+        if self.stage in ("combine", "bwd"):  # branch outputs / an upstream gradient, only where used
+            for name in ("o_cmp", "o_slc", "o_win"):
+                x[name] = rnd(B, T, a.heads, a.head_dim_v)
+        return x
 
     def _args(self, x: dict[str, Any], *, exact: bool) -> tuple:
         """Positional args of the stage's ``run`` for inputs ``x`` (adds lse_cmp / indices from the reference
