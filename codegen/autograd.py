@@ -51,11 +51,18 @@ def register_ops(ops: NSAOps) -> str:
     return key
 
 
+_SPEC_OPS: dict[Any, NSAOps] = {}
+
+
 def _as_ops(ops_or_spec: Any) -> NSAOps:
     if isinstance(ops_or_spec, NSAOps):
         return ops_or_spec
     if isinstance(ops_or_spec, (NSASpec, str)):
-        return _compile(ops_or_spec)
+        # one compiled op per spec (a fresh one per call would grow the custom-op registry)
+        ops = _SPEC_OPS.get(ops_or_spec)
+        if ops is None:
+            ops = _SPEC_OPS[ops_or_spec] = _compile(ops_or_spec)
+        return ops
     raise ValueError(
         f"ops_or_spec: expected an NSAOps (nsa_dsl.compile(spec)), an NSASpec or a spec name, "
         f"got {type(ops_or_spec).__name__}"
