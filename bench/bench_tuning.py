@@ -86,6 +86,7 @@ def main() -> int:
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "spec": spec.name,
         "spec_hash": spec.hash,
+        "dtype": spec.attention.dtype,
     }
     print("meta", json.dumps(meta), flush=True)
     res: dict = {"meta": meta, "tuned": [], "cache_hit": None, "grid": None, "search": [], "skipped": []}
