@@ -21,7 +21,8 @@ def render(res: dict, replay: dict | None, synthetic: dict | None) -> str:
     out.append(
         f"`bench/bench_tuning.py` (raw: `bench/results/{Path(res.get('_file', 'tuning.json')).name}`). One "
         f"{m['card']} (sm{m['capability'][0]}{m['capability'][1]}, {m['sm_count']} SMs), torch {m['torch']}, "
-        f"triton {m['triton']}, python {m['python']}, {m['date_utc']} UTC; spec `{m['spec']}` ({m.get('dtype', 'bf16')}, B = 1). "
+        f"triton {m['triton']}, python {m['python']}, {m['date_utc']} UTC; spec `{m['spec']}` "
+        f"({m.get('dtype', 'bf16')}, B = 1). "
         "Each kernel is tuned with Optuna TPE (seed 0) over its pruned space; every candidate is compiled, "
         "checked against the reference on a small input, then timed with CUDA events (warm-up, median of "
         "repeats, 2-3 rotating input sets). Default and winner are re-timed together at the end, in the same "
