@@ -146,3 +146,41 @@ def write_records_worker(path: str, rank: int, n: int) -> None:
             "B_bucket": 1,
         }
         st.put({"fields": fields, "config": {"rank": rank, "i": i}, "time_ms": float(i)})
+
+
+def tune_in_process(journal: str, cache_dir: str, out: str, seed: int) -> None:
+    """Tune the fake kernel against ``journal`` with a near-flat landscape and write the chosen config's
+    canonical JSON to ``out`` (cross-process determinism tests)."""
+    import os
+
+    os.environ["NSA_DSL_CACHE_DIR"] = cache_dir
+    from nsa_dsl import load_spec
+
+    from . import tune_kernel
+    from .keys import canonical
+    from .timing import FakeTimer
+
+    class _Lim:
+        name, capability, sm_count, smem_per_block, interpreter = "fake-gpu", (9, 0), 132, 1 << 30, False
+
+    res = tune_kernel(
+        load_spec("tiny"),
+        "fake_fwd",
+        T=1000,
+        limits=_Lim(),
+        trials=30,
+        seed=seed,
+        timer=FakeTimer(near_flat_time),
+        target=FakeTarget(),
+        registry=fake_registry(),
+        storage_path=journal,
+        save=False,
+        confirm=0,
+    )
+    with open(out, "w") as f:
+        f.write(canonical(res.config))
+
+
+def near_flat_time(cfg: dict[str, Any]) -> float:
+    """Differences of at most 1% (measurement noise): every config ties."""
+    return 1.0 + 0.0005 * (cfg["num_stages"] + cfg["num_warps"] / 4)

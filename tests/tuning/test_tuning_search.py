@@ -292,3 +292,27 @@ def test_big_grid_is_pruned_lazily(monkeypatch):
         for t in st.trials
         if t.state == optuna.trial.TrialState.PRUNED and not t.user_attrs.get("duplicate")
     )
+
+
+def test_processes_sharing_a_study_choose_the_same_config(tmp_path):
+    """Ranks that read the same study pick the same config, whatever their own sampler seed."""
+    import multiprocessing as mp
+
+    from nsa_dsl.tuning.testing import tune_in_process
+
+    journal = str(tmp_path / "shared.journal")
+    ctx = mp.get_context("spawn")
+    outs = [str(tmp_path / f"choice{i}.json") for i in range(3)]
+    procs = [
+        ctx.Process(target=tune_in_process, args=(journal, str(tmp_path / f"c{i}"), outs[i], i))
+        for i in range(3)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert all(p.exitcode == 0 for p in procs)
+    choices = {open(o).read() for o in outs}
+    assert len(choices) == 1
+    default = canonical(FakeKernelDef().default(SPEC, LIM))
+    assert choices == {default}  # every point ties within 2%: the default wins
