@@ -32,6 +32,7 @@ import nsa_dsl
 from nsa_dsl import load_spec
 
 DT = torch.bfloat16
+DEVICE = "cuda"  # a CPU smoke run of the bench logic sets "cpu" (with DT = float32 and the interpreter)
 
 
 def timeit(fn, budget_ms: float = 1500.0, min_runs: int = 3, max_runs: int = 30) -> float:
@@ -58,17 +59,17 @@ def timeit(fn, budget_ms: float = 1500.0, min_runs: int = 3, max_runs: int = 30)
 
 def nsa_inputs(spec, T, *, grad: bool):  # noqa: N803
     a = spec.attention
-    g = torch.Generator(device="cuda").manual_seed(T)
+    g = torch.Generator(device=DEVICE).manual_seed(T)
 
     def r(*shape):
-        return torch.randn(*shape, device="cuda", generator=g, dtype=DT).requires_grad_(grad)
+        return torch.randn(*shape, device=DEVICE, generator=g, dtype=DT).requires_grad_(grad)
 
     tc = spec.num_compressed(T)
     q = r(1, T, a.heads, a.head_dim_qk)
     k, v = r(1, T, a.kv_heads, a.head_dim_qk), r(1, T, a.kv_heads, a.head_dim_v)
     kc, vc = r(1, tc, a.kv_heads, a.head_dim_qk), r(1, tc, a.kv_heads, a.head_dim_v)
-    gate = torch.rand(1, T, a.heads, 3, device="cuda", generator=g, dtype=DT).requires_grad_(grad)
-    do = torch.randn(1, T, a.heads, a.head_dim_v, device="cuda", generator=g, dtype=DT)
+    gate = torch.rand(1, T, a.heads, 3, device=DEVICE, generator=g, dtype=DT).requires_grad_(grad)
+    do = torch.randn(1, T, a.heads, a.head_dim_v, device=DEVICE, generator=g, dtype=DT)
     return [q, k, v, kc, vc, gate], do
 
 
@@ -259,8 +260,8 @@ def sweep(spec, ops, T):  # noqa: N803
     log = []
     times: dict[str, list[tuple[float, int]]] = {}
     for i, cand in enumerate(candidates(spec)):
-        trial = with_candidate(ops, cand)
         try:
+            trial = with_candidate(ops, cand)
             prof: dict[str, float] = {}
             nsa_backward(trial, q, k, v, kc, vc, g, do, saved)
             for _ in range(3):
