@@ -339,6 +339,14 @@ def main() -> int:
         "nsa_paper": activation_bytes_per_token(paper),
         "fla_compat": activation_bytes_per_token(compat),
     }
+    tag = meta["card"].replace(" ", "_")
+
+    def flush() -> str:  # after every T, so that a run cut short still leaves its rows
+        (out / f"backward_{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        md = to_markdown(meta, rows)
+        (out / f"backward_{tag}.md").write_text(md)
+        return md
+
     fastest: dict[tuple[int, int], str] = {}
     for T in args.T:  # noqa: N806
         cases = (("nsa_paper", paper, ops_p, False), ("fla_compat", compat, ops_c, True))
@@ -371,10 +379,7 @@ def main() -> int:
                 rows.append({"spec": "fla_compat", "T": T, **r})
                 print(json.dumps(rows[-1]), flush=True)
             torch.cuda.empty_cache()
-    tag = meta["card"].replace(" ", "_")
-    (out / f"backward_{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    md = to_markdown(meta, rows)
-    (out / f"backward_{tag}.md").write_text(md)
+        md = flush()
     print(md)
     return 0
 
