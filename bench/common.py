@@ -195,12 +195,10 @@ def sdpa_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: Any) 
 
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
     g = q.shape[2] // k.shape[2]
-    try:
-        with sdpa_kernel([backend]):
-            F.scaled_dot_product_attention(qt[:, :, :16], kt[:, :, :16 // g or 1], vt[:, :, :16 // g or 1],
-                                           is_causal=True, enable_gqa=True)
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    if (major, minor) >= (2, 5):  # enable_gqa exists from torch 2.5
         kw: dict[str, Any] = {"enable_gqa": True}
-    except TypeError:
+    else:
         kt, vt = kt.repeat_interleave(g, 1), vt.repeat_interleave(g, 1)
         kw = {}
 

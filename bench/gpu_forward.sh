@@ -14,4 +14,4 @@ if [ "${SWEEP:-0}" = 1 ]; then
     --out "$OUT" 2>&1 | grep -v "^{" | tail -25
   CFG=(--config-file "$OUT/forward_configs.json")
 fi
-timeout "${T_BENCH:-240}" python bench/bench_forward.py "${CFG[@]}" --out "$OUT" "$@" 2>&1 | tail -60
+timeout "${T_BENCH:-420}" python bench/bench_forward.py "${CFG[@]}" --out "$OUT" "$@" 2>&1 | tail -60
