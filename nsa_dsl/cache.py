@@ -128,7 +128,10 @@ class NSACache:
             compress_block = _block_compressor(compress_k, compress_v)
         self.spec = spec
         self.batch_size = batch_size
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        if dev.type == "cuda" and dev.index is None:  # tensors report "cuda:N": compare like with like
+            dev = torch.device("cuda", torch.cuda.current_device())
+        self.device = dev
         self.dtype = dtype or _DTYPES[spec.attention.dtype]
         self.compress_k, self.compress_v = compress_k, compress_v
         self.compress_block = compress_block
