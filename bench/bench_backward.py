@@ -165,12 +165,30 @@ def bench_sdpa(T, dk, dv, backend) -> dict | None:  # noqa: N803
     k = torch.randn(1, T, 4, dk, device="cuda", dtype=DT, generator=g, requires_grad=True)
     v = torch.randn(1, T, 4, dv, device="cuda", dtype=DT, generator=g, requires_grad=True)
     do = torch.randn(1, 64, T, dv, device="cuda", dtype=DT, generator=g)
+    be = common.sdpa_backends()[backend]
+    kx = vx = None
     try:
-        run = common.sdpa_dense(q, k, v, common.sdpa_backends()[backend])
+        run = common.sdpa_dense(q, k, v, be)
         run().backward(do)
         torch.cuda.synchronize()
-    except Exception:  # noqa: BLE001 - this backend does not support the shape
-        return None
+        mode = "enable_gqa"
+    except Exception:  # noqa: BLE001 - no GQA in this backend: K/V expanded to 64 heads (leaves)
+        from torch.nn.attention import sdpa_kernel
+
+        kx = k.detach().repeat_interleave(16, 2).transpose(1, 2).requires_grad_(True)
+        vx = v.detach().repeat_interleave(16, 2).transpose(1, 2).requires_grad_(True)
+        qt = q.transpose(1, 2)
+
+        def run():
+            with sdpa_kernel([be]):
+                return torch.nn.functional.scaled_dot_product_attention(qt, kx, vx, is_causal=True)
+
+        try:
+            run().backward(do)
+            torch.cuda.synchronize()
+            mode = "kv expanded"
+        except Exception:  # noqa: BLE001 - this backend does not run the shape at all
+            return None
 
     def fwd():
         with torch.no_grad():
@@ -179,8 +197,10 @@ def bench_sdpa(T, dk, dv, backend) -> dict | None:  # noqa: N803
     def fwdbwd():
         run().backward(do)
         q.grad = k.grad = v.grad = None
+        if kx is not None:
+            kx.grad = vx.grad = None
 
-    return {"backend": backend, "fwd_ms": timeit(fwd), "fwdbwd_ms": timeit(fwdbwd)}
+    return {"backend": backend, "mode": mode, "fwd_ms": timeit(fwd), "fwdbwd_ms": timeit(fwdbwd)}
 
 
 def bench_fla(T) -> dict | None:  # noqa: N803
