@@ -23,17 +23,17 @@ for name in ('test_gpu_bf16_paper_vs_fp32_reference', 'test_gpu_deterministic_bi
 "
   fi
 }
-( timeout 150 bash -c "$(declare -f gpu_tests); PY=$PY gpu_tests" > "$OUT/pytest_gpu.txt" 2>&1;
+( timeout 110 bash -c "$(declare -f gpu_tests); PY=$PY gpu_tests" > "$OUT/pytest_gpu.txt" 2>&1;
   echo "gpu tests rc=$?" >> "$OUT/pytest_gpu.txt" ) &
 for s in nsa_paper fla_compat; do
   for i in 0 1 2; do
-    ( timeout 120 $PY bench/bench_backward.py --warm "$s" "$i" > "/tmp/warm_${s}_$i.txt" 2>&1;
+    ( timeout 110 $PY bench/bench_backward.py --warm "$s" "$i" > "/tmp/warm_${s}_$i.txt" 2>&1;
       echo "warm $s $i rc=$?" >> "/tmp/warm_${s}_$i.txt" ) &
   done
 done
 wait
 for f in /tmp/warm_*.txt; do tail -3 "$f" >> "$OUT/warm.txt"; done
-timeout 170 $PY bench/bench_backward.py --sweep --sdpa-all-max 8192 --out "$OUT" > "$OUT/bench_log.txt" 2>&1
+timeout 140 $PY bench/bench_backward.py --sweep --sdpa-all-max 8192 --out "$OUT" > "$OUT/bench_log.txt" 2>&1
 echo "bench rc=$?" >> "$OUT/bench_log.txt"
 echo "=== tests"; tail -25 "$OUT/pytest_gpu.txt"
 echo "=== warm"; grep -v "^$" "$OUT/warm.txt" | tail -20
