@@ -115,7 +115,8 @@ def test_auto_splits_and_emitted_source():
     sc1, ss1, st1 = auto_splits(spec, plan.config, h100, B=1, S=1, max_len=65536)
     sc64, ss64, st64 = auto_splits(spec, plan.config, h100, B=64, S=1, max_len=65536)
     assert sc1 >= 8 and ss1 >= 4 and st1 >= 8  # >= 32 programs per KV head-sequence pair
-    assert 1 * 4 * sc1 <= 4 * 132 and sc64 <= 2 and ss64 <= 2  # never more than a few waves
+    assert 1 * 4 * sc1 <= 4 * 132  # never more than a few waves
+    assert (sc64, ss64, st64) == (1, 1, 1)  # 256 programs already fill 132 SMs: one fused launch
     src = render(plan)
     assert "def _cmp_kernel" in src and "def _topk_kernel" in src and "def _sw_kernel" in src
     with pytest.raises(ValueError, match="BLOCK_S"):
