@@ -59,9 +59,13 @@ def autotune_enabled() -> bool:
     return os.environ.get("NSA_DSL_AUTOTUNE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _usable(cfg: dict[str, Any], kdef: Any, spec: Any, limits: Any, where: str) -> dict[str, Any] | None:
+def _usable(
+    cfg: dict[str, Any], kdef: Any, spec: Any, limits: Any, where: str, tuned_default: Any = None
+) -> dict[str, Any] | None:
     """``cfg`` merged over the kernel's default if the current generator accepts it (known parameters,
-    ``KernelDef.check`` under the current limits), else None (logged). Without a KernelDef: ``cfg`` as is."""
+    ``KernelDef.check`` under the current limits) and the kernel's default is still the one the record was
+    tuned against (``tuned_default``, when the record has it: a changed default means the kernel changed, and
+    a pinned old winner must not hide the new default), else None (logged). Without a KernelDef: ``cfg``."""
     if kdef is None:
         return dict(cfg)
     try:
@@ -69,7 +73,12 @@ def _usable(cfg: dict[str, Any], kdef: Any, spec: Any, limits: Any, where: str) 
         known = set(default) | set(kdef.space(spec, limits))
         unknown = sorted(set(cfg) - known)
         full = {**default, **cfg}
-        why = f"unknown parameters {unknown}" if unknown else kdef.check(spec, full, limits)
+        if unknown:
+            why = f"unknown parameters {unknown}"
+        elif isinstance(tuned_default, dict) and tuned_default != default:
+            why = "the kernel's default config changed since this record was tuned"
+        else:
+            why = kdef.check(spec, full, limits)
     except Exception as e:  # a stale record must never break a lookup
         why = f"{type(e).__name__}: {e}"
     if why:
@@ -102,7 +111,7 @@ def _shipped_match(fields: dict[str, Any], kdef: Any, spec: Any, limits: Any) ->
         dist = abs(math.log2(tb) - math.log2(fields["T_bucket"]))
         ranked.append(((0 if same_gpu else 1, dist, tb, key), rec))
     for _, rec in sorted(ranked, key=lambda x: x[0]):
-        cfg = _usable(rec["config"], kdef, spec, limits, "shipped")
+        cfg = _usable(rec["config"], kdef, spec, limits, "shipped", rec.get("default_config"))
         if cfg is not None:
             return cfg
     return None
@@ -147,7 +156,7 @@ def lookup(
     else:
         reg = registry
     if rec is not None:
-        cfg = _usable(rec["config"], reg.get(kernel), spec, limits, "cached")
+        cfg = _usable(rec["config"], reg.get(kernel), spec, limits, "cached", rec.get("default_config"))
         if cfg is not None:
             _memory_put(key, cfg)
             return cfg

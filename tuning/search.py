@@ -376,8 +376,17 @@ class Precompiler:
     so that the sequential, timed evaluation in the parent finds every kernel in Triton's cache. Compilation,
     not running, dominates a tuning run: this is where the CPU cores of the GPU host are used."""
 
-    def __init__(self, jobs: int, spec: Any, kernel: str, T: int, B: int, limits: Any,  # noqa: N803
-                 target_factory: Callable[..., Any] | None = None, timeout_s: float = 600.0):
+    def __init__(
+        self,
+        jobs: int,
+        spec: Any,
+        kernel: str,
+        T: int,
+        B: int,
+        limits: Any,  # noqa: N803
+        target_factory: Callable[..., Any] | None = None,
+        timeout_s: float = 600.0,
+    ):
         self.jobs = int(jobs)
         self.desc = (canonical_spec(spec), kernel, int(T), int(B), limits, target_factory)
         self.timeout_s = timeout_s
@@ -532,7 +541,10 @@ def tune_kernel(
         from . import _usable
 
         rec = user_store().get(key, fields)
-        if rec is not None and _usable(rec["config"], kdef, spec, limits, "cached") is None:
+        if (
+            rec is not None
+            and _usable(rec["config"], kdef, spec, limits, "cached", rec.get("default_config")) is None
+        ):
             rec = None  # stale for the current generator: tune again
         if rec is not None:
             _memory_put(key, rec["config"])
@@ -618,7 +630,12 @@ def tune_kernel(
         jobs = auto_compile_jobs() if compile_jobs is None else int(compile_jobs)
         pre = Precompiler(jobs, spec, kernel, T, B, limits, target_factory) if jobs > 1 else None
         run_search(
-            study, ctx, trials=trials, budget_seconds=budget_seconds, n_valid=n_valid, progress=progress,
+            study,
+            ctx,
+            trials=trials,
+            budget_seconds=budget_seconds,
+            n_valid=n_valid,
+            progress=progress,
             precompile=pre,
         )
 
@@ -630,6 +647,10 @@ def tune_kernel(
             default_ms = _evaluate(ctx, default_cfg)
         except Exception as e:  # the default itself failed: record it, any valid candidate beats it
             log.warning("kernel %s: the default config failed (%s)", kernel, _first_line(e))
+    if default_ms is not None and dc not in times:
+        # The default is always a candidate, also when it is not a point of the space (a KernelDef whose
+        # default omits a parameter the space lists): the result is never slower than the default.
+        times[dc] = default_ms
     if not times:
         errs = [
             t.user_attrs.get("error") or t.user_attrs.get("rejected")
@@ -734,7 +755,11 @@ def _worker_main(args: dict[str, Any]) -> None:
         else None
     )
     run_search(
-        study, ctx, trials=args["trials"], budget_seconds=args["budget_seconds"], n_valid=args["n_valid"],
+        study,
+        ctx,
+        trials=args["trials"],
+        budget_seconds=args["budget_seconds"],
+        n_valid=args["n_valid"],
         precompile=pre,
     )
 

@@ -284,3 +284,15 @@ def test_stale_record_with_unknown_or_invalid_params_is_ignored():
         [{"fields": f8, "config": {**base, "GONE": 1}}, {"fields": f16, "config": {**base, "BLOCK_M": 16}}]
     )
     assert tuning.lookup(SPEC, "fake_fwd", T=8192, B=1, limits=H100, registry=reg)["BLOCK_M"] == 16
+
+
+def test_record_tuned_against_another_default_is_ignored():
+    """When the kernel's default changes (the kernel changed), an old winner must not hide the new default."""
+    reg = fake_registry()
+    base = FakeKernelDef().default(SPEC, H100)
+    f = keys.key_fields(SPEC, "fake_fwd", T=1000, B=1, limits=H100)
+    old_default = {**base, "num_warps": 8}
+    store.user_store().put({"fields": f, "config": {**base, "BLOCK_M": 32}, "default_config": old_default})
+    assert tuning.lookup(SPEC, "fake_fwd", T=1000, B=1, limits=H100, registry=reg) is None
+    store.user_store().put({"fields": f, "config": {**base, "BLOCK_M": 32}, "default_config": base})
+    assert tuning.lookup(SPEC, "fake_fwd", T=1000, B=1, limits=H100, registry=reg)["BLOCK_M"] == 32

@@ -316,3 +316,31 @@ def test_processes_sharing_a_study_choose_the_same_config(tmp_path):
     assert len(choices) == 1
     default = canonical(FakeKernelDef().default(SPEC, LIM))
     assert choices == {default}  # every point ties within 2%: the default wins
+
+
+def test_default_outside_the_space_is_still_a_candidate():
+    """A default that omits a parameter of the space is measured on its own and wins when it is fastest
+    (seen on the GPU: slc_topk's default had no MERGE, the space lists MERGE; every trial was slower)."""
+
+    class NoStages(FakeKernelDef):
+        def default(self, spec, limits):
+            d = super().default(spec, limits)
+            del d["num_stages"]  # the kernel's own default for it applies
+            return d
+
+    def slow_unless_default(cfg):
+        return 1.0 if "num_stages" not in cfg else 1.5
+
+    reg = {"fake_fwd": NoStages()}
+    res = tune_kernel(
+        SPEC,
+        "fake_fwd",
+        T=1000,
+        trials=10,
+        timer=FakeTimer(slow_unless_default),
+        target=FakeTarget(),
+        limits=LIM,
+        registry=reg,
+    )
+    assert res.config == NoStages().default(SPEC, LIM) and res.time_ms == pytest.approx(1.0)
+    assert res.default_ms == pytest.approx(1.0) and res.speedup == pytest.approx(1.0)
