@@ -296,3 +296,62 @@ def test_record_tuned_against_another_default_is_ignored():
     assert tuning.lookup(SPEC, "fake_fwd", T=1000, B=1, limits=H100, registry=reg) is None
     store.user_store().put({"fields": f, "config": {**base, "BLOCK_M": 32}, "default_config": base})
     assert tuning.lookup(SPEC, "fake_fwd", T=1000, B=1, limits=H100, registry=reg)["BLOCK_M"] == 32
+
+
+def test_shipped_configs_in_the_package(monkeypatch):
+    """The configs shipped in nsa_dsl/tuning/configs parse, and are found for their GPU (and for another GPU
+    of the same architecture) unless the kernel's default changed since they were tuned."""
+    from pathlib import Path
+
+    plan = pytest.importorskip("nsa_dsl.codegen.plan")
+    import nsa_dsl.tuning as tuning_pkg
+
+    folder = Path(tuning_pkg.__file__).resolve().parent / "configs"
+    monkeypatch.setattr(store, "SHIPPED_DIR", folder)
+    recs = store.shipped_records()
+    if not recs:
+        pytest.skip("no shipped configs")
+    from nsa_dsl.tuning.schedules import schedule_defs
+
+    reg = {**plan.all_kernels(), **schedule_defs()}
+    found = 0
+    for key, rec in recs.items():
+        f = rec["fields"]
+        spec = next(
+            (
+                load_spec(n)
+                for n in ("nsa_paper", "small_group", "fla_compat")
+                if load_spec(n).hash == f["spec_hash"]
+            ),
+            None,
+        )
+        assert spec is not None, key
+        for name in (f["gpu"], "some other sm90 card"):
+            lim = plan.DeviceLimits(
+                name=name,
+                capability=tuple(int(x) for x in f["capability"].split(".")),
+                sm_count=f["sm_count"],
+                smem_per_block=232448,
+            )
+            tuning.clear_memory()
+            got = tuning.lookup(spec, f["kernel"], T=f["T_bucket"], B=f["B_bucket"], limits=lim)
+            kd = reg[f["kernel"]]
+            if rec.get("default_config") != kd.default(spec, lim):
+                assert got is None, key  # stale by design: the kernel's default changed since tuning
+                continue
+            assert got == {**kd.default(spec, lim), **rec["config"]}, key
+            found += 1
+    assert (
+        found
+        + sum(
+            1
+            for r in recs.values()
+            if r.get("default_config")
+            != reg[r["fields"]["kernel"]].default(
+                load_spec("nsa_paper"),
+                plan.DeviceLimits(name="x", capability=(9, 0), sm_count=132, smem_per_block=232448),
+            )
+        )
+        * 2
+        >= len(recs) * 2
+    )
