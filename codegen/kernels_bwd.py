@@ -114,11 +114,17 @@ def _dense_default(branch: str):
         # the compressed branch's key tiles see (almost) every query: split long query ranges
         q_chunk = 4096 if branch == "cmp" else 0
         wide = _padded(spec.attention.head_dim_qk) + _padded(spec.attention.head_dim_v) > 256
-        # fp32 dK+dV accumulators dominate registers: 32 x 32 tiles compile without spills on sm90 (ptxas,
-        # dk = 192 / dv = 128 and dk = dv = 128); 64 x 64 spill
-        return {"BLOCK_M": 32, "BLOCK_N": 32, "Q_CHUNK": q_chunk, "num_warps": 4, "num_stages": 2,
-                "KV_PASSES": 1, "DQ_BLOCK_M": 32 if wide else 64, "DQ_BLOCK_N": 64,
-                "dq_warps": 8 if wide else 4, "dq_stages": 1 if wide else 2}
+        # measured on an H200 (bench_backward sweep, T = 32k, 2026-11-28): wgmma tiles (64 rows) beat the
+        # spill-free 32-row mma.sync tiles despite ptxas spills (dQ 6.6 vs 21 ms); dk = 192: dK/dV 64x64 w8
+        # (cmp) and 32x64 two-pass (window); dk = dv = 128: 32x32 dK/dV was best for the compressed branch
+        dq = {"DQ_BLOCK_M": 64, "DQ_BLOCK_N": 64, "dq_warps": 4, "dq_stages": 2}
+        if wide and branch == "cmp":
+            kv = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 1, "KV_PASSES": 1}
+        elif wide:
+            kv = {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "KV_PASSES": 2}
+        else:
+            kv = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "KV_PASSES": 1}
+        return {**kv, "Q_CHUNK": q_chunk, **dq}
 
     return default
 
@@ -204,11 +210,10 @@ def _slc_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
     if limits.interpreter:
         return {"BLOCK_T": max(1, 16 // G), "CHUNK": 8, "KEY_SPLIT": 1, "num_warps": 4, "dq_warps": 4,
                 "num_stages": 1, "DQ_TOKENS": 2}
-    # register-lean on sm90 (ptxas: no spills at dk = 192 / dv = 128 and dk = dv = 128): 64 rows x 32 keys
-    # (two programs per block), 8 warps
-    # dQ: 2 tokens per program (32 rows at G = 16): each distinct selected block is loaded once for both
-    return {"BLOCK_T": max(1, 64 // G), "CHUNK": 1024, "KEY_SPLIT": 2 if spec.selection.block >= 32 else 1,
-            "num_warps": 8, "dq_warps": 4, "num_stages": 1, "DQ_TOKENS": max(1, min(4, 32 // G))}
+    # measured on an H200 (bench_backward sweep, T = 32k, both specs): 128 rows x 32 keys (two programs per
+    # block), 8 warps for dK/dV; 4 tokens per dQ program (64 rows at G = 16)
+    return {"BLOCK_T": max(1, 128 // G), "CHUNK": 1024, "KEY_SPLIT": 2 if spec.selection.block >= 32 else 1,
+            "num_warps": 8, "dq_warps": 4, "num_stages": 1, "DQ_TOKENS": max(1, min(4, 64 // G))}
 
 
 def _slc_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
