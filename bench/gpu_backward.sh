@@ -1,7 +1,9 @@
 #!/bin/bash
 # One batched device call for the backward (issue 4): GPU-marked tests and parallel warm-up compiles first,
 # then the benchmark alone on the card (so the tests' load never overlaps a timing).
-# Usage on the device: OUT=/some/dir bash bench/gpu_backward.sh
+# Usage on the device: OUT=/some/dir [BENCH_LIMIT=140] [SWEEP=1] [BENCH_T="8192 16384 32768 65536"] \
+#   bash bench/gpu_backward.sh
+# (run 1 needed more than 140 s for the whole matrix: use BENCH_LIMIT=300 SWEEP=0, or split BENCH_T)
 set -u
 OUT=${OUT:-/tmp/nsa_bwd_out}
 mkdir -p "$OUT"
@@ -33,7 +35,9 @@ for s in nsa_paper fla_compat; do
 done
 wait
 for f in /tmp/warm_*.txt; do tail -3 "$f" >> "$OUT/warm.txt"; done
-timeout 140 $PY bench/bench_backward.py --sweep --sdpa-all-max 8192 --out "$OUT" > "$OUT/bench_log.txt" 2>&1
+SWEEP_ARG=$([ "${SWEEP:-1}" = "1" ] && echo --sweep)
+timeout "${BENCH_LIMIT:-140}" $PY bench/bench_backward.py $SWEEP_ARG --T ${BENCH_T:-8192 16384 32768 65536} \
+  --sdpa-all-max 8192 --out "$OUT" > "$OUT/bench_log.txt" 2>&1
 echo "bench rc=$?" >> "$OUT/bench_log.txt"
 echo "=== tests"; tail -25 "$OUT/pytest_gpu.txt"
 echo "=== warm"; grep -v "^$" "$OUT/warm.txt" | tail -20
