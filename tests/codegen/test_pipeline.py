@@ -78,6 +78,9 @@ def test_default_configs_are_valid_on_every_arch(spec):
                 assert kd.check(s, cfg, lim) is None, (s.name, name, lim.name, cfg)
                 space = kd.space(s, lim)
                 assert set(cfg) <= set(space), (name, set(cfg) - set(space))
+                if name in ("slc_topk", "cmp_topk"):  # every tunable parameter explicit, MERGE included
+                    assert set(cfg) == set(space), (name, set(space) - set(cfg))
+                    assert cfg["MERGE"] == "sort"
 
 
 def test_split_dim():
