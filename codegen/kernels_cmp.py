@@ -113,8 +113,15 @@ register(
 # ------------------------------------------------------------------------------------------------
 
 
-def _levels(spec: NSASpec) -> list[list[float]]:
-    """Overlap weights split by how many groups (of RATIO compressed blocks) a tap lies ahead."""
+def overlap_levels(spec: NSASpec) -> list[list[float]]:
+    """The cmp -> slc overlap weights (``derive(spec).overlap``, Eq. 9) cut into rows of ``ratio = l'/d``.
+
+    ``levels[q][i]`` is the weight of compressed block ``j*ratio + overlap_offset + q*ratio + i`` in the
+    score of selection block j (0.0 past the last tap), so row q holds the taps that lie q groups of
+    ``ratio`` compressed blocks ahead. For the paper's spec (weights 1,2,2,2,1, ratio 4):
+    ``[[1, 2, 2, 2], [1, 0, 0, 0]]``. ``len(levels) - 1`` extra groups must be in reach of a top-n chunk
+    (shared by the ``slc_topk``/``cmp_topk`` and ``decode`` kernel families).
+    """
     from ..derived import derive
 
     der = derive(spec)
@@ -128,7 +135,7 @@ def _topk_constants(fused: bool):
         from ..derived import derive
 
         rp = next_pow2(derive(spec).ratio)
-        levels = _levels(spec)
+        levels = overlap_levels(spec)
         return {
             "FUSED": fused,
             "RP": rp,
@@ -170,8 +177,9 @@ def _topk_check(fused: bool):
         bs = cfg["BLOCK_S"]
         if bs & (bs - 1) or bs < np_:
             return f"BLOCK_S: must be a power of two >= next_pow2(top_n) = {np_}, got {bs}"
-        if bs - (len(_levels(spec)) - 1) < 1:
-            return f"BLOCK_S: must be > {len(_levels(spec)) - 1} (overlap spans that many extra groups)"
+        extra = len(overlap_levels(spec)) - 1
+        if bs - extra < 1:
+            return f"BLOCK_S: must be > {extra} (overlap spans that many extra groups)"
         cols = bs * next_pow2(derive(spec).ratio)
         if cols < 16:
             return f"BLOCK_S: BLOCK_S x next_pow2(l'/d) = {cols} compressed columns, need >= 16 for tl.dot"

@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..spec import NSASpec
-from .kernels_cmp import _levels
+from .kernels_cmp import overlap_levels
 from .plan import DeviceLimits, KernelDef, next_pow2, register, split_dim
 
 _SPLITS = (0, 1, 2, 4, 8, 16, 32, 64)
@@ -55,7 +55,7 @@ def decode_rows(spec: NSASpec, tokens: int) -> int:
 
 def _decode_constants(spec: NSASpec, cfg: Mapping[str, Any]) -> dict[str, Any]:
     rp = _rp(spec)
-    levels = _levels(spec)
+    levels = overlap_levels(spec)
     return {
         "ROWS": decode_rows(spec, cfg["tokens"]),
         "TROWS": next_pow2(cfg["tokens"]) * next_pow2(spec.G),
@@ -99,8 +99,9 @@ def _decode_check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) -
     bs = cfg.get("BLOCK_S")
     if not _pow2(bs) or bs < np_:
         return f"BLOCK_S: must be a power of two >= next_pow2(top_n) = {np_}, got {bs!r}"
-    if bs - (len(_levels(spec)) - 1) < 1:
-        return f"BLOCK_S: must be > {len(_levels(spec)) - 1} (the overlap spans that many extra groups)"
+    extra = len(overlap_levels(spec)) - 1
+    if bs - extra < 1:
+        return f"BLOCK_S: must be > {extra} (the overlap spans that many extra groups)"
     if not 16 <= bs * rp <= 256:
         return f"BLOCK_S: BLOCK_S x next_pow2(l'/d) = {bs * rp} compressed columns, must be in 16..256"
     for t in ("split_cmp", "split_sw", "split_topk"):
@@ -192,7 +193,7 @@ def auto_splits(
         ss = max(1, min(units // 2, math.ceil(target / (B * S * spec.attention.kv_heads)), 16))
         ss = 1 << (ss.bit_length() - 1)
     if st == 0:
-        step = cfg["BLOCK_S"] - (len(_levels(spec)) - 1)
+        step = cfg["BLOCK_S"] - (len(overlap_levels(spec)) - 1)
         n_slc = spec.num_selection_blocks(max(1, max_len))
         st = max(1, min(-(-n_slc // step), math.ceil(target / (B * spec.attention.kv_heads)), 16))
         st = 1 << (st.bit_length() - 1)

@@ -171,7 +171,7 @@ class KernelTarget:
                 if lse is not None:
                     idx = self._try_default("slc_topk", x["q"], x["k_cmp"], lse[1])
             if idx is None:
-                idx = ref._indices_from_q(x["q"], x["k_cmp"], spec, spec.scale)
+                idx = ref.selection_indices(x["q"], x["k_cmp"], spec)
             return (x["q"], x["k"], x["v"], idx.to(dtype=_int32()))
         raise NoTarget(f"kernel {self.kernel}: unknown stage {st!r}")
 
