@@ -3,8 +3,10 @@
 ``NSAOps`` composes the generated kernels into the reference's forward (``forward`` has the signature of
 ``nsa_dsl.reference.nsa_attention`` minus ``spec``). Each stage resolves its kernel's config per call shape:
 an explicit ``config`` given to ``compile``/``with_config`` wins, else ``nsa_dsl.tuning.lookup`` (memory ->
-user cache -> shipped -> None), else ``KernelDef.default`` for the device's architecture. Plans are rendered,
-written and imported once (``loader.load``); later calls are dictionary look-ups.
+user cache -> shipped -> None), else ``KernelDef.default`` for the device's architecture. Stage compositions
+(``SCHEDULES``) resolve the same way: an explicit ``schedule`` > the tuner's ``"schedule.<name>"`` record >
+``DEFAULT_SCHEDULE``. Plans are rendered, written and imported once (``loader.load``); later calls are
+dictionary look-ups.
 
 A stage whose kernel is not registered (yet) falls back to the reference implementation, with a warning
 logged once per stage, so the op always works end to end.
@@ -25,7 +27,7 @@ from ..spec import NSASpec
 from .loader import load
 from .plan import DeviceLimits, KernelPlan, all_kernels, make_plan
 
-__all__ = ["compile", "NSAOps", "STAGES", "SCHEDULES", "DEFAULT_SCHEDULE"]
+__all__ = ["compile", "NSAOps", "STAGES", "SCHEDULES", "DEFAULT_SCHEDULE", "SCHEDULE_PREFIX"]
 
 log = logging.getLogger("nsa_dsl.codegen.ops")
 
@@ -42,6 +44,8 @@ STAGES = {
 SCHEDULES = {"cmp_select": ("separate", "fused"), "combine": ("epilogue", "kernel")}
 # cmp_fwd + slc_topk beat the fused kernel on H200 (26.4 vs 33.7 ms at 64k, paper spec; bench/RESULTS.md).
 DEFAULT_SCHEDULE = {"cmp_select": "separate", "combine": "epilogue"}
+#: Tuning-record name of a composition, e.g. ``"schedule.cmp_select"`` (see ``nsa_dsl.tuning.schedules``).
+SCHEDULE_PREFIX = "schedule."
 
 _WARNED: set[str] = set()
 
@@ -89,6 +93,7 @@ class NSAOps:
     use_tuned: bool = True
     schedule: dict[str, str] = dataclasses.field(default_factory=dict)
     _resolved: dict[tuple, KernelPlan] = dataclasses.field(default_factory=dict, repr=False)
+    _schedules: dict[tuple, str] = dataclasses.field(default_factory=dict, repr=False)
 
     # ---- plans and modules --------------------------------------------------------------------------
     def has_kernel(self, kernel: str) -> bool:
@@ -152,8 +157,33 @@ class NSAOps:
             schedule={**self.schedule, **choices},
         )
 
-    def schedule_for(self, name: str) -> str:
-        return self.schedule.get(name, DEFAULT_SCHEDULE[name])
+    def schedule_for(self, name: str, *, T: int | None = None, B: int = 1) -> str:  # noqa: N803
+        """The composition ``name`` (a key of ``SCHEDULES``) runs with at shape (T, B).
+
+        Same order as kernel configs: an explicit choice (``schedule=`` / ``with_schedule``) wins, else the
+        tuner's record ``"schedule.<name>"`` for this shape (``nsa_dsl.tuning.lookup``; only when ``T`` is
+        given and ``use_tuned``), else ``DEFAULT_SCHEDULE[name]``. A record naming an unknown choice is
+        ignored (logged).
+        """
+        if name not in SCHEDULES:
+            raise ValueError(f"schedule.{name}: unknown stage composition (known: {', '.join(SCHEDULES)})")
+        if name in self.schedule:
+            return self.schedule[name]
+        if T is None or not self.use_tuned:
+            return DEFAULT_SCHEDULE[name]
+        ck = (name, _bucket(T), B)
+        choice = self._schedules.get(ck)
+        if choice is None:
+            choice = DEFAULT_SCHEDULE[name]
+            rec = _lookup_tuned(self.spec, SCHEDULE_PREFIX + name, T, B, self.limits)
+            if rec is not None:
+                got = rec.get("choice") if isinstance(rec, Mapping) else None
+                if got in SCHEDULES[name]:
+                    choice = got
+                else:
+                    log.warning("tuned %s%s record %r ignored; using %r", SCHEDULE_PREFIX, name, rec, choice)
+            self._schedules[ck] = choice
+        return choice
 
     # ---- helpers --------------------------------------------------------------------------------
     def _shape(self, q: Tensor, cu_seqlens: Tensor | None) -> tuple[int, int]:
@@ -260,8 +290,8 @@ class NSAOps:
         self, q: Tensor, k_cmp: Tensor, v_cmp: Tensor, cu_seqlens: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
         """(o_cmp, lse_cmp, indices): fused ``cmp_topk`` or ``cmp_fwd`` + ``select``, per the schedule."""
-        if self.schedule_for("cmp_select") == "fused" and self.has_kernel("cmp_topk"):
-            T, B = self._shape(q, cu_seqlens)  # noqa: N806
+        T, B = self._shape(q, cu_seqlens)  # noqa: N806
+        if self.schedule_for("cmp_select", T=T, B=B) == "fused" and self.has_kernel("cmp_topk"):
             return self.module("cmp_topk", T=T, B=B).run(q, k_cmp, v_cmp, cu_seqlens=cu_seqlens)
         o_cmp, lse_cmp = self.cmp_fwd(q, k_cmp, v_cmp, cu_seqlens)
         return o_cmp, lse_cmp, self.select(q, k_cmp, lse_cmp, cu_seqlens)
@@ -285,8 +315,8 @@ class NSAOps:
         o_win = lse_win = None
         if self.spec.window_size > 0:
             o_win, lse_win = self.win_fwd(q, k, v, cu_seqlens)
-        if self.schedule_for("combine") == "epilogue" and self.has_kernel("slc_fwd"):
-            T, B = self._shape(q, cu_seqlens)  # noqa: N806
+        T, B = self._shape(q, cu_seqlens)  # noqa: N806
+        if self.schedule_for("combine", T=T, B=B) == "epilogue" and self.has_kernel("slc_fwd"):
             mod = self.module("slc_fwd", T=T, B=B)
             o_slc, lse_slc, o = mod.run(
                 q, k, v, indices, cu_seqlens=cu_seqlens, gate=g, o_cmp=o_cmp, o_win=o_win

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from _cmp_helpers import check_indices, make_spec, ref_scores_and_indices
@@ -126,3 +128,45 @@ def test_tuned_lookup_used_and_stale_record_ignored(monkeypatch):
     ops = nsa_dsl.compile(spec)
     assert ops.config_for("cmp_fwd", T=64) == get_kernel("cmp_fwd").default(spec, ops.limits)
     assert nsa_dsl.compile(spec, {"cmp_fwd": {"BLOCK_N": 32}}).config_for("cmp_fwd", T=64)["BLOCK_N"] == 32
+
+
+def test_schedule_record_from_the_tuner_is_used(monkeypatch, tmp_path):
+    """A ``schedule.cmp_select`` record in the user's tuning cache switches the op to the fused kernel at
+    that shape bucket only; an explicit schedule beats it; a record naming an unknown choice is ignored."""
+    import nsa_dsl.tuning as tuning
+    from nsa_dsl.tuning import store
+    from nsa_dsl.tuning.keys import key_fields
+
+    monkeypatch.setenv("NSA_DSL_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(store, "SHIPPED_DIR", tmp_path / "no_shipped")
+    tuning.clear_memory()
+    spec = make_spec(**SPEC_KW)
+    lim = nsa_dsl.compile(spec).limits
+    store.user_store().put(
+        {
+            "fields": key_fields(spec, "schedule.cmp_select", T=53, B=2, limits=lim),
+            "config": {"choice": "fused"},
+            "default_config": {"choice": "separate"},
+        }
+    )
+    try:
+        ops = nsa_dsl.compile(spec)
+        assert ops.schedule_for("cmp_select", T=53, B=2) == "fused"  # T bucket 64, B bucket 2
+        assert ops.schedule_for("cmp_select", T=200, B=2) == "separate"  # no record: the default
+        assert ops.schedule_for("cmp_select") == "separate"  # no shape: the default
+        assert ops.schedule_for("combine", T=53, B=2) == "epilogue"
+        assert ops.with_schedule(cmp_select="separate").schedule_for("cmp_select", T=53, B=2) == "separate"
+        assert dataclasses.replace(ops, use_tuned=False).schedule_for("cmp_select", T=53, B=2) == "separate"
+
+        ran = []
+        real_module = ops.module
+        monkeypatch.setattr(ops, "module", lambda k, **kw: ran.append(k) or real_module(k, **kw))
+        _compare(ops, spec, 2, 53)
+        assert "cmp_topk" in ran and "cmp_fwd" not in ran and "slc_topk" not in ran
+
+        monkeypatch.setattr(tuning, "lookup", lambda s, k, **kw: {"choice": "magic"})
+        assert nsa_dsl.compile(spec).schedule_for("cmp_select", T=53, B=2) == "separate"
+        with pytest.raises(ValueError, match="schedule.nope"):
+            ops.schedule_for("nope")
+    finally:
+        tuning.clear_memory()
