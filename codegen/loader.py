@@ -3,7 +3,7 @@
 Files go to ``cache_dir() / "kernels" / f"{kernel}_{key}.py"``. The key hashes spec, kernel, config, generator
 version and template text, so a file's name fixes its content: a cache hit neither rewrites the file nor
 re-imports the module (an in-memory dict answers first). Writes are atomic (temp file + ``os.replace``)
-under a ``filelock`` so concurrent processes never see half a file.
+under a ``filelock`` so concurrent processes never see half a file; files get the usual 0666-minus-umask mode.
 """
 
 from __future__ import annotations
@@ -20,7 +20,16 @@ from filelock import FileLock
 
 from .plan import KernelPlan
 
-__all__ = ["cache_dir", "kernel_path", "write_source", "load", "load_path", "clear_memory_cache", "STATS"]
+__all__ = [
+    "cache_dir",
+    "kernel_path",
+    "write_source",
+    "load",
+    "load_path",
+    "clear_memory_cache",
+    "current_umask",
+    "STATS",
+]
 
 log = logging.getLogger("nsa_dsl.codegen.loader")
 
@@ -47,7 +56,9 @@ def kernel_path(plan: KernelPlan, root: Path | None = None) -> Path:
 
 
 def write_source(path: Path, source: str) -> bool:
-    """Write ``source`` to ``path`` atomically unless an identical file is there. Returns True if written."""
+    """Write ``source`` to ``path`` atomically unless an identical file is there. Returns True if written.
+
+    The file gets the mode a plain ``open(path, "w")`` would give it (0666 minus the umask, e.g. 0644)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.is_file() and path.read_text() == source:
@@ -57,6 +68,8 @@ def write_source(path: Path, source: str) -> bool:
             return False
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=str(path.parent))
         try:
+            if hasattr(os, "fchmod"):  # mkstemp makes 0600; give the mode open() would (respects the umask)
+                os.fchmod(fd, 0o666 & ~current_umask())
             with os.fdopen(fd, "w") as f:
                 f.write(source)
             os.replace(tmp, path)
@@ -67,6 +80,21 @@ def write_source(path: Path, source: str) -> bool:
     STATS["writes"] += 1
     log.debug("wrote %s", path)
     return True
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where possible (``/proc/self/status`` on Linux; else
+    the set-and-restore idiom)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _lock_path(path: Path) -> Path:

@@ -174,6 +174,31 @@ def test_write_source_atomic_and_idempotent(tmp_path):
     assert not [f for f in p.parent.iterdir() if f.name.endswith(".tmp")]
 
 
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_written_files_get_the_umask_mode_not_0600(tmp_path, spec, cache, umask):
+    """Emitted kernels (nsa-compile -o DIR), cached kernels and plain writes: 0666 minus the umask, like
+    open() (a temp file + rename would otherwise leave mkstemp's 0600)."""
+    from nsa_dsl.cli import compile_main
+
+    want = 0o666 & ~umask
+    old = os.umask(umask)
+    try:
+        assert loader_mod.current_umask() == umask
+        p = tmp_path / "w" / "x.py"
+        write_source(p, "a = 1\n")
+        assert p.stat().st_mode & 0o777 == want
+        plan = make_plan(spec, "cmp_fwd", None, DeviceLimits.interpreter_limits())
+        loader_mod.clear_memory_cache()
+        load(plan)
+        assert kernel_path(plan).stat().st_mode & 0o777 == want
+        assert compile_main(["tiny", "-o", str(tmp_path / "out")]) == 0
+        files = list((tmp_path / "out").iterdir())
+        assert files and {f.stat().st_mode & 0o777 for f in files} == {want}
+    finally:
+        os.umask(old)
+
+
 def test_emit_to_dir_unchanged_is_not_rewritten(tmp_path, spec, cache):
     paths = emit_to_dir(spec, tmp_path / "out")
     assert any(p.name.startswith("cmp_fwd_") for p in paths)
