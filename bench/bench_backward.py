@@ -16,6 +16,7 @@ Usage: python bench/bench_backward.py [--T 8192 16384 32768 65536] [--out DIR] [
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -323,6 +324,229 @@ PARAM_GROUPS = {
 }
 
 
+def legacy_reverse_index(indices, cu_seqlens, block, chunk):
+    """The first reverse-index builder (host syncs: four .item(), one nonzero), kept for same-run timing."""
+    if indices.dim() != 3:
+        raise ValueError(f"indices: expected [T, Hkv, n], got shape {tuple(indices.shape)}")
+    if chunk < 1:
+        raise ValueError(f"chunk: must be >= 1, got {chunk}")
+    dev = indices.device
+    T, hkv, n = indices.shape  # noqa: N806
+    cu = cu_seqlens.to(device=dev, dtype=torch.int64)
+    lens = cu[1:] - cu[:-1]
+    nblk = (lens + block - 1) // block
+    blk_off = torch.zeros_like(cu)
+    blk_off[1:] = torch.cumsum(nblk, 0)
+    nb_total = int(blk_off[-1].item()) if cu.numel() > 1 else 0
+    i32 = torch.int32
+
+    def _empty(dtype=i32):
+        return torch.zeros(0, dtype=dtype, device=dev)
+
+    if T == 0 or nb_total == 0:
+        return 0
+    nseq = lens.numel()
+    tok_seq = torch.repeat_interleave(torch.arange(nseq, device=dev), lens, output_size=T)  # [T]
+    idx = indices.to(torch.int64)
+    valid = idx >= 0
+    gblk = blk_off[tok_seq][:, None, None] + idx  # [T, Hkv, n]
+    head = torch.arange(hkv, device=dev)[None, :, None]
+    bkey = head * nb_total + gblk
+    tok = torch.arange(T, device=dev)[:, None, None]
+    sentinel = torch.iinfo(torch.int64).max
+    keys = torch.where(valid, bkey * T + tok, torch.full_like(bkey, sentinel)).reshape(-1)
+    skeys = torch.sort(keys).values
+    nkeys = hkv * nb_total
+    n_entries = int(valid.sum().item())
+    skeys = skeys[:n_entries]
+    tokens = (skeys % T).to(i32)
+    # per-block offsets by binary search over the sorted block keys (no bincount: deterministic-mode safe)
+    bounds = torch.searchsorted(skeys // T, torch.arange(nkeys + 1, device=dev))
+    offs = bounds[:-1]
+    counts = bounds[1:] - bounds[:-1]
+    nch = (counts + chunk - 1) // chunk
+    n_items = int(nch.sum().item())
+    if n_items == 0:
+        return 0
+    item_blk = torch.repeat_interleave(torch.arange(nkeys, device=dev), nch, output_size=n_items)
+    first_item = torch.cumsum(nch, 0) - nch
+    item_k = torch.arange(n_items, device=dev) - first_item[item_blk]
+    item_lo = offs[item_blk] + item_k * chunk
+    item_hi = torch.minimum(item_lo + chunk, (offs + counts)[item_blk])
+    split = nch[item_blk] > 1
+    slot = torch.cumsum(split.to(torch.int64), 0) - 1
+    item_dst = torch.where(split, slot, torch.full_like(slot, -1))
+    n_partials = int(split.sum().item())
+
+    def _block_geom(keys_):
+        h = keys_ // nb_total
+        gb = keys_ % nb_total
+        s = torch.searchsorted(blk_off, gb, right=True) - 1
+        tok0 = cu[s] + (gb - blk_off[s]) * block
+        return tok0, cu[s + 1], h
+
+    it_tok0, it_kend, it_h = _block_geom(item_blk)
+    red_keys = torch.nonzero(nch > 1).reshape(-1)
+    red_tok0, red_kend, red_h = _block_geom(red_keys)
+    # partial slots of a split block are contiguous (items are ordered by block key)
+    red_lo = slot[first_item[red_keys]] if red_keys.numel() else _empty(torch.int64)
+    red_hi = red_lo + nch[red_keys]
+    return (tokens, it_tok0, it_kend, it_h, item_lo, item_hi, item_dst, red_tok0, red_kend, red_h, red_lo,
+            red_hi, n_items, n_partials)
+
+
+# ------------------------------------------------------------------------------------------------
+# second pass: old-vs-new kernel variants (one process per candidate compiles in parallel first)
+# ------------------------------------------------------------------------------------------------
+
+#: The sm90 defaults before the second pass (2026-11-28 12:09 run), paper spec G = 16.
+OLD_SLC = {"DQ_TOKENS": 4, "dq_warps": 4, "dq_stages": 1, "BLOCK_T": 8, "KEY_SPLIT": 2, "num_warps": 8,
+           "num_stages": 1, "CHUNK": 1024}
+OLD_CMP = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 1, "KV_PASSES": 1,
+           "DQ_BLOCK_M": 64, "DQ_BLOCK_N": 64, "dq_warps": 4, "dq_stages": 2}
+OLD_WIN = {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "KV_PASSES": 2,
+           "DQ_BLOCK_M": 64, "DQ_BLOCK_N": 64, "dq_warps": 4, "dq_stages": 2}
+
+
+def _kv(bm, bn, w, s, p):
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s, "KV_PASSES": p}
+
+
+def _dq(bm, bn, w, s):
+    return {"DQ_BLOCK_M": bm, "DQ_BLOCK_N": bn, "dq_warps": w, "dq_stages": s}
+
+
+def _sdq(t, w, s):
+    return {"DQ_TOKENS": t, "dq_warps": w, "dq_stages": s}
+
+
+def _skv(bt, ks, w, s, chunk=1024):
+    return {"BLOCK_T": bt, "KEY_SPLIT": ks, "num_warps": w, "num_stages": s, "CHUNK": chunk}
+
+
+#: Per kernel part, the variants tried (index 0 = the old default); candidate i takes variant i of every
+#: part that has one (parts are timed separately, so one sweep covers them all).
+VARIANTS = {
+    "bwd_slc.dq": [_sdq(4, 4, 1), _sdq(1, 2, 2), _sdq(1, 4, 2), _sdq(1, 4, 3), _sdq(1, 8, 2), _sdq(1, 2, 3),
+                   _sdq(1, 4, 1), _sdq(2, 4, 1)],
+    "bwd_slc.dkdv": [_skv(8, 2, 8, 1), _skv(8, 2, 8, 2), _skv(8, 1, 8, 1), _skv(8, 1, 8, 2), _skv(4, 1, 4, 2),
+                     _skv(4, 2, 4, 2), _skv(8, 2, 8, 1, 2048), _skv(4, 1, 8, 2)],
+    "bwd_cmp.dkdv": [_kv(64, 64, 8, 1, 1), _kv(64, 64, 8, 2, 1), _kv(64, 64, 8, 2, 2), _kv(128, 64, 8, 1, 1),
+                     _kv(64, 64, 4, 2, 1), _kv(32, 64, 4, 2, 2), _kv(64, 128, 8, 2, 2)],
+    "bwd_cmp.dq": [_dq(64, 64, 4, 2), _dq(128, 64, 8, 2), _dq(64, 64, 4, 3), _dq(64, 128, 8, 2)],
+    "bwd_win.dkdv": [_kv(32, 64, 4, 2, 2), _kv(64, 64, 8, 2, 1), _kv(64, 64, 8, 2, 2), _kv(32, 64, 4, 3, 2),
+                     _kv(64, 64, 4, 2, 1), _kv(64, 128, 8, 2, 2), _kv(128, 64, 8, 1, 1)],
+    "bwd_win.dq": [_dq(64, 64, 4, 2), _dq(128, 64, 8, 2), _dq(64, 64, 4, 3), _dq(64, 128, 8, 2)],
+}
+_OLD = {"bwd_slc": OLD_SLC, "bwd_cmp": OLD_CMP, "bwd_win": OLD_WIN}
+
+
+def variant_candidates() -> list[dict[str, dict]]:
+    n = max(len(v) for v in VARIANTS.values())
+    out = []
+    for i in range(n):
+        cand = {k: dict(v) for k, v in _OLD.items()}
+        for part, lst in VARIANTS.items():
+            if i < len(lst):
+                cand[part.split(".")[0]].update(lst[i])
+        out.append(cand)
+    return out
+
+
+def warm_variant(spec_name: str, idx: int, T: int = 2048) -> None:  # noqa: N803
+    """Compile (Triton cache) the backward kernels of one variant candidate."""
+    spec = load_spec(spec_name)
+    ops = with_candidate(nsa_dsl.compile(spec), variant_candidates()[idx])
+    xs, do = nsa_inputs(spec, T, grad=False)
+    with torch.no_grad():
+        _, saved = ops.forward_train(*xs)
+        nsa_backward(ops, *xs, do, saved)
+    torch.cuda.synchronize()
+
+
+def _event_ms(fn, reps: int = 10) -> tuple[float, float]:
+    """(median CUDA-event ms, median host wall ms) of fn() after one warm-up."""
+    import time
+
+    fn()
+    torch.cuda.synchronize()
+    ev, wall = [], []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0 = time.perf_counter()
+        s.record()
+        fn()
+        e.record()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        ev.append(s.elapsed_time(e))
+        wall.append((t1 - t0) * 1e3)
+    return statistics.median(ev), statistics.median(wall)
+
+
+def run_variants(spec_name: str, Ts: list[int], out: Path, only: list[int] | None = None) -> list[dict]:  # noqa: N803
+    """Per-kernel times of every variant candidate (and of the old/new reverse index) at each T."""
+    from nsa_dsl.codegen import reverse_index
+
+    spec = load_spec(spec_name)
+    base = nsa_dsl.compile(spec)
+    cands = variant_candidates()
+    rows = []
+    for T in Ts:  # noqa: N806
+        xs, do = nsa_inputs(spec, T, grad=False)
+        with torch.no_grad():
+            _, saved = base.forward_train(*xs)
+        idx = saved["indices"].to(torch.int32).contiguous().view(T, spec.attention.kv_heads, -1)
+        cu = torch.tensor([0, T], device=DEVICE, dtype=torch.int32)
+        builders = (("legacy", legacy_reverse_index), ("sync-free", reverse_index.build))
+        for name, builder in builders:
+            fn = functools.partial(builder, idx, cu, spec.selection.block, 1024)
+            ev, wall = _event_ms(fn)
+            rows.append({"spec": spec_name, "T": T, "part": "reverse_index", "variant": name, "ms": ev,
+                         "host_ms": wall})
+            print(json.dumps(rows[-1]), flush=True)
+        for i, cand in enumerate(cands):
+            if only is not None and i not in only:
+                continue
+            try:
+                trial = with_candidate(base, cand)
+                prof: dict[str, float] = {}
+                nsa_backward(trial, *xs, do, saved)
+                reps = 3
+                for _ in range(reps):
+                    nsa_backward(trial, *xs, do, saved, profile=prof)
+            except Exception as e:  # noqa: BLE001
+                rows.append({"spec": spec_name, "T": T, "candidate": i, "error": str(e)[:300]})
+                print(json.dumps(rows[-1]), flush=True)
+                continue
+            for part, lst in VARIANTS.items():
+                if i < len(lst) and part in prof:
+                    rows.append({"spec": spec_name, "T": T, "part": part, "variant": i, "config": lst[i],
+                                 "ms": prof[part] / reps})
+            rows.append({"spec": spec_name, "T": T, "part": "bwd_total", "variant": i,
+                         "ms": sum(v for k, v in prof.items() if "." not in k and k != "start") / reps})
+            print(json.dumps({"T": T, "candidate": i, **{k: round(v / reps, 3) for k, v in prof.items()
+                                                          if k != "_events"}}), flush=True)
+        del xs, do, saved
+        torch.cuda.empty_cache()
+    (out / f"bwd_variants_{spec_name}.json").write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+def variants_table(rows: list[dict]) -> str:
+    """Markdown: per part and T, old (variant 0) vs the best variant."""
+    lines = ["| spec | T | part | old ms | best ms | best variant |", "|---|---|---|---|---|---|"]
+    keys = sorted({(r["spec"], r["T"], r["part"]) for r in rows if "part" in r})
+    for sp, T, part in keys:  # noqa: N806
+        rs = [r for r in rows if r.get("part") == part and r["T"] == T and r["spec"] == sp]
+        old = [r for r in rs if r["variant"] in (0, "legacy")]
+        best = min(rs, key=lambda r: r["ms"])
+        old_ms = f"{old[0]['ms']:.2f}" if old else "-"
+        lines.append(f"| {sp} | {T} | {part} | {old_ms} | {best['ms']:.2f} | "
+                     f"{best['variant']} {json.dumps(best.get('config', ''))} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--T", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
@@ -331,9 +555,28 @@ def main() -> int:
     ap.add_argument("--sdpa-all-max", type=int, default=16384)
     ap.add_argument("--no-fla", action="store_true")
     ap.add_argument("--warm", nargs=2, metavar=("SPEC", "CANDIDATE"), help="only compile one candidate")
+    ap.add_argument("--warm-variant", nargs=2, metavar=("SPEC", "CANDIDATE"),
+                    help="only compile one variant candidate (second pass)")
+    ap.add_argument("--variants", nargs="*", metavar="SPEC",
+                    help="time the variant candidates per backward kernel (old = candidate 0) and exit")
+    ap.add_argument("--only", type=int, nargs="*", help="with --variants: these candidates only")
     args = ap.parse_args()
     if args.warm:
         warm(args.warm[0], int(args.warm[1]))
+        return 0
+    if args.warm_variant:
+        warm_variant(args.warm_variant[0], int(args.warm_variant[1]))
+        return 0
+    if args.variants is not None:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        meta = common.env_info()
+        rows = []
+        for sp in args.variants or ["nsa_paper"]:
+            rows += run_variants(sp, args.T, out, args.only)
+        (out / "bwd_variants_meta.json").write_text(json.dumps(meta, indent=1))
+        print(json.dumps(meta))
+        print(variants_table(rows))
         return 0
     if not torch.cuda.is_available():
         print("bench_backward: needs a CUDA device", file=sys.stderr)

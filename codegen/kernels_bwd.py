@@ -16,7 +16,8 @@ Config parameters (constexprs baked into the emitted source):
   BLOCK_T           tokens per dK/dV tile of bwd_slc (rows = BLOCK_T x G);
   CHUNK             most tokens per bwd_slc work item (longer reverse-index lists are split);
   KEY_SPLIT         programs sharing one bwd_slc work item, each with l'/KEY_SPLIT keys (fewer registers);
-  DQ_TOKENS         consecutive tokens per bwd_slc dQ program (distinct selected blocks loaded once);
+  DQ_TOKENS         consecutive tokens per bwd_slc dQ program (distinct selected blocks loaded once; 1: the
+                    token's G heads alone, slot loop pipelined over dq_stages stages, no union masking);
   BLOCK_R           rows per program of bwd_pre;
   num_warps, num_stages (and dq_warps for the bwd_slc dQ kernel).
 No kernel uses atomics, so every config is bitwise reproducible run to run.
@@ -209,11 +210,14 @@ def _slc_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
     G = spec.G  # noqa: N806
     if limits.interpreter:
         return {"BLOCK_T": max(1, 16 // G), "CHUNK": 8, "KEY_SPLIT": 1, "num_warps": 4, "dq_warps": 4,
-                "num_stages": 1, "DQ_TOKENS": 2}
+                "num_stages": 1, "DQ_TOKENS": 1, "dq_stages": 1}
     # measured on an H200 (bench_backward sweep, T = 32k, both specs): 128 rows x 32 keys (two programs per
-    # block), 8 warps for dK/dV; 4 tokens per dQ program (64 rows at G = 16)
+    # block), 8 warps for dK/dV. dQ: one token per program (its G heads as rows, the slot loop pipelined like
+    # the forward's group-centric kernel) when G >= 8; below, several tokens fill the 16-row MMA tile
+    dq = ({"DQ_TOKENS": 1, "dq_warps": 4, "dq_stages": 2} if G >= 8
+          else {"DQ_TOKENS": max(1, min(4, 64 // G)), "dq_warps": 4, "dq_stages": 1})
     return {"BLOCK_T": max(1, 128 // G), "CHUNK": 1024, "KEY_SPLIT": 2 if spec.selection.block >= 32 else 1,
-            "num_warps": 8, "dq_warps": 4, "num_stages": 1, "DQ_TOKENS": max(1, min(4, 64 // G))}
+            "num_warps": 8, "num_stages": 1, **dq}
 
 
 def _slc_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
@@ -225,6 +229,7 @@ def _slc_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
         "DQ_TOKENS": [1, 2, 4],
         "num_warps": [4, 8],
         "dq_warps": [2, 4, 8],
+        "dq_stages": [1, 2, 3],
         "num_stages": [1, 2, 3],
     }
 
@@ -244,6 +249,8 @@ def _slc_check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) -> s
         return f"DQ_TOKENS: must be 1, 2 or 4, got {cfg.get('DQ_TOKENS')}"
     if cfg.get("dq_warps") not in (1, 2, 4, 8, 16):
         return f"dq_warps: must be one of 1, 2, 4, 8, 16, got {cfg.get('dq_warps')}"
+    if cfg.get("dq_stages") not in (1, 2, 3, 4):
+        return f"dq_stages: must be one of 1, 2, 3, 4, got {cfg.get('dq_stages')}"
     return _common_check(cfg)
 
 

@@ -2,9 +2,11 @@
 
 The forward's ``indices`` [T, Hkv, n] (packed tokens, block ids local to each sequence, -1 unused) say which
 blocks each token reads. dK/dV of a block is a sum over the tokens that read it, so the backward turns the
-index around: one sort of int64 keys ``block_key * T + token`` on the GPU (block_key = hkv * NB + global
-block), then a count per block. Tokens of a block come out in ascending order, so the accumulation order of
-the dK/dV kernel is fixed and the result is bitwise reproducible without atomics.
+index around: one stable sort of int32 block keys (hkv * NB + global block) on the GPU, then a count per block
+by binary search. The flat order of ``indices`` is token-major, so the tokens of a block come out in ascending
+order: the accumulation order of the dK/dV kernel is fixed and the result is bitwise reproducible without
+atomics. No host synchronisation: the list sizes are static upper bounds from the shapes (``bounds``), and the
+kernels skip the empty slots past the real items.
 
 Long lists (block 0 is read by every token when ``force_initial`` >= 1) are split into work items of at most
 ``chunk`` tokens; such blocks' items write fp32 partials that a second kernel sums in item order.
@@ -15,7 +17,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
-__all__ = ["build", "source"]
+__all__ = ["bounds", "build", "source"]
 
 
 @lru_cache(maxsize=1)
@@ -50,6 +52,12 @@ def build(indices: Any, cu_seqlens: Any, block: int, chunk: int) -> Any:
         chunk: most tokens per work item (>= 1).
     """
     return _namespace()["build_reverse_index"](indices, cu_seqlens, block, chunk)
+
+
+def bounds(T: int, hkv: int, n: int, n_seq: int, block: int, chunk: int) -> tuple[int, int, int, int, int]:  # noqa: N803
+    """Static sizes (block keys, entries, work items, partial slots, reductions) of the reverse index of T
+    packed tokens in n_seq sequences: upper bounds from the shapes, so that building needs no host sync."""
+    return _namespace()["reverse_index_bounds"](T, hkv, n, n_seq, block, chunk)
 
 
 def __getattr__(name: str) -> Any:

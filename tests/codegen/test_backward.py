@@ -4,7 +4,8 @@ CPU: the Triton interpreter at tiny shapes in fp32: every gradient (q, k, v, k_c
 backward, fed with the reference's forward intermediates (branch outputs, LSEs, indices), against
 ``torch.autograd`` through ``nsa_dsl.reference.nsa_attention``. Matrix: G in {1, 2, 4, 16}, odd T, B = 2,
 varlen packs (with a sequence shorter than the compressed block), window off, dk != dv and dk not a power of
-two, both reverse-index paths (split lists with partial sums / direct writes), the query-split dK/dV path.
+two, both reverse-index paths (split lists with partial sums / direct writes; statically sized, so with empty
+work slots), the query-split dK/dV path, one- and multi-token selection dQ programs.
 GPU (marked): bf16 against fp32, bitwise determinism, a short training run through NSAttention.
 Fresh random inputs per case; fp32 gradient buffers that a kernel must fully write are poisoned (NaN).
 """
@@ -189,6 +190,18 @@ def test_schedule_variants_agree():
         assert_close(kernel_grads(spec, xs, do, config=cfg), want)
 
 
+@pytest.mark.parametrize("G,tokens", [(1, 4), (16, 2)])
+def test_slc_dq_multi_token(G, tokens):  # noqa: N803
+    """The multi-token selection dQ (a union of the tokens' blocks, rows masked per token) at the ends of the
+    G range (the default, one token per program, runs in every other case), odd T."""
+    spec = make_spec(G=G, hkv=1, n=3, fl=2)
+    gen = torch.Generator().manual_seed(23 + G)
+    xs = make_inputs(spec, 1, 45, gen)
+    do = torch.randn(1, 45, spec.attention.heads, spec.attention.head_dim_v, generator=gen)
+    cfg = {"bwd_slc": {"DQ_TOKENS": tokens, "dq_stages": 2}}
+    assert_close(kernel_grads(spec, xs, do, config=cfg), ref_grads(spec, xs, do))
+
+
 def test_deterministic_interpreter():
     spec = make_spec(G=2, hkv=2)
     gen = torch.Generator().manual_seed(3)
@@ -214,11 +227,17 @@ def test_reverse_index_brute_force():
             idx[t, h, : len(pick)] = pick.sort().values.to(torch.int32)
     rev = reverse_index.build(idx, cu, lp, chunk=3)
     got: dict[tuple[int, int], list[int]] = {}
-    for w in range(rev.n_items):
+    dst: dict[tuple[int, int], list[int]] = {}
+    for w in range(rev.n_items):  # a static upper bound: empty slots past the real items
+        lo, hi = int(rev.item_lo[w]), int(rev.item_hi[w])
+        if lo == hi:
+            continue
         key = (int(rev.item_tok0[w]), int(rev.item_hkv[w]))
-        toks = rev.tokens[int(rev.item_lo[w]) : int(rev.item_hi[w])].tolist()
+        assert int(rev.item_kend[w]) == int(cu[1 + (key[0] >= 9) + (key[0] >= 9)])
+        toks = rev.tokens[lo:hi].tolist()
         assert 1 <= len(toks) <= 3
         got.setdefault(key, []).extend(toks)
+        dst.setdefault(key, []).append(int(rev.item_dst[w]))
     want: dict[tuple[int, int], list[int]] = {}
     for t in range(T):
         s = 0 if t < 9 else 2
@@ -227,8 +246,23 @@ def test_reverse_index_brute_force():
                 if j >= 0:
                     want.setdefault((int(cu[s]) + j * lp, h), []).append(t)
     assert got == want  # same blocks, same tokens, ascending order
-    split_blocks = sum(1 for toks in want.values() if len(toks) > 3)
-    assert rev.n_reduce == split_blocks
+    # blocks with one item write directly; split blocks own contiguous partial slots, each reduced once
+    reds = {}
+    for r in range(rev.n_reduce):
+        lo, hi = int(rev.red_lo[r]), int(rev.red_hi[r])
+        if lo < hi:
+            reds[(int(rev.red_tok0[r]), int(rev.red_hkv[r]))] = list(range(lo, hi))
+    for key, toks in want.items():
+        if len(toks) <= 3:
+            assert dst[key] == [-1], key
+        else:
+            assert reds[key] == dst[key], key
+    assert len(reds) == sum(1 for toks in want.values() if len(toks) > 3)
+    slots = sorted(x for v in reds.values() for x in v)
+    assert slots == list(range(len(slots))) and len(slots) <= rev.n_partials
+    # no device-to-host synchronisation: the sizes come from the shapes alone
+    bounds = reverse_index.bounds(T, hkv, n, 3, lp, 3)
+    assert (rev.n_items, rev.n_partials, rev.n_reduce) == bounds[2:]
 
 
 def test_custom_op_end_to_end_and_compile():
