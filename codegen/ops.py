@@ -307,14 +307,20 @@ class NSAOps:
         g: Tensor,
         *,
         cu_seqlens: Tensor | None = None,
+        k_win: Tensor | None = None,
+        v_win: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor | None]]:
         """(o, saved): saved holds ``o_cmp, lse_cmp, o_slc, lse_slc, o_win, lse_win, indices`` (window
-        entries are None when the window is off)."""
+        entries are None when the window is off). No autograd (see ``forward``).
+
+        ``k_win``/``v_win``: the window branch's own K/V (the paper's separate per-branch projections; shapes
+        of ``k``/``v``); default: ``k``/``v``, shared with selection."""
         _check_inputs(self.spec, q, k, v, k_cmp, v_cmp, g, cu_seqlens)
+        k_win, v_win = _window_kv(k, v, k_win, v_win)
         o_cmp, lse_cmp, indices = self.cmp_select(q, k_cmp, v_cmp, cu_seqlens)
         o_win = lse_win = None
         if self.spec.window_size > 0:
-            o_win, lse_win = self.win_fwd(q, k, v, cu_seqlens)
+            o_win, lse_win = self.win_fwd(q, k_win, v_win, cu_seqlens)
         T, B = self._shape(q, cu_seqlens)  # noqa: N806
         if self.schedule_for("combine", T=T, B=B) == "epilogue" and self.has_kernel("slc_fwd"):
             mod = self.module("slc_fwd", T=T, B=B)
@@ -346,18 +352,43 @@ class NSAOps:
         *,
         cu_seqlens: Tensor | None = None,
         return_indices: bool = False,
+        k_win: Tensor | None = None,
+        v_win: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """NSA forward with the reference's signature and semantics (``nsa_dsl.reference.nsa_attention``).
 
+        q [B,T,Hq,dk], k [B,T,Hkv,dk], v [B,T,Hkv,dv], k_cmp/v_cmp [B,Tc,Hkv,dk|dv], g [B,T,Hq,3] (gates in
+        [0, 1], order cmp, slc, win) -> o [B,T,Hq,dv] in q's dtype (and the selected blocks [B,T,Hkv,n] int32
+        with ``return_indices``). ``cu_seqlens``: int32 [N+1] offsets of packed sequences (B = 1).
+        ``k_win``/``v_win``: a separate K/V for the window branch (``reference.nsa_branches``'s arguments of
+        the same names); default ``k``/``v``.
+
         Differentiable: when grad mode is on and an input requires grad, it runs as the custom op of
-        ``nsa_dsl.codegen.autograd`` (generated backward kernels, torch.compile-friendly)."""
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, k_cmp, v_cmp, g)):
+        ``nsa_dsl.codegen.autograd`` (generated backward kernels, torch.compile-friendly). That op takes one
+        K/V for selection and window, so with a separate window K/V *and* gradients it is called twice with
+        complementary gates (the compressed and selection branches with ``k``/``v``, the window with
+        ``k_win``/``v_win``); without gradients one pass computes every branch once.
+        """
+        inputs = (q, k, v, k_cmp, v_cmp, g, k_win, v_win)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
             from .autograd import nsa_attention
 
-            return nsa_attention(
-                q, k, v, k_cmp, v_cmp, g, self, cu_seqlens=cu_seqlens, return_indices=return_indices
+            if (k_win is None and v_win is None) or self.spec.window_size == 0:
+                return nsa_attention(
+                    q, k, v, k_cmp, v_cmp, g, self, cu_seqlens=cu_seqlens, return_indices=return_indices
+                )
+            k_win, v_win = _window_kv(k, v, k_win, v_win)
+            keep = torch.tensor([1.0, 1.0, 0.0], dtype=g.dtype, device=g.device)
+            out = nsa_attention(
+                q, k, v, k_cmp, v_cmp, g * keep, self, cu_seqlens=cu_seqlens, return_indices=return_indices
             )
-        o, saved = self.forward_train(q, k, v, k_cmp, v_cmp, g, cu_seqlens=cu_seqlens)
+            o_win = nsa_attention(q, k_win, v_win, k_cmp, v_cmp, g * (1 - keep), self, cu_seqlens=cu_seqlens)
+            if return_indices:
+                return out[0] + o_win, out[1]
+            return out + o_win
+        o, saved = self.forward_train(
+            q, k, v, k_cmp, v_cmp, g, cu_seqlens=cu_seqlens, k_win=k_win, v_win=v_win
+        )
         if return_indices:
             return o, saved["indices"]  # type: ignore[return-value]
         return o
@@ -370,6 +401,28 @@ class NSAOps:
         from .decode import decode
 
         return decode(self, q, cache, g, **kwargs)
+
+
+def _window_kv(
+    k: Tensor, v: Tensor, k_win: Tensor | None, v_win: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """The window branch's (K, V): ``k_win``/``v_win`` (both or neither; same shape, dtype, device as
+    ``k``/``v``) or ``k``/``v``."""
+    if k_win is None and v_win is None:
+        return k, v
+    if k_win is None or v_win is None:
+        raise ValueError("k_win/v_win: give both (the window branch's own K and V) or neither")
+    for name, x, like in (("k_win", k_win, k), ("v_win", v_win, v)):
+        ref_name = name[0]
+        if not isinstance(x, Tensor) or tuple(x.shape) != tuple(like.shape):
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"{name}: expected {ref_name}'s shape {tuple(like.shape)}, got {shape}")
+        if x.dtype != like.dtype or x.device != like.device:
+            raise ValueError(
+                f"{name}: must have {ref_name}'s dtype and device ({like.dtype}, {like.device}), "
+                f"got ({x.dtype}, {x.device})"
+            )
+    return k_win, v_win
 
 
 def _check_inputs(spec: NSASpec, q, k, v, k_cmp, v_cmp, g, cu_seqlens) -> None:

@@ -207,11 +207,10 @@ class NSAttention(nn.Module):
         q, k, v, kc, vc, gg = (t.to(dt) for t in (p["q"], p["k"], p["v"], k_cmp, v_cmp, g))
         if shared_win:
             return op.forward(q, k, v, kc, vc, gg, cu_seqlens=cu_seqlens)
-        # The fused op takes one K/V for selection and window: run it twice with complementary gates.
-        mask = torch.tensor([1.0, 1.0, 0.0], dtype=dt, device=gg.device)
-        o = op.forward(q, k, v, kc, vc, gg * mask, cu_seqlens=cu_seqlens)
+        # One op call with the window's own K/V (under autograd the op composes two custom-op calls, see
+        # NSAOps.forward).
         kw, vw = p["k_win"].to(dt), p["v_win"].to(dt)
-        return o + op.forward(q, kw, vw, kc, vc, gg * (1 - mask), cu_seqlens=cu_seqlens)
+        return op.forward(q, k, v, kc, vc, gg, cu_seqlens=cu_seqlens, k_win=kw, v_win=vw)
 
     def _triton_op(self) -> Any:
         if not self._op_holder:

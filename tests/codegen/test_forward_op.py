@@ -170,3 +170,41 @@ def test_schedule_record_from_the_tuner_is_used(monkeypatch, tmp_path):
             ops.schedule_for("nope")
     finally:
         tuning.clear_memory()
+
+
+def test_separate_window_kv_one_pass_and_with_grad():
+    """``k_win``/``v_win`` feed only the window branch (reference: ``nsa_branches(..., k_win, v_win)``),
+    in one pass without gradients and through the differentiable op with them."""
+    from nsa_dsl.reference import combine_branches, nsa_branches
+
+    spec = make_spec(**SPEC_KW)
+    ops = nsa_dsl.compile(spec)
+    q, k, v, kc, vc, g = _inputs(spec, 1, 45, seed=1)
+    kw, vw = (torch.randn_like(t) for t in (k, v))
+    o, saved = ops.forward_train(q, k, v, kc, vc, g, k_win=kw, v_win=vw)
+    d = [t.double() for t in (q, k, v, kc, vc)]
+    br = nsa_branches(*d, spec, k_win=kw.double(), v_win=vw.double())
+    torch.testing.assert_close(saved["o_win"].double(), br["o_win"], rtol=3e-5, atol=3e-5)
+    idx_same = (torch.sort(saved["indices"].long(), -1).values == torch.sort(br["indices"].long(), -1).values)
+    rows = idx_same.all(-1).repeat_interleave(spec.G, dim=2)
+    assert rows.float().mean() > 0.9
+    ro = combine_branches(br, g.double(), spec)
+    torch.testing.assert_close(o.double()[rows], ro[rows], rtol=3e-5, atol=3e-5)
+    assert not torch.allclose(o, ops.forward(q, k, v, kc, vc, g), atol=1e-3)  # the window K/V is used
+
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v, kc, vc, g, kw, vw)]
+    og = ops.forward(*leaves[:6], k_win=leaves[6], v_win=leaves[7])
+    torch.testing.assert_close(og.detach(), o, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(og.square().sum(), leaves)
+    ref_leaves = [t.detach().double().requires_grad_(True) for t in leaves]
+    rb = nsa_branches(*ref_leaves[:5], spec, k_win=ref_leaves[6], v_win=ref_leaves[7])
+    rg = torch.autograd.grad(combine_branches(rb, ref_leaves[5], spec).square().sum(), ref_leaves)
+    assert rows.all()  # this seed has no near-tie selections: gradients are comparable everywhere
+    names = ("q", "k", "v", "k_cmp", "v_cmp", "g", "k_win", "v_win")
+    for name, a_, b_ in zip(names, grads, rg, strict=True):
+        torch.testing.assert_close(a_.double(), b_, rtol=1e-4, atol=1e-4, msg=name)
+    assert grads[6].abs().sum() > 0 and grads[7].abs().sum() > 0
+    with pytest.raises(ValueError, match="k_win/v_win"):
+        ops.forward(q, k, v, kc, vc, g, k_win=kw)
+    with pytest.raises(ValueError, match="^k_win:"):
+        ops.forward(q, k, v, kc, vc, g, k_win=kw[:, :-1], v_win=vw)
