@@ -342,9 +342,9 @@ _POOLS: dict[int, Any] = {}
 _CHILD_TARGETS: dict[tuple, Any] = {}
 
 
-def _shutdown_pools() -> None:
+def _shutdown_pools(wait: bool = False) -> None:
     for p in _POOLS.values():
-        p.shutdown(wait=False, cancel_futures=True)
+        p.shutdown(wait=wait, cancel_futures=True)
     _POOLS.clear()
 
 
@@ -754,14 +754,19 @@ def _worker_main(args: dict[str, Any]) -> None:
         if jobs > 1
         else None
     )
-    run_search(
-        study,
-        ctx,
-        trials=args["trials"],
-        budget_seconds=args["budget_seconds"],
-        n_valid=args["n_valid"],
-        precompile=pre,
-    )
+    try:
+        run_search(
+            study,
+            ctx,
+            trials=args["trials"],
+            budget_seconds=args["budget_seconds"],
+            n_valid=args["n_valid"],
+            precompile=pre,
+        )
+    finally:
+        # A multiprocessing child skips atexit handlers and joins its non-daemon children on exit: the idle
+        # compile pool must be shut down here, or the worker never exits (found on a 2-GPU H200 host).
+        _shutdown_pools(wait=True)
 
 
 def _run_workers(

@@ -255,6 +255,41 @@ def test_two_workers_share_one_study(tmp_path):
     assert fake_time(res.config) <= best * 1.25
 
 
+_WORKERS_WITH_POOLS = """
+import sys
+from nsa_dsl import load_spec
+from nsa_dsl.tuning import tune_kernel
+from nsa_dsl.tuning.testing import fake_registry, fake_time, slow_fake_target_factory
+from nsa_dsl.tuning.timing import FakeTimer
+
+
+class Limits:
+    name, capability, sm_count, smem_per_block, interpreter = "fake-gpu", (9, 0), 132, 1 << 30, False
+
+
+if __name__ == "__main__":
+    res = tune_kernel(load_spec("tiny"), "fake_fwd", T=1000, trials=8, timer=FakeTimer(fake_time),
+                      target_factory=slow_fake_target_factory, storage_path=sys.argv[1], workers=2,
+                      compile_jobs=2, limits=Limits(), registry=fake_registry())
+    print("TRIALS", res.trials)
+"""
+
+
+def test_workers_with_compile_pools_exit(tmp_path):
+    """Each worker owns a compile pool; a worker must shut it down or it never exits (the multiprocessing
+    child joins its pool's idle processes at exit). Run in a subprocess so a regression fails, not hangs."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "w.py"
+    script.write_text(_WORKERS_WITH_POOLS)
+    p = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "w.journal")], capture_output=True, text=True, timeout=240
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "TRIALS" in p.stdout and int(p.stdout.split("TRIALS")[1].split()[0]) >= 8
+
+
 def test_parallel_precompile_batches():
     """With a compile pool the search proposes batches, compiles them in 2 processes, then evaluates them."""
     from nsa_dsl.tuning.testing import fake_target_factory
