@@ -50,13 +50,16 @@ def parse_seq_lens(text: str) -> list[int]:
 
 
 def _positive(name: str, cast: Any) -> Any:
+    # argparse prefixes the message with "argument NAME: ", so the message does not repeat the name
+    what = "integer" if cast is int else "number"
+
     def f(s: str) -> Any:
         try:
             v = cast(s)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name}: must be a positive number, got {s!r}") from None
+            raise argparse.ArgumentTypeError(f"must be a positive {what}, got {s!r}") from None
         if v <= 0:
-            raise argparse.ArgumentTypeError(f"{name}: must be positive, got {s!r}")
+            raise argparse.ArgumentTypeError(f"must be positive, got {s!r}")
         return v
 
     return f
@@ -271,7 +274,10 @@ def _run_io(cmd: str, argv: list[str]) -> int:
     p.add_argument("file")
     a = p.parse_args(argv)
     if cmd == "export":
-        n = export_records(a.file)
+        try:
+            n = export_records(a.file)
+        except OSError as e:
+            raise CliError(f"export: cannot write {a.file}: {e.strerror or e}") from None
         print(f"exported {n} records from {tuning_dir()} to {a.file}")
     else:
         try:

@@ -74,6 +74,11 @@ def test_export_import(tmp_path, capsys, monkeypatch):
         (["tiny", "--fake", "--trials", "3", "--budget-seconds", "3"], "not allowed with"),
         (["tiny", "--fake", "--seq-lens", "abc"], "--seq-lens"),
         (["import", "/no/such/file.json"], "import: cannot read"),
+        (["/no/such/spec.yaml", "--fake"], "spec: no file '/no/such/spec.yaml'"),
+        (["tiny", "--fake", "--seq-lens", "0"], "--seq-lens: lengths must be positive"),
+        (["tiny", "--fake", "--seq-lens", ","], "--seq-lens: give at least one length"),
+        (["tiny", "--fake", "--batch", "x"], "argument --batch: must be a positive integer, got 'x'"),
+        (["export", "/dev/null/records.json"], "export: cannot write /dev/null/records.json"),
         (["tiny", "--bogus"], "unrecognized arguments"),
     ],
 )
@@ -82,6 +87,24 @@ def test_errors_one_line_exit_2(argv, needle, capsys):
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        ("attention:\n  heds: 64\n", "attention.heds: unknown field (did you mean 'heads'?)"),
+        ("attention:\n  heads: 6\n  kv_heads: 4\n", "attention.heads: must be a multiple of"),
+        ("attention: [1, 2\n", "line 2"),
+    ],
+)
+def test_bad_spec_file_one_line_exit_2(tmp_path, capsys, content, needle):
+    p = tmp_path / "bad.yaml"
+    p.write_text(content)
+    assert main([str(p), "--fake", "--trials", "1"]) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("nsa-tune: error: ") and needle in lines[0], lines
+    assert "Traceback" not in err
 
 
 def test_console_script_error():
