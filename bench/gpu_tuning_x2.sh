@@ -21,6 +21,6 @@ for W in 1 2; do
 done
 unset TRITON_CACHE_DIR
 export NSA_DSL_CACHE_DIR=/tmp/tune_grid
-timeout "${T_GRID:-240}" python bench/bench_tuning.py --spec nsa_paper --kernels "" --grid-kernel slc_topk \
+[ "${GRID:-1}" = 1 ] && timeout "${T_GRID:-240}" python bench/bench_tuning.py --spec nsa_paper --kernels "" --grid-kernel slc_topk \
   --grid-T 8192 --grid-jobs 14 --deadline-s "${T_GRID_DL:-220}" --out "$OUT" 2>&1 | grep -v "^TRIAL" | tail -20
 cat "$OUT/tuning_workers.txt"
