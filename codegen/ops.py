@@ -18,7 +18,7 @@ import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -26,6 +26,9 @@ from torch import Tensor
 from ..spec import NSASpec
 from .loader import load
 from .plan import DeviceLimits, KernelPlan, all_kernels, make_plan
+
+if TYPE_CHECKING:
+    from ..cache import NSACache
 
 __all__ = ["compile", "NSAOps", "STAGES", "SCHEDULES", "DEFAULT_SCHEDULE", "SCHEDULE_PREFIX"]
 
@@ -97,6 +100,7 @@ class NSAOps:
 
     # ---- plans and modules --------------------------------------------------------------------------
     def has_kernel(self, kernel: str) -> bool:
+        """True if ``kernel`` is registered and this spec uses it (e.g. ``win_fwd`` needs a window)."""
         kdef = all_kernels().get(kernel)
         return kdef is not None and kdef.is_enabled(self.spec)
 
@@ -105,6 +109,9 @@ class NSAOps:
         return dict(self.plan(kernel, T=T, B=B).config)
 
     def plan(self, kernel: str, *, T: int, B: int = 1) -> KernelPlan:  # noqa: N803
+        """The ``KernelPlan`` ``kernel`` runs with at shape (T, B): explicit config > tuned record
+        (``nsa_dsl.tuning.lookup``; a record the generator rejects is logged and skipped) > default.
+        Resolved once per (kernel, next power of two of T, B)."""
         ck = (kernel, _bucket(T), B)
         p = self._resolved.get(ck)
         if p is not None:
@@ -395,9 +402,11 @@ class NSAOps:
 
     __call__ = forward
 
-    def decode(self, q: Tensor, cache: Any, g: Tensor, **kwargs: Any) -> Any:
-        """One generation step over an ``nsa_dsl.NSACache`` (see ``nsa_dsl.codegen.decode.decode``):
-        q [B, S, Hq, dk], g [B, S, Hq, 3] of the S newest tokens (K/V appended) -> o [B, S, Hq, dv]."""
+    def decode(self, q: Tensor, cache: NSACache, g: Tensor, **kwargs: Any) -> Tensor | tuple[Tensor, Tensor]:
+        """One generation step over an ``nsa_dsl.NSACache`` (see ``nsa_dsl.codegen.decode.decode`` for the
+        keyword options ``out``, ``splits``, ``plan_length``, ``return_indices``): q [B, S, Hq, dk] and
+        g [B, S, Hq, 3] of the S newest tokens, whose K/V are already appended (``cache.append``)
+        -> o [B, S, Hq, dv]. No host synchronisation (``decode.CapturedDecodeStep``: a CUDA-graph step)."""
         from .decode import decode
 
         return decode(self, q, cache, g, **kwargs)
@@ -484,6 +493,11 @@ def compile(  # noqa: A001 - the public name the contract asks for
     ``config``: kernel name -> params overriding that kernel's config. ``tune=True`` runs the tuner
     (``nsa_dsl.tuning.tune``) for this spec and device first. ``device``: the CUDA device whose limits pick
     default configs (default: current; CPU -> the Triton interpreter).
+
+    Returns an ``NSAOps``: ``forward`` (the reference's signature; differentiable), ``forward_train``,
+    the stage entry points, ``decode``, ``with_config`` / ``with_schedule``. Kernels are generated, written
+    to the cache (``NSA_DSL_CACHE_DIR``) and imported on first use per shape. Raises ``ValueError`` (one
+    line naming the kernel and parameter) for a bad ``config``, ``SpecError`` for a bad spec.
     """
     if not isinstance(spec, NSASpec):
         from ..spec import load_spec

@@ -1,5 +1,9 @@
 """nsa-dsl: a compiler for DeepSeek's Native Sparse Attention (arXiv 2502.11089).
 
+Entry points: ``load_spec`` / ``NSASpec`` (the spec), ``compile(spec) -> NSAOps`` (the generated, tuned
+kernels: ``forward``, ``decode``), ``NSAttention`` (the ``nn.Module``), ``NSACache`` (decoding),
+``cost_model`` (sympy costs), ``compress`` / ``Compressor`` (the compression functions).
+
 Pipeline: spec (``nsa_dsl.spec``) -> derived quantities (``nsa_dsl.derived``) -> kernel plan
 (``nsa_dsl.codegen.plan``) -> emitted Triton source (``nsa_dsl.codegen``) -> loaded op (``nsa_dsl.compile``)
 -> tuned config (``nsa_dsl.tuning``). Ground truth: ``nsa_dsl.reference``.
@@ -8,7 +12,7 @@ Pipeline: spec (``nsa_dsl.spec``) -> derived quantities (``nsa_dsl.derived``) ->
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
 from .spec import (
@@ -36,7 +40,21 @@ __all__ = [
     "WindowSpec",
     "list_builtin_specs",
     "load_spec",
+    # lazy (imported on first use, see _LAZY)
+    "compile",
+    "cost_model",
+    "compress",
+    "Compressor",
+    "NSAttention",
+    "NSACache",
 ]
+
+if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
+    from .cache import NSACache
+    from .codegen.ops import compile  # noqa: A004
+    from .compression import Compressor, compress
+    from .cost import cost_model
+    from .layer import NSAttention
 
 # Heavier pieces are imported lazily so that `import nsa_dsl` stays cheap and a broken optional part
 # never prevents loading a spec.
@@ -57,3 +75,7 @@ def __getattr__(name: str) -> Any:
         mod, attr = _LAZY[name]
         return getattr(importlib.import_module(mod), attr)
     raise AttributeError(f"module 'nsa_dsl' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

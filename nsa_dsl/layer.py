@@ -62,7 +62,7 @@ class NSAttention(nn.Module):
         rope_theta: float | None = 10000.0,
         backend: str = "reference",
         bias: bool = False,
-    ):
+    ) -> None:
         super().__init__()
         if not isinstance(spec, NSASpec):
             raise ValueError(f"spec: expected an NSASpec (see nsa_dsl.load_spec), got {type(spec).__name__}")
@@ -169,6 +169,14 @@ class NSAttention(nn.Module):
 
     # ---- forward -------------------------------------------------------------------------------------
     def forward(self, x: Tensor, *, cu_seqlens: Tensor | None = None, cache: Any = None) -> Tensor:
+        """x [B, T, hidden_size] -> [B, T, hidden_size].
+
+        ``cu_seqlens``: int32 [N+1] offsets of packed sequences (B = 1; positions restart per sequence).
+        ``cache``: an ``nsa_dsl.NSACache`` built with ``NSACache.for_layer(self, B, capacity)``. On an empty
+        cache the call is the prefill (x [B, T, hidden], or a varlen pack with ``cu_seqlens``) and fills it;
+        afterwards x [B, S, hidden] holds the S next tokens of every sequence (one decode step; backend
+        "triton" runs ``ops.decode``). Outputs equal ``forward`` on the whole sequence at those positions.
+        """
         if cache is not None:
             return self._forward_with_cache(x, cache, cu_seqlens=cu_seqlens)
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.hidden_size:

@@ -152,3 +152,34 @@ def test_normal_install_imports_codegen_tuning_and_finds_specs(tmp_path):
     )
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.startswith("OK")
+
+
+def test_public_api_names_docs_and_hints():
+    """Every name of ``nsa_dsl.__all__`` resolves and is documented; ``import nsa_dsl`` stays light (no
+    torch); the public entry points carry docstrings and type hints on every parameter and the return."""
+    import inspect
+
+    import nsa_dsl
+
+    assert len(set(nsa_dsl.__all__)) == len(nsa_dsl.__all__)
+    for name in nsa_dsl.__all__:
+        obj = getattr(nsa_dsl, name)
+        assert name == "__version__" or inspect.getdoc(obj), name
+        assert name in dir(nsa_dsl), name
+    for lazy in ("compile", "NSAttention", "NSACache", "cost_model", "compress", "Compressor"):
+        assert lazy in nsa_dsl.__all__, lazy
+    code = "import sys, nsa_dsl; nsa_dsl.load_spec('tiny'); print('torch' in sys.modules)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "False", res.stderr
+
+    from nsa_dsl.codegen.ops import NSAOps
+
+    entry = [nsa_dsl.compile, nsa_dsl.load_spec, nsa_dsl.cost_model, nsa_dsl.NSAttention.__init__,
+             nsa_dsl.NSAttention.forward, nsa_dsl.NSACache.__init__]
+    entry += [f for n, f in vars(NSAOps).items() if inspect.isfunction(f) and not n.startswith("_")]
+    for f in entry:
+        assert f.__doc__ or f.__name__ == "__init__", f.__qualname__
+        sig = inspect.signature(f)
+        missing = [p.name for p in sig.parameters.values() if p.name != "self"
+                   and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.annotation is p.empty]
+        assert not missing and sig.return_annotation is not sig.empty, (f.__qualname__, missing)
