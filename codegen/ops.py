@@ -84,7 +84,9 @@ class NSAOps:
     """Generated NSA forward for one spec on one device. Build with ``nsa_dsl.compile(spec)``.
 
     ``config``: kernel name -> params that override the defaults/tuned records for that kernel.
-    ``schedule``: how stages are composed (see ``SCHEDULES``; missing keys take ``DEFAULT_SCHEDULE``):
+    ``use_tuned``: consult ``nsa_dsl.tuning.lookup`` (False: explicit config or the defaults only).
+    ``schedule``: how stages are composed (see ``SCHEDULES``; a missing key takes the tuned
+    ``"schedule.<name>"`` record for the call's shape, else ``DEFAULT_SCHEDULE``; see ``schedule_for``):
     ``cmp_select`` = "fused" (one kernel ``cmp_topk``: o_cmp, lse_cmp and indices) or "separate"
     (``cmp_fwd`` then ``slc_topk``); ``combine`` = "epilogue" (the gated sum written by the selection
     kernel's epilogue) or "kernel" (a separate ``combine_fwd`` pass).
