@@ -424,20 +424,23 @@ def _skv(bt, ks, w, s, chunk=1024):
     return {"BLOCK_T": bt, "KEY_SPLIT": ks, "num_warps": w, "num_stages": s, "CHUNK": chunk}
 
 
-#: Per kernel part, the variants tried (index 0 = the old default); candidate i takes variant i of every
-#: part that has one (parts are timed separately, so one sweep covers them all).
+#: Per kernel part, the variants tried (index 0 = the old default, 1 = the new default; the rest explore
+#: around the winners of the first sweep); candidate i takes variant i of every part that has one (parts
+#: are timed separately, so one sweep covers them all).
 VARIANTS = {
-    "bwd_slc.dq": [_sdq(4, 4, 1), _sdq(1, 2, 2), _sdq(1, 4, 2), _sdq(1, 4, 3), _sdq(1, 8, 2), _sdq(1, 2, 3),
-                   _sdq(1, 4, 1), _sdq(2, 4, 1)],
-    "bwd_slc.dkdv": [_skv(8, 2, 8, 1), _skv(8, 2, 8, 2), _skv(8, 1, 8, 1), _skv(8, 1, 8, 2), _skv(4, 1, 4, 2),
-                     _skv(4, 2, 4, 2), _skv(8, 2, 8, 1, 2048), _skv(4, 1, 8, 2)],
-    "bwd_cmp.dkdv": [_kv(64, 64, 8, 1, 1), _kv(64, 64, 8, 2, 1), _kv(64, 64, 8, 2, 2), _kv(128, 64, 8, 1, 1),
-                     _kv(64, 64, 4, 2, 1), _kv(32, 64, 4, 2, 2), _kv(64, 128, 8, 2, 2)],
-    "bwd_cmp.dq": [_dq(64, 64, 4, 2), _dq(128, 64, 8, 2), _dq(64, 64, 4, 3), _dq(64, 128, 8, 2)],
-    "bwd_win.dkdv": [_kv(32, 64, 4, 2, 2), _kv(64, 64, 8, 2, 1), _kv(64, 64, 8, 2, 2), _kv(32, 64, 4, 3, 2),
-                     _kv(64, 64, 4, 2, 1), _kv(64, 128, 8, 2, 2), _kv(128, 64, 8, 1, 1)],
-    "bwd_win.dq": [_dq(64, 64, 4, 2), _dq(128, 64, 8, 2), _dq(64, 64, 4, 3), _dq(64, 128, 8, 2)],
+    "bwd_slc.dq": [_sdq(4, 4, 1), _sdq(1, 2, 2), _sdq(1, 1, 2), _sdq(1, 2, 1), _sdq(1, 2, 3), _sdq(2, 2, 2)],
+    "bwd_slc.dkdv": [_skv(8, 2, 8, 1), _skv(4, 1, 8, 2), _skv(4, 1, 8, 3), _skv(2, 1, 4, 2),
+                     _skv(4, 1, 8, 2, 512), _skv(4, 1, 8, 2, 2048)],
+    "bwd_cmp.dkdv": [_kv(64, 64, 8, 1, 1), _kv(64, 128, 8, 2, 2), _kv(128, 64, 8, 1, 2),
+                     _kv(32, 128, 8, 2, 2), _kv(64, 128, 8, 1, 2), _kv(32, 64, 8, 2, 2)],
+    "bwd_cmp.dq": [_dq(64, 64, 4, 2), _dq(128, 64, 8, 2), _dq(128, 64, 8, 3), _dq(128, 32, 8, 2),
+                   _dq(128, 64, 8, 1)],
+    "bwd_win.dkdv": [_kv(32, 64, 4, 2, 2), _kv(32, 64, 4, 2, 2), _kv(32, 128, 8, 2, 2), _kv(32, 64, 8, 2, 2),
+                     _kv(16, 64, 4, 2, 2), _kv(32, 32, 4, 2, 1)],
+    "bwd_win.dq": [_dq(64, 64, 4, 2), _dq(128, 64, 8, 2), _dq(128, 64, 8, 3), _dq(128, 32, 8, 2),
+                   _dq(128, 64, 8, 1)],
 }
+OLD_COMPAT = {"bwd_slc": OLD_SLC, "bwd_cmp": {**OLD_CMP, **_kv(32, 32, 4, 2, 1)}}
 _OLD = {"bwd_slc": OLD_SLC, "bwd_cmp": OLD_CMP, "bwd_win": OLD_WIN}
 
 
@@ -456,7 +459,8 @@ def variant_candidates() -> list[dict[str, dict]]:
 def warm_variant(spec_name: str, idx: int, T: int = 2048) -> None:  # noqa: N803
     """Compile (Triton cache) the backward kernels of one variant candidate."""
     spec = load_spec(spec_name)
-    ops = with_candidate(nsa_dsl.compile(spec), variant_candidates()[idx])
+    cand = variant_candidates()[idx] if spec_name != "fla_compat" else (OLD_COMPAT, {})[idx]
+    ops = with_candidate(nsa_dsl.compile(spec), cand)
     xs, do = nsa_inputs(spec, T, grad=False)
     with torch.no_grad():
         _, saved = ops.forward_train(*xs)
@@ -464,8 +468,10 @@ def warm_variant(spec_name: str, idx: int, T: int = 2048) -> None:  # noqa: N803
     torch.cuda.synchronize()
 
 
-def _event_ms(fn, reps: int = 10) -> tuple[float, float]:
-    """(median CUDA-event ms, median host wall ms) of fn() after one warm-up."""
+def _event_ms(fn, reps: int = 10, busy: bool = False) -> tuple[float, float]:
+    """(median CUDA-event ms, median host wall ms) of fn() after one warm-up. ``busy``: a 20 ms GPU sleep is
+    queued first, so the host enqueues fn's launches while the GPU is busy and the events see GPU time only
+    (as inside the backward, where the reverse index is launched behind the compressed-branch kernels)."""
     import time
 
     fn()
@@ -473,6 +479,8 @@ def _event_ms(fn, reps: int = 10) -> tuple[float, float]:
     ev, wall = [], []
     for _ in range(reps):
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if busy:
+            torch.cuda._sleep(40_000_000)
         t0 = time.perf_counter()
         s.record()
         fn()
@@ -502,8 +510,9 @@ def run_variants(spec_name: str, Ts: list[int], out: Path, only: list[int] | Non
         for name, builder in builders:
             fn = functools.partial(builder, idx, cu, spec.selection.block, 1024)
             ev, wall = _event_ms(fn)
+            busy = _event_ms(fn, busy=True)[0] if name == "sync-free" else ev
             rows.append({"spec": spec_name, "T": T, "part": "reverse_index", "variant": name, "ms": ev,
-                         "host_ms": wall})
+                         "host_ms": wall, "gpu_ms_busy_queue": busy})
             print(json.dumps(rows[-1]), flush=True)
         for i, cand in enumerate(cands):
             if only is not None and i not in only:
@@ -530,6 +539,43 @@ def run_variants(spec_name: str, Ts: list[int], out: Path, only: list[int] | Non
         del xs, do, saved
         torch.cuda.empty_cache()
     (out / f"bwd_variants_{spec_name}.json").write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+def pick_best(rows: list[dict], T: int) -> dict[str, dict]:  # noqa: N803
+    """Kernel -> params: the fastest variant of every part at T (old defaults where nothing ran)."""
+    best = {k: dict(v) for k, v in _OLD.items()}
+    for part in VARIANTS:
+        rs = [r for r in rows if r.get("part") == part and r["T"] == T and isinstance(r.get("variant"), int)]
+        if rs:
+            best[part.split(".")[0]].update(min(rs, key=lambda r: r["ms"])["config"])
+    return best
+
+
+def run_e2e(spec_name: str, Ts: list[int], configs: dict[str, dict[str, dict]]) -> list[dict]:  # noqa: N803
+    """Forward+backward (the custom op, then .backward) and backward-only stage sums per named config."""
+    spec = load_spec(spec_name)
+    base = nsa_dsl.compile(spec)
+    rows = []
+    for T in Ts:  # noqa: N806
+        for name, cand in configs.items():
+            ops = with_candidate(base, cand)
+            xs, do = nsa_inputs(spec, T, grad=True)
+
+            def fwdbwd(ops=ops, xs=xs, do=do):
+                nsa_attention(*xs, ops).backward(do)
+                for x in xs:
+                    x.grad = None
+
+            try:
+                ms = timeit(fwdbwd, budget_ms=1200)
+            except Exception as e:  # noqa: BLE001
+                rows.append({"spec": spec_name, "T": T, "config": name, "error": str(e)[:300]})
+                continue
+            rows.append({"spec": spec_name, "T": T, "config": name, "fwdbwd_ms": ms})
+            print(json.dumps(rows[-1]), flush=True)
+            del xs, do
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -560,6 +606,9 @@ def main() -> int:
     ap.add_argument("--variants", nargs="*", metavar="SPEC",
                     help="time the variant candidates per backward kernel (old = candidate 0) and exit")
     ap.add_argument("--only", type=int, nargs="*", help="with --variants: these candidates only")
+    ap.add_argument("--e2e", action="store_true",
+                    help="with --variants: then time fwd+bwd (old, best per part, default configs)")
+    ap.add_argument("--e2e-compat", action="store_true", help="with --e2e: fla_compat old vs default too")
     args = ap.parse_args()
     if args.warm:
         warm(args.warm[0], int(args.warm[1]))
@@ -572,11 +621,22 @@ def main() -> int:
         out.mkdir(parents=True, exist_ok=True)
         meta = common.env_info()
         rows = []
+        e2e = []
         for sp in args.variants or ["nsa_paper"]:
             rows += run_variants(sp, args.T, out, args.only)
+            best = pick_best([r for r in rows if r["spec"] == sp], max(args.T))
+            meta.setdefault("best", {})[sp] = best
+            print("best", sp, json.dumps(best), flush=True)
+            if args.e2e:
+                e2e += run_e2e(sp, args.T, {"old": variant_candidates()[0], "best": best, "default": {}})
+        if args.e2e and args.e2e_compat:
+            e2e += run_e2e("fla_compat", args.T, {"old": OLD_COMPAT, "default": {}})
+        meta["e2e"] = e2e
         (out / "bwd_variants_meta.json").write_text(json.dumps(meta, indent=1))
-        print(json.dumps(meta))
+        print(json.dumps({k: v for k, v in meta.items() if k not in ("best", "e2e")}))
         print(variants_table(rows))
+        for r in e2e:
+            print(f"e2e {r['spec']} T={r['T']} {r['config']}: {r.get('fwdbwd_ms', r.get('error'))}")
         return 0
     if not torch.cuda.is_available():
         print("bench_backward: needs a CUDA device", file=sys.stderr)

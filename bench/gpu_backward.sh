@@ -3,6 +3,8 @@
 # then the benchmark alone on the card (so the tests' load never overlaps a timing).
 # Usage on the device: OUT=/some/dir [BENCH_LIMIT=140] [SWEEP=1] [BENCH_T="8192 16384 32768 65536"] \
 #   bash bench/gpu_backward.sh
+# Second pass (per-kernel variants, old = candidate 0): OUT=... MODE=variants [E2E=1] [E2E_COMPAT=0] [BENCH_T="8192 32768"] \
+#   [WARM_LIMIT=130] [TEST_LIMIT=150] [BENCH_LIMIT=110] bash bench/gpu_backward.sh
 # (run 1 needed more than 140 s for the whole matrix: use BENCH_LIMIT=300 SWEEP=0, or split BENCH_T)
 set -u
 OUT=${OUT:-/tmp/nsa_bwd_out}
@@ -25,6 +27,34 @@ for name in ('test_gpu_bf16_paper_vs_fp32_reference', 'test_gpu_deterministic_bi
 "
   fi
 }
+if [ "${MODE:-bench}" = "variants" ]; then
+  # second pass: GPU tests and one compile process per variant candidate in parallel, then the per-kernel
+  # old-vs-new timings (and, with E2E=1, fwd+bwd with the old, best-per-part and default configs)
+  ( timeout "${TEST_LIMIT:-150}" bash -c "$(declare -f gpu_tests); PY=$PY gpu_tests" > "$OUT/pytest_gpu.txt" 2>&1;
+    echo "gpu tests rc=$?" >> "$OUT/pytest_gpu.txt" ) &
+  NV=$($PY -c "import sys; sys.path.insert(0, 'bench'); import bench_backward as b; print(len(b.variant_candidates()))")
+  for i in $(seq 0 $((NV - 1))); do
+    ( timeout "${WARM_LIMIT:-130}" $PY bench/bench_backward.py --warm-variant nsa_paper "$i" > "/tmp/warmv_$i.txt" 2>&1;
+      echo "warm variant $i rc=$?" >> "/tmp/warmv_$i.txt" ) &
+  done
+  if [ "${E2E_COMPAT:-0}" = "1" ]; then
+    for i in 0 1; do
+      ( timeout "${WARM_LIMIT:-130}" $PY bench/bench_backward.py --warm-variant fla_compat "$i" > "/tmp/warmv_c$i.txt" 2>&1;
+        echo "warm fla_compat $i rc=$?" >> "/tmp/warmv_c$i.txt" ) &
+    done
+  fi
+  wait
+  for f in /tmp/warmv_*.txt; do tail -2 "$f" >> "$OUT/warm.txt"; done
+  E2E_ARG=$([ "${E2E:-1}" = "1" ] && echo --e2e)
+  [ "${E2E_COMPAT:-0}" = "1" ] && E2E_ARG="$E2E_ARG --e2e-compat"
+  timeout "${BENCH_LIMIT:-110}" $PY bench/bench_backward.py --variants nsa_paper $E2E_ARG \
+    --T ${BENCH_T:-8192 32768} --out "$OUT" > "$OUT/variants_log.txt" 2>&1
+  echo "variants rc=$?" >> "$OUT/variants_log.txt"
+  echo "=== tests"; tail -8 "$OUT/pytest_gpu.txt"
+  echo "=== warm"; grep -v "^$" "$OUT/warm.txt" | tail -12
+  echo "=== variants"; grep -v '^{"T"' "$OUT/variants_log.txt" | tail -40
+  exit 0
+fi
 ( timeout 110 bash -c "$(declare -f gpu_tests); PY=$PY gpu_tests" > "$OUT/pytest_gpu.txt" 2>&1;
   echo "gpu tests rc=$?" >> "$OUT/pytest_gpu.txt" ) &
 for s in nsa_paper fla_compat; do

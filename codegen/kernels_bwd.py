@@ -115,12 +115,15 @@ def _dense_default(branch: str):
         # the compressed branch's key tiles see (almost) every query: split long query ranges
         q_chunk = 4096 if branch == "cmp" else 0
         wide = _padded(spec.attention.head_dim_qk) + _padded(spec.attention.head_dim_v) > 256
-        # measured on an H200 (bench_backward sweep, T = 32k, 2026-11-28): wgmma tiles (64 rows) beat the
-        # spill-free 32-row mma.sync tiles despite ptxas spills (dQ 6.6 vs 21 ms); dk = 192: dK/dV 64x64 w8
-        # (cmp) and 32x64 two-pass (window); dk = dv = 128: 32x32 dK/dV was best for the compressed branch
+        # measured on an H200 (bench_backward sweeps, T = 8k / 32k, 2026-11-28): wgmma tiles (64+ rows) beat
+        # spill-free 32-row mma.sync tiles despite ptxas spills. dk = 192: dQ 128x64 w8 (cmp 6.5 -> 5.5 ms,
+        # window 5.9 -> 5.2 at 32k); compressed dK/dV 128 keys x 64 queries in two passes (19.2 -> 18.3),
+        # window dK/dV 32x64 two-pass; dk = dv = 128: 32x32 dK/dV was best for the compressed branch
         dq = {"DQ_BLOCK_M": 64, "DQ_BLOCK_N": 64, "dq_warps": 4, "dq_stages": 2}
+        if wide:
+            dq = {"DQ_BLOCK_M": 128, "DQ_BLOCK_N": 64, "dq_warps": 8, "dq_stages": 2}
         if wide and branch == "cmp":
-            kv = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 1, "KV_PASSES": 1}
+            kv = {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2, "KV_PASSES": 2}
         elif wide:
             kv = {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "KV_PASSES": 2}
         else:
@@ -211,13 +214,14 @@ def _slc_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
     if limits.interpreter:
         return {"BLOCK_T": max(1, 16 // G), "CHUNK": 8, "KEY_SPLIT": 1, "num_warps": 4, "dq_warps": 4,
                 "num_stages": 1, "DQ_TOKENS": 1, "dq_stages": 1}
-    # measured on an H200 (bench_backward sweep, T = 32k, both specs): 128 rows x 32 keys (two programs per
-    # block), 8 warps for dK/dV. dQ: one token per program (its G heads as rows, the slot loop pipelined like
-    # the forward's group-centric kernel) when G >= 8; below, several tokens fill the 16-row MMA tile
-    dq = ({"DQ_TOKENS": 1, "dq_warps": 4, "dq_stages": 2} if G >= 8
+    # measured on an H200 (bench_backward sweeps, paper spec, T = 8k / 32k, 2026-11-28): dK/dV 64 rows x 64
+    # keys (KEY_SPLIT 1: wgmma on the key tile), 8 warps, 2 stages: 24.4 -> 15.4 ms at 32k (128 rows x 32 keys
+    # before). dQ: one token per program (its G heads as rows, the slot loop pipelined like the forward's
+    # group-centric kernel), 2 warps, 2 stages when G >= 8: 20.5 -> 17.2 ms at 32k (4 tokens: 4.2 vs 4.5 ms at
+    # 8k); below, several tokens fill the 16-row MMA tile
+    dq = ({"DQ_TOKENS": 1, "dq_warps": 2, "dq_stages": 2} if G >= 8
           else {"DQ_TOKENS": max(1, min(4, 64 // G)), "dq_warps": 4, "dq_stages": 1})
-    return {"BLOCK_T": max(1, 128 // G), "CHUNK": 1024, "KEY_SPLIT": 2 if spec.selection.block >= 32 else 1,
-            "num_warps": 8, "num_stages": 1, **dq}
+    return {"BLOCK_T": max(1, 64 // G), "CHUNK": 1024, "KEY_SPLIT": 1, "num_warps": 8, "num_stages": 2, **dq}
 
 
 def _slc_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
