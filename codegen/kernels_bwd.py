@@ -116,12 +116,12 @@ def _dense_default(branch: str):
         q_chunk = 4096 if branch == "cmp" else 0
         wide = _padded(spec.attention.head_dim_qk) + _padded(spec.attention.head_dim_v) > 256
         # measured on an H200 (bench_backward sweeps, T = 8k / 32k, 2026-11-28): wgmma tiles (64+ rows) beat
-        # spill-free 32-row mma.sync tiles despite ptxas spills. dk = 192: dQ 128x64 w8 (cmp 6.5 -> 5.5 ms,
-        # window 5.9 -> 5.2 at 32k); compressed dK/dV 128 keys x 64 queries in two passes (19.2 -> 18.3),
-        # window dK/dV 32x64 two-pass; dk = dv = 128: 32x32 dK/dV was best for the compressed branch
+        # the spill-free 32-row mma.sync tiles despite ptxas spills. dk = 192: dQ 128x64 w8, 3 stages (cmp
+        # 6.6 -> 5.2 ms, window 5.9 -> 4.8 at 32k); compressed dK/dV 128 keys x 64 queries in two passes
+        # (19.4 -> 18.3), window dK/dV 32x64 two-pass; dk = dv = 128: 32x32 dK/dV was best for the compressed branch
         dq = {"DQ_BLOCK_M": 64, "DQ_BLOCK_N": 64, "dq_warps": 4, "dq_stages": 2}
         if wide:
-            dq = {"DQ_BLOCK_M": 128, "DQ_BLOCK_N": 64, "dq_warps": 8, "dq_stages": 2}
+            dq = {"DQ_BLOCK_M": 128, "DQ_BLOCK_N": 64, "dq_warps": 8, "dq_stages": 3}
         if wide and branch == "cmp":
             kv = {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2, "KV_PASSES": 2}
         elif wide:
@@ -214,14 +214,14 @@ def _slc_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
     if limits.interpreter:
         return {"BLOCK_T": max(1, 16 // G), "CHUNK": 8, "KEY_SPLIT": 1, "num_warps": 4, "dq_warps": 4,
                 "num_stages": 1, "DQ_TOKENS": 1, "dq_stages": 1}
-    # measured on an H200 (bench_backward sweeps, paper spec, T = 8k / 32k, 2026-11-28): dK/dV 64 rows x 64
-    # keys (KEY_SPLIT 1: wgmma on the key tile), 8 warps, 2 stages: 24.4 -> 15.4 ms at 32k (128 rows x 32 keys
-    # before). dQ: one token per program (its G heads as rows, the slot loop pipelined like the forward's
-    # group-centric kernel), 2 warps, 2 stages when G >= 8: 20.5 -> 17.2 ms at 32k (4 tokens: 4.2 vs 4.5 ms at
-    # 8k); below, several tokens fill the 16-row MMA tile
+    # measured on an H200 (bench_backward sweeps, paper spec, T = 8k / 32k, 2026-11-28): dK/dV 32 rows x 64
+    # keys (KEY_SPLIT 1: the 64-key tile is the wgmma M side), 4 warps, 2 stages: 24.3 -> 10.7 ms at 32k,
+    # 5.8 -> 2.9 at 8k (128 rows x 32 keys, 8 warps, 1 stage before). dQ: one token per program (its G heads
+    # as rows, the slot loop pipelined like the forward's group-centric kernel), 2 warps, 2 stages when
+    # G >= 8: 20.5 -> 17.2 ms at 32k (4.2 vs 4.4 ms at 8k); below, several tokens fill the 16-row MMA tile
     dq = ({"DQ_TOKENS": 1, "dq_warps": 2, "dq_stages": 2} if G >= 8
           else {"DQ_TOKENS": max(1, min(4, 64 // G)), "dq_warps": 4, "dq_stages": 1})
-    return {"BLOCK_T": max(1, 64 // G), "CHUNK": 1024, "KEY_SPLIT": 1, "num_warps": 8, "num_stages": 2, **dq}
+    return {"BLOCK_T": max(1, 32 // G), "CHUNK": 1024, "KEY_SPLIT": 1, "num_warps": 4, "num_stages": 2, **dq}
 
 
 def _slc_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
