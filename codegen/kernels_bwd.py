@@ -118,7 +118,8 @@ def _dense_default(branch: str):
         # measured on an H200 (bench_backward sweeps, T = 8k / 32k, 2026-11-28): wgmma tiles (64+ rows) beat
         # the spill-free 32-row mma.sync tiles despite ptxas spills. dk = 192: dQ 128x64 w8, 3 stages (cmp
         # 6.6 -> 5.2 ms, window 5.9 -> 4.8 at 32k); compressed dK/dV 128 keys x 64 queries in two passes
-        # (19.4 -> 18.3), window dK/dV 32x64 two-pass; dk = dv = 128: 32x32 dK/dV was best for the compressed branch
+        # (19.4 -> 18.3), window dK/dV 32x64 two-pass; dk = dv = 128: 32x32 dK/dV was best for the compressed
+        # branch
         dq = {"DQ_BLOCK_M": 64, "DQ_BLOCK_N": 64, "dq_warps": 4, "dq_stages": 2}
         if wide:
             dq = {"DQ_BLOCK_M": 128, "DQ_BLOCK_N": 64, "dq_warps": 8, "dq_stages": 3}
