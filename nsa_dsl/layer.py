@@ -43,7 +43,9 @@ class NSAttention(nn.Module):
         hidden_size: model width (input and output features).
         spec: the NSASpec (heads, head dims, block sizes, top-n, window, gate MLP width).
         separate_kv: independent K/V projections for the compressed, selection and window branches (the
-            paper); default one shared K/V projection (the compressor still has its own phi).
+            paper); default one shared K/V projection (the compressor still has its own phi). With the
+            triton backend the window's K/V go to the same op call (``NSAOps.forward(..., k_win, v_win)``);
+            under autograd that op runs its differentiable custom op twice (see ``NSAOps.forward``).
         rope_theta: RoPE base; None switches RoPE off.
         backend: ``"reference"`` or ``"triton"``.
         bias: biases in the q/k/v/o projections (the gate MLP always has biases).
