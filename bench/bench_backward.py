@@ -232,21 +232,21 @@ def bench_fla(T) -> dict | None:  # noqa: N803
 
 
 def candidates(spec) -> list[dict[str, dict]]:
-    """A few whole-backward configs (kernel -> params) to time; index 0 = the defaults."""
+    """A few whole-backward configs (kernel -> params) to time; index 0 = the defaults, 1 = the sm90 defaults
+    before the second pass (12:09 run), 2 = spill-free 32-row tiles with the multi-token selection dQ."""
     G = spec.G  # noqa: N806
+    wide = spec.attention.head_dim_qk + spec.attention.head_dim_v > 256
+    old = {"bwd_slc": {**OLD_SLC, "BLOCK_T": max(1, 128 // G)}, "bwd_cmp": OLD_CMP, "bwd_win": OLD_WIN}
+    if not wide:
+        old = {**old, "bwd_cmp": OLD_COMPAT["bwd_cmp"]}
     return [
         {},
-        {
-            "bwd_cmp": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 1,
-                        "DQ_BLOCK_M": 64, "DQ_BLOCK_N": 64, "dq_warps": 4, "dq_stages": 2},
-            "bwd_win": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 1,
-                        "DQ_BLOCK_M": 64, "DQ_BLOCK_N": 64, "dq_warps": 4, "dq_stages": 2},
-            "bwd_slc": {"BLOCK_T": max(1, 128 // G), "KEY_SPLIT": 2, "num_warps": 8, "DQ_TOKENS": 4},
-        },
+        old,
         {
             "bwd_cmp": {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "KV_PASSES": 2},
             "bwd_win": {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "KV_PASSES": 2},
-            "bwd_slc": {"BLOCK_T": max(1, 32 // G), "KEY_SPLIT": 2, "num_warps": 4, "DQ_TOKENS": 4},
+            "bwd_slc": {"BLOCK_T": max(1, 32 // G), "KEY_SPLIT": 2, "num_warps": 4, "num_stages": 1,
+                        "DQ_TOKENS": 4, "dq_warps": 4, "dq_stages": 1},
         },
     ]
 
@@ -319,7 +319,7 @@ PARAM_GROUPS = {
     "bwd_win": _DENSE_GROUPS,
     "bwd_slc": {
         "dkdv": {"BLOCK_T", "KEY_SPLIT", "num_warps", "num_stages", "CHUNK"},
-        "dq": {"DQ_TOKENS", "dq_warps"},
+        "dq": {"DQ_TOKENS", "dq_warps", "dq_stages"},
     },
 }
 

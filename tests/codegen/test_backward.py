@@ -183,7 +183,8 @@ def test_schedule_variants_agree():
     variants = [
         {"bwd_slc": {"CHUNK": 4096, "BLOCK_T": 16, "KEY_SPLIT": 1, "DQ_TOKENS": 4},
          "bwd_cmp": {"Q_CHUNK": 16, "KV_PASSES": 2}},
-        {"bwd_slc": {"CHUNK": 5, "BLOCK_T": 8, "KEY_SPLIT": 2, "DQ_TOKENS": 1},
+        {"bwd_slc": {"CHUNK": 5, "BLOCK_T": 8, "KEY_SPLIT": 2, "DQ_TOKENS": 1, "dq_stages": 2,
+                     "num_stages": 2},
          "bwd_win": {"DQ_BLOCK_N": 32, "BLOCK_N": 32, "KV_PASSES": 2}},
     ]
     for cfg in variants:
