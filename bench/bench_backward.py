@@ -319,7 +319,7 @@ PARAM_GROUPS = {
     "bwd_win": _DENSE_GROUPS,
     "bwd_slc": {
         "dkdv": {"BLOCK_T", "KEY_SPLIT", "num_warps", "num_stages", "CHUNK"},
-        "dq": {"DQ_TOKENS", "dq_warps", "dq_stages"},
+        "dq": {"DQ_TOKENS", "dq_warps", "dq_stages", "DQ_LAYOUT"},
     },
 }
 
@@ -400,8 +400,8 @@ def legacy_reverse_index(indices, cu_seqlens, block, chunk):
 # ------------------------------------------------------------------------------------------------
 
 #: The sm90 defaults before the second pass (2026-11-28 12:09 run), paper spec G = 16.
-OLD_SLC = {"DQ_TOKENS": 4, "dq_warps": 4, "dq_stages": 1, "BLOCK_T": 8, "KEY_SPLIT": 2, "num_warps": 8,
-           "num_stages": 1, "CHUNK": 1024}
+OLD_SLC = {"DQ_TOKENS": 4, "dq_warps": 4, "dq_stages": 1, "DQ_LAYOUT": "rows", "BLOCK_T": 8, "KEY_SPLIT": 2,
+           "num_warps": 8, "num_stages": 1, "CHUNK": 1024}
 OLD_CMP = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 1, "KV_PASSES": 1,
            "DQ_BLOCK_M": 64, "DQ_BLOCK_N": 64, "dq_warps": 4, "dq_stages": 2}
 OLD_WIN = {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "KV_PASSES": 2,
@@ -416,8 +416,8 @@ def _dq(bm, bn, w, s):
     return {"DQ_BLOCK_M": bm, "DQ_BLOCK_N": bn, "dq_warps": w, "dq_stages": s}
 
 
-def _sdq(t, w, s):
-    return {"DQ_TOKENS": t, "dq_warps": w, "dq_stages": s}
+def _sdq(t, w, s, layout="rows"):
+    return {"DQ_TOKENS": t, "dq_warps": w, "dq_stages": s, "DQ_LAYOUT": layout}
 
 
 def _skv(bt, ks, w, s, chunk=1024):
@@ -428,7 +428,8 @@ def _skv(bt, ks, w, s, chunk=1024):
 #: around the winners of the first sweep); candidate i takes variant i of every part that has one (parts
 #: are timed separately, so one sweep covers them all).
 VARIANTS = {
-    "bwd_slc.dq": [_sdq(4, 4, 1), _sdq(1, 2, 2), _sdq(1, 1, 2), _sdq(1, 2, 1), _sdq(1, 2, 3), _sdq(2, 2, 2)],
+    "bwd_slc.dq": [_sdq(4, 4, 1), _sdq(1, 2, 2), _sdq(1, 1, 2), _sdq(1, 2, 1), _sdq(1, 2, 3), _sdq(2, 2, 2),
+                   _sdq(1, 4, 2, "keys"), _sdq(1, 8, 2, "keys"), _sdq(1, 4, 3, "keys")],
     "bwd_slc.dkdv": [_skv(8, 2, 8, 1), _skv(4, 1, 8, 2), _skv(4, 1, 8, 3), _skv(2, 1, 4, 2),
                      _skv(4, 1, 8, 2, 512), _skv(4, 1, 8, 2, 2048)],
     "bwd_cmp.dkdv": [_kv(64, 64, 8, 1, 1), _kv(64, 128, 8, 2, 2), _kv(128, 64, 8, 1, 2),

@@ -18,6 +18,8 @@ Config parameters (constexprs baked into the emitted source):
   KEY_SPLIT         programs sharing one bwd_slc work item, each with l'/KEY_SPLIT keys (fewer registers);
   DQ_TOKENS         consecutive tokens per bwd_slc dQ program (distinct selected blocks loaded once; 1: the
                     token's G heads alone, slot loop pipelined over dq_stages stages, no union masking);
+  DQ_LAYOUT         bwd_slc one-token dQ: "rows" (heads are the MMA rows) or "keys" (transposed: the block's
+                    keys are the M side, dQ^T += K^T dS^T; not yet measured on a GPU);
   BLOCK_R           rows per program of bwd_pre;
   num_warps, num_stages (and dq_warps for the bwd_slc dQ kernel).
 No kernel uses atomics, so every config is bitwise reproducible run to run.
@@ -214,7 +216,7 @@ def _slc_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
     G = spec.G  # noqa: N806
     if limits.interpreter:
         return {"BLOCK_T": max(1, 16 // G), "CHUNK": 8, "KEY_SPLIT": 1, "num_warps": 4, "dq_warps": 4,
-                "num_stages": 1, "DQ_TOKENS": 1, "dq_stages": 1}
+                "num_stages": 1, "DQ_TOKENS": 1, "dq_stages": 1, "DQ_LAYOUT": "rows"}
     # measured on an H200 (bench_backward sweeps, paper spec, T = 8k / 32k, 2026-11-28): dK/dV 32 rows x 64
     # keys (KEY_SPLIT 1: the 64-key tile is the wgmma M side), 4 warps, 2 stages: 24.3 -> 10.7 ms at 32k,
     # 5.8 -> 2.9 at 8k (128 rows x 32 keys, 8 warps, 1 stage before). dQ: one token per program (its G heads
@@ -222,7 +224,8 @@ def _slc_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
     # G >= 8: 20.5 -> 17.2 ms at 32k (4.2 vs 4.4 ms at 8k); below, several tokens fill the 16-row MMA tile
     dq = ({"DQ_TOKENS": 1, "dq_warps": 2, "dq_stages": 2} if G >= 8
           else {"DQ_TOKENS": max(1, min(4, 64 // G)), "dq_warps": 4, "dq_stages": 1})
-    return {"BLOCK_T": max(1, 32 // G), "CHUNK": 1024, "KEY_SPLIT": 1, "num_warps": 4, "num_stages": 2, **dq}
+    return {"BLOCK_T": max(1, 32 // G), "CHUNK": 1024, "KEY_SPLIT": 1, "num_warps": 4, "num_stages": 2,
+            "DQ_LAYOUT": "rows", **dq}
 
 
 def _slc_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
@@ -232,6 +235,7 @@ def _slc_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
         "CHUNK": [256, 512, 1024, 2048, 4096],
         "KEY_SPLIT": [k for k in (1, 2, 4) if max(16, next_pow2(spec.selection.block)) // k >= 16],
         "DQ_TOKENS": [1, 2, 4],
+        "DQ_LAYOUT": ["rows", "keys"],
         "num_warps": [4, 8],
         "dq_warps": [2, 4, 8],
         "dq_stages": [1, 2, 3],
@@ -254,6 +258,10 @@ def _slc_check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) -> s
         return f"DQ_TOKENS: must be 1, 2 or 4, got {cfg.get('DQ_TOKENS')}"
     if cfg.get("dq_warps") not in (1, 2, 4, 8, 16):
         return f"dq_warps: must be one of 1, 2, 4, 8, 16, got {cfg.get('dq_warps')}"
+    if cfg.get("DQ_LAYOUT", "rows") not in ("rows", "keys"):
+        return f"DQ_LAYOUT: must be 'rows' or 'keys', got {cfg.get('DQ_LAYOUT')!r}"
+    if cfg.get("DQ_LAYOUT", "rows") == "keys" and cfg["DQ_TOKENS"] != 1:
+        return f"DQ_LAYOUT: 'keys' needs DQ_TOKENS = 1, got {cfg['DQ_TOKENS']}"
     if cfg.get("dq_stages") not in (1, 2, 3, 4):
         return f"dq_stages: must be one of 1, 2, 3, 4, got {cfg.get('dq_stages')}"
     return _common_check(cfg)

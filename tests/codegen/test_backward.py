@@ -203,6 +203,30 @@ def test_slc_dq_multi_token(G, tokens):  # noqa: N803
     assert_close(kernel_grads(spec, xs, do, config=cfg), ref_grads(spec, xs, do))
 
 
+@pytest.mark.parametrize("case", ["G1", "G2-B2", "G4-l=d", "G16-dk48"])
+def test_slc_dq_keys_layout(case):
+    """The transposed one-token selection dQ (DQ_LAYOUT = "keys": dQ^T += K^T dS^T) on the case matrix."""
+    kw, B, T = CASES[case]
+    spec = make_spec(**kw)
+    gen = torch.Generator().manual_seed(hash(case) % 2**31 + 1)
+    xs = make_inputs(spec, B, T, gen)
+    do = torch.randn(B, T, spec.attention.heads, spec.attention.head_dim_v, generator=gen)
+    cfg = {"bwd_slc": {"DQ_LAYOUT": "keys", "dq_stages": 2}}
+    assert_close(kernel_grads(spec, xs, do, config=cfg), ref_grads(spec, xs, do))
+
+
+def test_slc_dq_keys_layout_varlen():
+    spec = make_spec(G=4, hkv=1, n=2)
+    cu = torch.tensor([0, 13, 13, 44], dtype=torch.int32)
+    gen = torch.Generator().manual_seed(29)
+    tc = int(R.compressed_cu_seqlens(cu, spec)[-1])
+    xs = make_inputs(spec, 1, 44, gen, tc=tc)
+    do = torch.randn(1, 44, spec.attention.heads, spec.attention.head_dim_v, generator=gen)
+    cfg = {"bwd_slc": {"DQ_LAYOUT": "keys"}}
+    want = ref_grads(spec, xs, do, cu_seqlens=cu)
+    assert_close(kernel_grads(spec, xs, do, cu_seqlens=cu, config=cfg), want)
+
+
 def test_deterministic_interpreter():
     spec = make_spec(G=2, hkv=2)
     gen = torch.Generator().manual_seed(3)
