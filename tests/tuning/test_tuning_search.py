@@ -284,7 +284,10 @@ def test_workers_with_compile_pools_exit(tmp_path):
     script = tmp_path / "w.py"
     script.write_text(_WORKERS_WITH_POOLS)
     p = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "w.journal")], capture_output=True, text=True, timeout=240
+        [sys.executable, str(script), str(tmp_path / "w.journal")],
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert p.returncode == 0, p.stderr[-2000:]
     assert "TRIALS" in p.stdout and int(p.stdout.split("TRIALS")[1].split()[0]) >= 8
