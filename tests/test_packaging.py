@@ -216,7 +216,7 @@ def test_normal_install_imports_codegen_tuning_and_finds_specs(tmp_path):
     assert run.stdout.startswith("OK")
 
 
-def test_public_api_names_docs_and_hints():
+def test_public_api_names_docs_and_hints(tmp_path):
     """Every name of ``nsa_dsl.__all__`` resolves and is documented; ``import nsa_dsl`` stays light (no
     torch); the public entry points carry docstrings and type hints on every parameter and the return."""
     import inspect
@@ -231,7 +231,11 @@ def test_public_api_names_docs_and_hints():
     for lazy in ("compile", "NSAttention", "NSACache", "cost_model", "compress", "Compressor"):
         assert lazy in nsa_dsl.__all__, lazy
     code = "import sys, nsa_dsl; nsa_dsl.load_spec('tiny'); print('torch' in sys.modules)"
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    # from a neutral directory: `python -c` puts the cwd first on sys.path, and the source tree's
+    # nsa_dsl/ lacks the nsa_dsl.specs package that only the install maps in
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
     assert res.returncode == 0 and res.stdout.strip() == "False", res.stderr
 
     from nsa_dsl.codegen.ops import NSAOps
