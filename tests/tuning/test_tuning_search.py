@@ -382,3 +382,13 @@ def test_default_outside_the_space_is_still_a_candidate():
     )
     assert res.config == NoStages().default(SPEC, LIM) and res.time_ms == pytest.approx(1.0)
     assert res.default_ms == pytest.approx(1.0) and res.speedup == pytest.approx(1.0)
+
+
+def test_sampler_names():
+    """Each name of ``SAMPLERS`` builds the matching Optuna sampler; an unknown name lists the choices."""
+    assert isinstance(search._sampler("tpe", 0, 4), optuna.samplers.TPESampler)
+    assert isinstance(search._sampler("random", 0, 4), optuna.samplers.RandomSampler)
+    with pytest.raises(ValueError, match="tpe, gp, random"):
+        search._sampler("grid", 0, 4)
+    pytest.importorskip("scipy")  # Optuna's GP sampler needs it; not a dependency of ours
+    assert isinstance(search._sampler("gp", 0, 4), optuna.samplers.GPSampler)
