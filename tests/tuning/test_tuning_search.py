@@ -390,5 +390,8 @@ def test_sampler_names():
     assert isinstance(search._sampler("random", 0, 4), optuna.samplers.RandomSampler)
     with pytest.raises(ValueError, match="tpe, gp, random"):
         search._sampler("grid", 0, 4)
+
+
+def test_gp_sampler_name():
     pytest.importorskip("scipy")  # Optuna's GP sampler needs it; not a dependency of ours
     assert isinstance(search._sampler("gp", 0, 4), optuna.samplers.GPSampler)
