@@ -1,7 +1,7 @@
 #!/bin/bash
 # One batched device call for the backward (issue 4): GPU-marked tests and parallel warm-up compiles first,
 # then the benchmark alone on the card (so the tests' load never overlaps a timing).
-# Usage on the device: OUT=/some/dir [BENCH_LIMIT=140] [SWEEP=1] [BENCH_T="8192 16384 32768 65536"] \
+# Usage on the device: OUT=/some/dir [GPU_TESTS="tests/codegen"] [BENCH_LIMIT=140] [SWEEP=1] [BENCH_T="8192 16384 32768 65536"] \
 #   bash bench/gpu_backward.sh
 # Second pass (per-kernel variants, old = candidate 0): OUT=... MODE=variants [E2E=1] [E2E_COMPAT=0] [BENCH_T="8192 32768"] \
 #   [WARM_LIMIT=130] [TEST_LIMIT=150] [BENCH_LIMIT=110] bash bench/gpu_backward.sh
@@ -14,7 +14,7 @@ PY=python3
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader > "$OUT/warm.txt" 2>&1
 gpu_tests() {
   if $PY -c "import pytest" 2>/dev/null; then
-    $PY -m pytest -q -m gpu tests/codegen/test_backward.py
+    $PY -m pytest -q -m gpu ${GPU_TESTS:-tests/codegen/test_backward.py}
   else  # no pytest on the image: call the GPU tests directly
     $PY -c "
 import sys; sys.path.insert(0, 'tests/codegen')
