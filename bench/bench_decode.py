@@ -12,11 +12,15 @@ Timing: each call is preceded by a 256 MiB L2 flush inside the graph; the flush 
 and subtracted (cold-L2 numbers, the honest ones for a serving step).
 
 Usage: ``python bench/bench_decode.py [--quick] [--out DIR]``; writes ``decode.json`` and ``decode.md``.
+``--compare``: the decode plan's old (``kernels_decode.LEGACY``) and new schedule options, a few variants and
+splits, timed in one process against dense SDPA (``decode_compare.json`` / ``.md``); ``--warm I`` compiles
+those of shape I first (bench/gpu_decode.sh).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -221,6 +225,176 @@ def run_dense(spec, B: int, T: int) -> dict:  # noqa: N803
     return out
 
 
+# ---- old vs new schedule options of the decode plan, same process (issue 5, second pass) ------------------
+# variants of the decode plan config (on top of the default); "legacy" = the path before the second pass
+def variants() -> dict[str, dict]:
+    from nsa_dsl.codegen.kernels_decode import LEGACY
+
+    return {
+        "legacy": dict(LEGACY),
+        "new": {},
+        "new_topk_w4": {"topk_warps": 4},
+        "new_last": {"COMBINE": "last"},
+        "no_sw_prefetch": {"SW_PREFETCH": 0},
+        "no_topk_prefetch": {"PREFETCH": 0},
+        "lse_loop": {"LSE_MERGE": "loop"},
+        "legacy_rows": {"COMBINE": "rows", "LSE_MERGE": "tile", "PREFETCH": 0, "SW_PREFETCH": 0},
+    }
+
+
+# (spec, B, T) in timing order; the extra variants / splits only where listed
+COMPARE_SHAPES = [
+    ("nsa_paper", 1, 65536), ("nsa_paper", 16, 65536), ("nsa_paper", 1, 8192), ("nsa_paper", 16, 8192),
+    ("small_group", 1, 65536), ("small_group", 16, 65536), ("small_group", 1, 8192),
+    ("small_group", 16, 8192), ("nsa_paper", 1, 131072), ("nsa_paper", 16, 131072),
+    ("small_group", 1, 131072), ("small_group", 16, 131072),
+]
+EXTRA_VARIANTS = {("nsa_paper", 1, 65536), ("nsa_paper", 16, 65536), ("small_group", 16, 65536)}
+EXTRA_SPLITS = {
+    ("nsa_paper", 1, 65536): [(16, 32, 16), (8, 16, 8), (32, 16, 16), (16, 16, 8)],
+    ("nsa_paper", 16, 65536): [(4, 4, 8), (4, 8, 4), (4, 4, 16), (8, 4, 4), (2, 4, 4)],
+    ("small_group", 16, 65536): [(2, 2, 4), (1, 2, 2), (4, 4, 4)],
+}
+
+
+def _nsa_cache(spec, B: int, T: int):  # noqa: N803
+    ident = lambda x: x  # noqa: E731 - the cache is filled directly; no compressor runs in this benchmark
+    cache = NSACache(spec, B, capacity=T + 16, device=DEVICE, dtype=torch.bfloat16,
+                     compress_k=ident, compress_v=ident)
+    for t in (cache.k, cache.v, cache.k_cmp_buf, cache.v_cmp_buf):
+        t.normal_()
+    cache.lengths.fill_(T)
+    cache._host_lengths = [T] * B
+    return cache
+
+
+def _shape_variants(key) -> list[tuple[str, tuple | None]]:
+    """(variant, splits) pairs timed at a shape: legacy and new with automatic splits, more where listed."""
+    names = list(variants()) if key in EXTRA_VARIANTS else ["legacy", "new"]
+    out = [(n, None) for n in names]
+    out += [("new", sp) for sp in EXTRA_SPLITS.get(key, [])]
+    out += [("legacy", sp) for sp in EXTRA_SPLITS.get(key, [])[:1]]
+    return out
+
+
+def warm(index: int) -> None:
+    """Compile every (variant, splits) of comparison shape ``index`` (one decode call each, no timing);
+    one process per shape runs these in parallel before the timing (Triton's disk cache keeps them)."""
+    key = COMPARE_SHAPES[index]
+    spec_name, B, T = key  # noqa: N806
+    spec = nsa_dsl.load_spec(spec_name)
+    base = nsa_dsl.compile(spec, device=DEVICE)
+    a = spec.attention
+    cache = _nsa_cache(spec, B, min(T, 65536))  # same specialisations as the full length, less memory
+    q = torch.randn(B, 1, a.heads, a.head_dim_qk, device=DEVICE, dtype=torch.bfloat16)
+    g = torch.rand(B, 1, a.heads, 3, device=DEVICE, dtype=torch.bfloat16)
+    for name, sp in _shape_variants(key):
+        t0 = time.time()
+        ops = base.with_config("decode", variants()[name]) if variants()[name] else base
+        try:
+            decode(ops, q, cache, g, splits=sp, plan_length=T)
+            torch.cuda.synchronize()
+            print(f"warm {key} {name} {sp}: {time.time() - t0:.1f}s", flush=True)
+        except Exception as e:  # recorded by the timing pass too
+            msg = str(e).splitlines()[0][:200] if str(e) else repr(e)
+            print(f"warm {key} {name} {sp}: FAILED {msg}", flush=True)
+
+
+def compare(outdir: Path, tmax: int) -> None:
+    """Old vs new decode options in one process against dense SDPA; writes decode_compare.{json,md} after
+    every shape (a time limit keeps what was measured)."""
+    global _FLUSH
+    _FLUSH = torch.empty(128 << 20, dtype=torch.bfloat16, device=DEVICE)
+    meta = env_info()
+    meta["copy_tbps"] = copy_bandwidth()
+    print(f"# {meta.get('card')} torch {meta['torch']} triton {meta['triton']}; "
+          f"copy {meta['copy_tbps']:.2f} TB/s", flush=True)
+    rows: list[dict] = []
+    ops_by_spec = {}
+    for key in COMPARE_SHAPES:
+        spec_name, B, T = key  # noqa: N806
+        if T > tmax:
+            continue
+        spec = nsa_dsl.load_spec(spec_name)
+        base = ops_by_spec.setdefault(spec_name, nsa_dsl.compile(spec, device=DEVICE))
+        a = spec.attention
+        row: dict = {"spec": spec_name, "B": B, "T": T, "nsa": {}}
+        try:
+            cache = _nsa_cache(spec, B, T)
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            continue
+        q = torch.randn(B, 1, a.heads, a.head_dim_qk, device=DEVICE, dtype=torch.bfloat16)
+        g = torch.rand(B, 1, a.heads, 3, device=DEVICE, dtype=torch.bfloat16)
+        out = torch.empty(B, 1, a.heads, a.head_dim_v, device=DEVICE, dtype=torch.bfloat16)
+        ref = None
+        for name, sp in _shape_variants(key):
+            ops = base.with_config("decode", variants()[name]) if variants()[name] else base
+            splits = sp or _splits(ops, decode_plan(ops, B=B, S=1, T=T), B, 1, T)
+            label = name if sp is None else f"{name} {tuple(splits)}"
+            step = functools.partial(decode, ops, q, cache, g, out=out, splits=splits, plan_length=T)
+            try:
+                step()
+                torch.cuda.synchronize()
+                diff = 0.0 if ref is None else float((out.float() - ref).abs().max())
+                if ref is None:
+                    ref = out.float().clone()
+                us = abs(graph_us(step))
+                row["nsa"][label] = {"us": us, "splits": list(splits), "max_diff_vs_first": diff}
+                if T == 65536 and B in (1, 16) and spec_name == "nsa_paper" and name in ("legacy", "new") \
+                        and sp is None:
+                    row["nsa"][label]["kernels_us"] = kernel_breakdown(step)
+            except Exception as e:  # a variant that does not compile or fit: recorded, not fatal
+                row["nsa"][label] = {"error": str(e).splitlines()[0][:160] if str(e) else type(e).__name__}
+                torch.cuda.synchronize()
+        del cache, step
+        torch.cuda.empty_cache()
+        row["dense"] = run_dense(spec, B, T)
+        must, moved = nsa_bytes(spec, T, B)
+        dense = [x for x in row["dense"].values() if isinstance(x, float)]
+        row.update(nsa_must_bytes=must, nsa_moved_bytes=moved, dense_best_us=min(dense) if dense else None)
+        rows.append(row)
+        old, new = row["nsa"].get("legacy", {}).get("us"), row["nsa"].get("new", {}).get("us")
+        best_lbl = min((k for k, v in row["nsa"].items() if "us" in v), key=lambda k: row["nsa"][k]["us"])
+        print(f"{spec_name:11s} B={B:2d} T={T:6d} legacy {old:7.1f} new {new:7.1f} best {best_lbl} "
+              f"{row['nsa'][best_lbl]['us']:.1f} | dense {row['dense_best_us']:.1f} us", flush=True)
+        for k, v in row["nsa"].items():
+            print(f"    {k}: {v.get('us', v.get('error'))} diff {v.get('max_diff_vs_first', '')}", flush=True)
+            for kk, x in v.get("kernels_us", {}).items():
+                print(f"        kernel {kk}: {x:.1f} us", flush=True)
+        _write_compare(outdir, meta, rows)
+
+
+def _write_compare(outdir: Path, meta: dict, rows: list[dict]) -> None:
+    data = {"meta": meta, "rows": rows}
+    (outdir / "decode_compare.json").write_text(json.dumps(data, indent=1, default=str))
+    cb = meta["copy_tbps"]
+    lines = [
+        f"Card: {meta.get('card')}, torch {meta['torch']}, triton {meta['triton']}, {meta['date_utc']} UTC; "
+        f"copy {cb:.2f} TB/s (read + write). CUDA-graph replay, cold L2. legacy = the decode options "
+        "before the second pass (kernels_decode.LEGACY), new = the default now; both with automatic splits.",
+        "",
+        "| spec | B | T | legacy µs | new µs | new / legacy | best variant µs | dense µs "
+        "| speedup new (best) | new TB/s (% copy) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        n = r["nsa"]
+        old, new = n.get("legacy", {}).get("us"), n.get("new", {}).get("us")
+        ok = {k: v["us"] for k, v in n.items() if "us" in v}
+        bl = min(ok, key=ok.get)
+        d = r["dense_best_us"]
+        if old is None or new is None or d is None:
+            continue
+        tb = r["nsa_must_bytes"] / (new * 1e-6) / 1e12
+        lines.append(
+            f"| {r['spec']} | {r['B']} | {r['T']} | {old:.1f} | {new:.1f} | {new / old:.2f} | "
+            f"{ok[bl]:.1f} ({bl}) | {d:.1f} | {d / new:.2f}× ({d / ok[bl]:.2f}×) | "
+            f"{tb:.2f} ({100 * tb / cb:.0f}%) |"
+        )
+    (outdir / "decode_compare.md").write_text("\n".join(lines) + "\n")
+
+
 def main() -> None:
     global _FLUSH
     ap = argparse.ArgumentParser()
@@ -229,9 +403,17 @@ def main() -> None:
     ap.add_argument("--specs", default="nsa_paper,small_group")
     ap.add_argument("--batches", default="1,16,64")
     ap.add_argument("--tmax", type=int, default=131072)
+    ap.add_argument("--compare", action="store_true", help="old vs new decode options (decode_compare.*)")
+    ap.add_argument("--warm", type=int, metavar="I", help="compile the --compare variants of shape I")
     args = ap.parse_args()
     outdir = Path(args.out)
     outdir.mkdir(parents=True, exist_ok=True)
+    if args.warm is not None:
+        warm(args.warm)
+        return
+    if args.compare:
+        compare(outdir, args.tmax)
+        return
     _FLUSH = torch.empty(128 << 20, dtype=torch.bfloat16, device=DEVICE)
     meta = env_info()
     meta["copy_tbps"] = copy_bandwidth()

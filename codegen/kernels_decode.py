@@ -14,10 +14,21 @@ Config parameters:
   split_sw    programs per (sequence, token, KV head) over selected + window tiles (0 = auto);
   split_topk  programs per (sequence, KV head) scoring shares of the selection blocks when split_cmp > 1
               (partial top-n lists merged by the selected-attention programs; 0 = auto);
-  COMBINE     "kernel": a last launch merges split selected/window states; "last": the split program that
-              finishes last (atomic ticket) merges them (one launch less);
+  COMBINE     "kernel": a last launch, one program per (token, KV head), loops over the split selected/window
+              states; "last": the split program that finishes last (atomic ticket) merges them (one launch
+              less); "rows": a last launch, one program per query row, merges every split state (selected,
+              window and the compressed partials, so the top-n kernel no longer merges o_cmp) as one
+              [splits, dv] tile each;
+  LSE_MERGE   "loop": the top-n programs merge the split compressed (m, l) pairs in two loops over the splits;
+              "tile": as one [rows, splits] tile and two reductions;
+  PREFETCH    1: the top-n loop loads the next chunk's logits before scoring the current one (software
+              pipelined by hand); 0: load and score in turn;
+  SW_PREFETCH 1: the selected / window loops load the next tile's K/V before attending to the current one
+              (software pipelined by hand, one tile of registers more); 0: load and attend in turn;
   SKIP        1: merge a top-n chunk only when one of its keys beats the running n-th best (shared
               ``_select.j2`` schedule; most chunks of a long context are skipped);
+  topk_warps  warps of the split top-n kernel (0 = num_warps);
+  combine_warps  warps of the combine kernels;
   num_warps, num_stages.
 """
 
@@ -81,7 +92,12 @@ def _decode_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
         "split_sw": list(_SPLITS[:6]),
         "split_topk": list(_SPLITS[:6]),
         "SKIP": [0, 1],
-        "COMBINE": ["kernel", "last"],
+        "COMBINE": ["kernel", "last", "rows"],
+        "LSE_MERGE": ["loop", "tile"],
+        "PREFETCH": [0, 1],
+        "SW_PREFETCH": [0, 1],
+        "topk_warps": [0, 2, 4, 8],
+        "combine_warps": [1, 2, 4, 8],
         "num_warps": [2, 4, 8],
         "num_stages": [1, 2, 3],
     }
@@ -108,8 +124,18 @@ def _decode_check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) -
         v = cfg.get(t)
         if not isinstance(v, int) or isinstance(v, bool) or v < 0 or v > 256:
             return f"{t}: must be an integer in 0..256 (0 = auto), got {v!r}"
-    if cfg.get("COMBINE", "kernel") not in ("kernel", "last"):
-        return f"COMBINE: must be 'kernel' or 'last', got {cfg.get('COMBINE')!r}"
+    if cfg.get("COMBINE", "kernel") not in ("kernel", "last", "rows"):
+        return f"COMBINE: must be 'kernel', 'last' or 'rows', got {cfg.get('COMBINE')!r}"
+    if cfg.get("LSE_MERGE", "loop") not in ("loop", "tile"):
+        return f"LSE_MERGE: must be 'loop' or 'tile', got {cfg.get('LSE_MERGE')!r}"
+    if cfg.get("PREFETCH", 0) not in (0, 1):
+        return f"PREFETCH: must be 0 or 1, got {cfg.get('PREFETCH')!r}"
+    if cfg.get("SW_PREFETCH", 0) not in (0, 1):
+        return f"SW_PREFETCH: must be 0 or 1, got {cfg.get('SW_PREFETCH')!r}"
+    if cfg.get("topk_warps", 0) not in (0, 1, 2, 4, 8, 16):
+        return f"topk_warps: must be 0 (= num_warps) or one of 1, 2, 4, 8, 16, got {cfg.get('topk_warps')!r}"
+    if cfg.get("combine_warps", 4) not in (1, 2, 4, 8, 16):
+        return f"combine_warps: must be one of 1, 2, 4, 8, 16, got {cfg.get('combine_warps')!r}"
     if cfg.get("SKIP") not in (0, 1):
         return f"SKIP: must be 0 or 1, got {cfg.get('SKIP')!r}"
     nw = cfg.get("num_warps")
@@ -132,6 +158,11 @@ def _decode_check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) -
     return None
 
 
+#: the schedule before issue 5's second pass (serial split merges, combine per (token, KV head), top-n loads
+#: not prefetched): ``ops.with_config("decode", LEGACY)`` selects it for a same-run comparison
+LEGACY: dict[str, Any] = {"COMBINE": "kernel", "LSE_MERGE": "loop", "PREFETCH": 0, "SW_PREFETCH": 0}
+
+
 def _decode_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
     np_, rp = next_pow2(spec.selection.top_n), _rp(spec)
     bs = max(np_, 2)
@@ -141,7 +172,8 @@ def _decode_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
     if limits.interpreter:
         return {
             "tokens": 1, "BLOCK_N": 16, "BLOCK_S": bs, "BLOCK_K": 16, "BLOCK_W": 16,
-            "split_cmp": 0, "split_sw": 0, "split_topk": 0, "SKIP": 1, "COMBINE": "kernel", "num_warps": 4,
+            "split_cmp": 0, "split_sw": 0, "split_topk": 0, "SKIP": 1, "COMBINE": "rows", "LSE_MERGE": "tile",
+            "PREFETCH": 1, "SW_PREFETCH": 1, "topk_warps": 0, "combine_warps": 4, "num_warps": 4,
             "num_stages": 1,
         }
     while bs * 2 * rp <= 256:  # one program scores the blocks of one step: wide chunks, few sorts
@@ -159,7 +191,12 @@ def _decode_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
         "split_sw": 0,
         "split_topk": 0,
         "SKIP": 1,
-        "COMBINE": "kernel",
+        "COMBINE": "rows",
+        "LSE_MERGE": "tile",
+        "PREFETCH": 1,
+        "SW_PREFETCH": 1,
+        "topk_warps": 0,
+        "combine_warps": 4,
         "num_warps": 8,
         "num_stages": 2,
     }

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from nsa_dsl.codegen.decode import CapturedDecodeStep, decode
+from nsa_dsl.codegen.kernels_decode import LEGACY
 
 import nsa_dsl
 from nsa_dsl.cache import NSACache, decode_reference
@@ -25,6 +26,14 @@ from test_cache import SPECS, compressors, inputs  # noqa: E402
 
 # (split_cmp, split_sw, split_topk): one fused launch, split cmp, split slc/win, all split, split top-n
 SPLITS = [(1, 1, 1), (2, 1, 1), (1, 3, 1), (3, 2, 2), (2, 1, 3)]
+
+# schedule options of the decode plan (kernels_decode): the pre-second-pass path and the new ones, crossed
+OPTIONS = {
+    "legacy": LEGACY,
+    "new": {"COMBINE": "rows", "LSE_MERGE": "tile", "PREFETCH": 1, "SW_PREFETCH": 1},
+    "rows_loop": {"COMBINE": "rows", "LSE_MERGE": "loop", "PREFETCH": 0, "SW_PREFETCH": 1, "SKIP": 0},
+    "last_tile": {"COMBINE": "last", "LSE_MERGE": "tile", "PREFETCH": 1, "SW_PREFETCH": 0, "SKIP": 0},
+}
 
 
 def _poisoned(B, S, spec, dtype=torch.float32):  # noqa: N803
@@ -48,10 +57,12 @@ def _check_indices(spec, idx, scores, ref_idx, t):
         torch.testing.assert_close(torch.tensor(sg), torch.tensor(sw), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("option", ["legacy", "new"])
 @pytest.mark.parametrize("name", list(SPECS))
-def test_kernel_token_by_token_matches_full_forward(name):
+def test_kernel_token_by_token_matches_full_forward(name, option):
     spec = SPECS[name].replace(attention={"dtype": "float32"})
-    ops = nsa_dsl.compile(spec)
+    ops = nsa_dsl.compile(spec, config={"decode": OPTIONS[option]})
+    assert all(ops.plan("decode", T=64, B=2).config[k] == v for k, v in OPTIONS[option].items())
     B, T, P = 2, 58, 44  # noqa: N806 - t >= 48 has more valid selection blocks than n for every spec
     q, k, v, g = inputs(spec, B, T, dtype=torch.float32, seed=11)
     ck, cv = compressors(spec, seed=12)
@@ -73,11 +84,12 @@ def test_kernel_token_by_token_matches_full_forward(name):
             _check_indices(spec, idx[b, 0], scores[b, t], ref_idx[b, t], t)
 
 
+@pytest.mark.parametrize("option", ["rows_loop", "last_tile"])
 @pytest.mark.parametrize("S", [1, 3])
-def test_kernel_mixed_lengths_multi_token(S):  # noqa: N803
+def test_kernel_mixed_lengths_multi_token(S, option):  # noqa: N803
     spec = SPECS["tiny"]  # float32
-    # the other top-n merge schedule, and the split selected/window states merged by the last program
-    ops = nsa_dsl.compile(spec, config={"decode": {"SKIP": 0, "COMBINE": "last"}})
+    # the other top-n merge schedule (SKIP = 0) with the row combine / the last split program's merge
+    ops = nsa_dsl.compile(spec, config={"decode": OPTIONS[option]})
     B, T = 3, 64  # noqa: N806
     q, k, v, g = inputs(spec, B, T, dtype=torch.float32, seed=21)
     ck, cv = compressors(spec, seed=22)
@@ -157,8 +169,8 @@ def test_gpu_bf16_decode_8k_matches_reference():
     ref_cache = _as_float(cache)
     details: dict = {}
     decode_reference(q.float(), ref_cache, g.float(), details=details)
-    last = ops.with_config("decode", {"COMBINE": "last"})
-    for op, sp in [(ops, x) for x in SPLITS + [None]] + [(last, (3, 2, 2)), (last, None)]:
+    variants = [ops.with_config("decode", OPTIONS[name]) for name in ("legacy", "rows_loop", "last_tile")]
+    for op, sp in [(ops, x) for x in SPLITS + [None]] + [(v, x) for v in variants for x in ((3, 2, 2), None)]:
         o, idx = decode(op, q, cache, g, splits=sp, return_indices=True)
         # bf16 scores may order near-equal blocks differently: the chosen blocks must score like the
         # reference top-n (sorted scores within bf16 tolerance), and the output must equal the reference

@@ -1,0 +1,29 @@
+#!/bin/bash
+# One device call for the decode (issue 5, second pass): the GPU-marked decode tests and one warm-up compile
+# process per comparison shape in parallel first, then the old-vs-new timing alone on the card
+# (bench_decode.py --compare: legacy vs new decode options, variants and splits, dense SDPA, same process).
+# Usage on the device: OUT=/some/dir [TEST_LIMIT=150] [WARM_LIMIT=150] [BENCH_LIMIT=200] [TMAX=131072] \
+#   bash bench/gpu_decode.sh
+set -u
+OUT=${OUT:-/tmp/nsa_decode_out}
+mkdir -p "$OUT"
+export NSA_DSL_CACHE_DIR=/tmp/nsa_dsl_cache
+PY=python3
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader > "$OUT/warm.txt" 2>&1
+( timeout "${TEST_LIMIT:-150}" $PY -m pytest -q -m gpu tests/codegen/test_decode.py > "$OUT/pytest_gpu.txt" 2>&1;
+  echo "gpu tests rc=$?" >> "$OUT/pytest_gpu.txt" ) &
+NS=$($PY -c "import sys; sys.path.insert(0, 'bench'); import bench_decode as b; print(sum(1 for s in b.COMPARE_SHAPES if s[2] <= 65536))")
+for i in $(seq 0 $((NS - 1))); do
+  ( timeout "${WARM_LIMIT:-150}" $PY bench/bench_decode.py --warm "$i" > "/tmp/warm_dec_$i.txt" 2>&1;
+    echo "warm $i rc=$?" >> "/tmp/warm_dec_$i.txt" ) &
+done
+wait
+for f in /tmp/warm_dec_*.txt; do cat "$f" >> "$OUT/warm.txt"; done
+timeout "${BENCH_LIMIT:-200}" $PY bench/bench_decode.py --compare --tmax "${TMAX:-131072}" --out "$OUT" \
+  > "$OUT/bench_log.txt" 2>&1
+echo "bench rc=$?" >> "$OUT/bench_log.txt"
+echo "=== tests"; tail -15 "$OUT/pytest_gpu.txt"
+echo "=== warm"; grep -c "s$" "$OUT/warm.txt"; grep -i "fail\|rc=" "$OUT/warm.txt" | tail -12
+echo "=== bench"; grep -v "^        kernel" "$OUT/bench_log.txt" | tail -70
+echo "=== kernels"; grep "^        kernel" "$OUT/bench_log.txt" | head -24
+echo "=== table"; cat "$OUT/decode_compare.md" 2>/dev/null
