@@ -12,6 +12,7 @@ Optuna study is stored beside the cache). Errors: one line on stderr, exit statu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 import time
@@ -146,6 +147,7 @@ def _run_tune(args: argparse.Namespace) -> int:
 
     from . import tune_kernel
     from ._compat import detect_limits, get_registry
+    from .search import WorkerPool
     from .targets import NoTarget
 
     console = Console(width=None if sys.stdout.isatty() else 130)
@@ -192,14 +194,20 @@ def _run_tune(args: argparse.Namespace) -> int:
     results = []
     failures: list[str] = []
     t0 = time.monotonic()
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-    ) as prog:
+    # One set of worker processes for the whole run (started at the first job that searches; a dead worker is
+    # started again at the next job): starting them costs more than a short search.
+    pool_cm: Any = WorkerPool(args.workers) if args.workers > 1 else contextlib.nullcontext(None)
+    with (
+        pool_cm as pool,
+        Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+        ) as prog,
+    ):
         for k, t in jobs:
             task = prog.add_task(f"{k} T={t}", total=trials)
 
@@ -221,6 +229,7 @@ def _run_tune(args: argparse.Namespace) -> int:
                     sampler=args.sampler,
                     compile_jobs=args.compile_jobs,
                     progress=cb,
+                    pool=pool,
                     **extra,
                 )
             except NoTarget as e:

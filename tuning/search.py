@@ -48,6 +48,9 @@ __all__ = [
     "open_study",
     "run_search",
     "evaluated_trials",
+    "journal_path",
+    "WorkerPool",
+    "WorkerError",
 ]
 
 log = logging.getLogger("nsa_dsl.tuning.search")
@@ -117,15 +120,18 @@ class TuneResult:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def journal_path(path: str | os.PathLike[str] | None, key: str) -> Path:
+    """The study's journal file: ``path``, or (None) ``<cache_root>/tuning/studies/<key>.journal``."""
+    return Path(path) if path is not None else tuning_dir() / "studies" / f"{key}.journal"
+
+
 def study_storage(path: str | os.PathLike[str] | None, key: str) -> tuple[Any, str]:
     """(Optuna JournalStorage, study name) for a record key; ``path`` None = the default journal file."""
     import optuna
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
-    if path is None:
-        path = tuning_dir() / "studies" / f"{key}.journal"
-    p = Path(path)
+    p = journal_path(path, key)
     p.parent.mkdir(parents=True, exist_ok=True)
     backend = JournalFileBackend(str(p), lock_obj=JournalFileOpenLock(str(p) + ".lock"))
     _ = optuna  # imported for its side effects on logging config below
@@ -377,6 +383,20 @@ def _precompile_one(desc: tuple, config: dict[str, Any]) -> str | None:
         return f"{type(e).__name__}: {_first_line(e)}"
 
 
+def _watch_parent(parent_pid: int) -> None:
+    """Compile-pool initializer: exit once the pool's owner is gone (a terminated or killed tuning worker
+    cannot shut its pool down; its idle pool processes would otherwise wait for work forever)."""
+    import threading
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent_pid:
+                os._exit(0)
+
+    threading.Thread(target=watch, name="nsa-tune-parent-watch", daemon=True).start()
+
+
 class Precompiler:
     """Compiles batches of candidates in ``jobs`` spawned processes (each a CUDA context on the same GPU),
     so that the sequential, timed evaluation in the parent finds every kernel in Triton's cache. Compilation,
@@ -406,7 +426,12 @@ class Precompiler:
         if pool is None:
             if not _POOLS:
                 atexit.register(_shutdown_pools)
-            pool = ProcessPoolExecutor(max_workers=self.jobs, mp_context=mp.get_context("spawn"))
+            pool = ProcessPoolExecutor(
+                max_workers=self.jobs,
+                mp_context=mp.get_context("spawn"),
+                initializer=_watch_parent,
+                initargs=(os.getpid(),),
+            )
             _POOLS[self.jobs] = pool
         return pool
 
@@ -517,6 +542,7 @@ def tune_kernel(
     compile_jobs: int | None = None,
     device: Any = None,
     progress: Callable[[int, int | None], None] | None = None,
+    pool: WorkerPool | None = None,
 ) -> TuneResult:
     """Tune ``kernel`` of ``spec`` for shape (T, B) and store the record in the user cache.
 
@@ -524,9 +550,12 @@ def tune_kernel(
     ``timer`` (default ``EventTimer``) and ``target`` (default ``targets.default_target``) are injectable.
     ``force``: search even when the user cache already holds a record (otherwise that record is returned
     at once). ``workers`` > 1: that many processes, worker i pinned to GPU i through ``CUDA_VISIBLE_DEVICES``,
-    sharing the study's journal storage (Optuna's distributed optimisation). ``compile_jobs``: processes
-    that compile each batch of candidates in parallel before they are timed (None = ``auto_compile_jobs()``;
-    0 or 1 = compile in the search process).
+    sharing the study's journal storage (Optuna's distributed optimisation); they are started for this call
+    only. ``pool``: an open ``WorkerPool`` that runs the search instead (its size decides; ``workers`` is
+    ignored), so that several calls share one set of started workers (``nsa-tune`` does this). With workers,
+    this process does the final re-timing and choice (on its own GPU, the first visible one).
+    ``compile_jobs``: processes that compile each batch of candidates in parallel before they are timed
+    (None = ``auto_compile_jobs()``, split between the workers; 0 or 1 = compile in the search process).
     """
     from . import _memory_put
     from .store import user_store
@@ -604,10 +633,14 @@ def tune_kernel(
                 seen.add(cp)
                 study.enqueue_trial(p, skip_if_exists=True)
 
-    if workers > 1:
-        _run_workers(
-            workers,
-            spec=spec,
+    # The target first: a kernel without one (``NoTarget``) is refused here, before any worker is busy.
+    if target is None:
+        target = _make_target(target_factory, spec, kernel, T, B, limits, device)
+    use_pool = pool is not None or workers > 1
+    if use_pool:
+        n = pool.n if pool is not None else workers
+        job = dict(
+            spec=spec.to_dict(),
             kernel=kernel,
             T=T,
             B=B,
@@ -619,20 +652,27 @@ def tune_kernel(
             registry=registry,
             seed=seed,
             sampler=sampler,
-            storage_path=storage_path,
+            # resolved here: a worker started earlier may have another cache root in its environment
+            journal=str(journal_path(storage_path, key)),
             key=key,
             n_startup=n_startup,
             n_valid=n_valid,
-            progress=progress,
-            study=study,
-            compile_jobs=(auto_compile_jobs() // workers) if compile_jobs is None else int(compile_jobs),
+            compile_jobs=(auto_compile_jobs() // n) if compile_jobs is None else int(compile_jobs),
         )
-        # The parent re-times on GPU 0 for the confirmation step.
-    if target is None:
-        target = _make_target(target_factory, spec, kernel, T, B, limits, device)
+        goal = min(trials, n_valid) if trials is not None else None
+
+        def poll() -> None:
+            if progress:
+                progress(len(evaluated_trials(study)), goal)
+
+        if pool is not None:
+            pool.run_job(job, progress=poll)
+        else:
+            with WorkerPool(workers) as tmp:
+                tmp.run_job(job, progress=poll)
     timer = timer or default_timer()
     ctx = _Ctx(kdef=kdef, spec=spec, limits=limits, space=space, target=target, timer=timer)
-    if workers <= 1:
+    if not use_pool:
         jobs = auto_compile_jobs() if compile_jobs is None else int(compile_jobs)
         pre = Precompiler(jobs, spec, kernel, T, B, limits, target_factory) if jobs > 1 else None
         run_search(
@@ -732,120 +772,352 @@ def _make_target(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _worker_main(args: dict[str, Any]) -> None:
-    """One worker process: open the shared study and search until the study-wide budget is reached."""
+#: Seconds a started worker has to report that it is ready before the pool gives up on it.
+WORKER_START_TIMEOUT_S = 300.0
+#: Seconds ``WorkerPool.close`` waits for a worker to exit after the shutdown sentinel before terminating it.
+WORKER_EXIT_TIMEOUT_S = 60.0
+
+
+class WorkerError(RuntimeError):
+    """A worker of a ``WorkerPool`` failed or died; the message is one line (which worker, which job, why)."""
+
+
+def _release_target(cache: dict[str, Any]) -> None:
+    """Drop a worker's cached target and give its device memory back."""
+    if cache.pop("target", None) is None:
+        return
+    cache.pop("target_key", None)
+    import gc
+    import sys
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def _cached_target(cache: dict[str, Any], job: dict[str, Any], spec: Any) -> Any:
+    """The job's target, reused when the previous job had the same (spec, kernel, shape, factory, limits);
+    only the latest target is kept (its timing inputs can be large)."""
+    import pickle
+
+    try:
+        key: bytes | None = pickle.dumps(
+            (job["spec"], job["kernel"], job["T"], job["B"], job["target_factory"], job["limits"])
+        )
+    except Exception:  # an unpicklable piece: no reuse
+        key = None
+    if key is not None and cache.get("target_key") == key:
+        return cache["target"]
+    _release_target(cache)
+    tgt = _make_target(job["target_factory"], spec, job["kernel"], job["T"], job["B"], job["limits"], None)
+    if key is not None:
+        cache["target"], cache["target_key"] = tgt, key
+    return tgt
+
+
+def _search_job(job: dict[str, Any], rank: int, cache: dict[str, Any]) -> None:
+    """In a worker: open the job's shared study and search until the study-wide budget is reached."""
     from nsa_dsl.spec import NSASpec
 
-    from . import _TUNING
-
-    _TUNING.set(True)
-
-    spec = NSASpec.from_dict(args["spec"])
-    kdef = get_kernel_def(args["kernel"], args["registry"])
-    limits = args["limits"]
-    storage, name = study_storage(args["storage_path"], args["key"])
-    study = open_study(storage, name, sampler=args["sampler"], seed=args["seed"], n_startup=args["n_startup"])
-    target = _make_target(args["target_factory"], spec, args["kernel"], args["T"], args["B"], limits, None)
+    spec = NSASpec.from_dict(job["spec"])
+    kdef = get_kernel_def(job["kernel"], job["registry"])
+    limits = job["limits"]
+    storage, name = study_storage(job["journal"], job["key"])
+    study = open_study(
+        storage, name, sampler=job["sampler"], seed=job["seed"] + rank, n_startup=job["n_startup"]
+    )
+    timer = job["timer"]
+    if timer is None:
+        timer = cache.get("timer") or cache.setdefault("timer", default_timer())
     ctx = _Ctx(
         kdef=kdef,
         spec=spec,
         limits=limits,
         space=kdef.space(spec, limits),
-        target=target,
-        timer=args["timer"] or default_timer(),
+        target=_cached_target(cache, job, spec),
+        timer=timer,
     )
-    jobs = int(args.get("compile_jobs") or 0)
+    jobs = int(job.get("compile_jobs") or 0)
+    # The compile pool (module-level ``_POOLS``, keyed by its size) stays up between jobs.
     pre = (
-        Precompiler(jobs, spec, args["kernel"], args["T"], args["B"], limits, args["target_factory"])
+        Precompiler(jobs, spec, job["kernel"], job["T"], job["B"], limits, job["target_factory"])
         if jobs > 1
         else None
     )
+    run_search(
+        study,
+        ctx,
+        trials=job["trials"],
+        budget_seconds=job["budget_seconds"],
+        n_valid=job["n_valid"],
+        precompile=pre,
+    )
+
+
+def _pool_worker_main(rank: int, conn: Any) -> None:
+    """One persistent worker process of a ``WorkerPool``: report ready, then run the jobs that arrive on
+    ``conn`` one by one (answering ``("done" | "error", job id, rank, error line)``) until the ``None``
+    sentinel, EOF, or the parent's death. Its compile pool and cached target live across jobs."""
+    import signal
+
+    from . import _TUNING
+
+    _TUNING.set(True)  # lookups made here never start a tuning run of their own (NSA_DSL_AUTOTUNE)
+    # Ctrl-C reaches the whole process group: the parent decides (it closes the pool), not the worker.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ppid = os.getppid()
+    cache: dict[str, Any] = {}
     try:
-        run_search(
-            study,
-            ctx,
-            trials=args["trials"],
-            budget_seconds=args["budget_seconds"],
-            n_valid=args["n_valid"],
-            precompile=pre,
-        )
+        conn.send(("ready", None, rank, os.environ.get("CUDA_VISIBLE_DEVICES")))
+        while True:
+            if not conn.poll(1.0):
+                if os.getppid() != ppid:  # the parent is gone: nobody will send the sentinel
+                    return
+                continue
+            try:
+                job = conn.recv()
+            except (EOFError, OSError):
+                return
+            if job is None:
+                return
+            try:
+                _search_job(job, rank, cache)
+                msg = ("done", job["id"], rank, None)
+            except BaseException as e:  # noqa: BLE001 - sent to the parent, which raises it in one line
+                msg = ("error", job["id"], rank, f"{type(e).__name__}: {_first_line(e)}")
+            try:
+                conn.send(msg)
+            except (BrokenPipeError, OSError):
+                return
     finally:
         # A multiprocessing child skips atexit handlers and joins its non-daemon children on exit: the idle
         # compile pool must be shut down here, or the worker never exits (found on a 2-GPU H200 host).
+        _release_target(cache)
         _shutdown_pools(wait=True)
 
 
-def _run_workers(
-    n: int,
-    *,
-    spec: Any,
-    kernel: str,
-    T: int,
-    B: int,
-    limits: Any,
-    trials: int | None,  # noqa: N803
-    budget_seconds: float | None,
-    timer: Any,
-    target_factory: Any,
-    registry: Any,
-    seed: int,
-    sampler: str,
-    storage_path: Any,
-    key: str,
-    n_startup: int,
-    n_valid: int,
-    progress: Callable[[int, int | None], None] | None,
-    study: Any,
-    compile_jobs: int = 0,
-) -> None:
-    import multiprocessing as mp
+class WorkerPool:
+    """``n`` persistent tuning processes, worker ``i`` pinned to GPU ``i`` (``CUDA_VISIBLE_DEVICES`` is set
+    before it starts; ``devices`` overrides the list, default: the parent's visible devices, else 0..n-1).
 
-    ctx = mp.get_context("spawn")
-    procs = []
-    old = os.environ.get("CUDA_VISIBLE_DEVICES")
-    visible = old.split(",") if old else [str(i) for i in range(n)]
-    try:
-        for rank in range(n):
-            # Each worker sees exactly one GPU (set before the child starts: CUDA reads it at init).
-            os.environ["CUDA_VISIBLE_DEVICES"] = visible[rank % len(visible)]
-            args = dict(
-                spec=spec.to_dict(),
-                kernel=kernel,
-                T=T,
-                B=B,
-                limits=limits,
-                trials=trials,
-                budget_seconds=budget_seconds,
-                timer=timer,
-                target_factory=target_factory,
-                registry=registry,
-                seed=seed + rank,
-                sampler=sampler,
-                storage_path=storage_path,
-                key=key,
-                n_startup=n_startup,
-                n_valid=n_valid,
-                compile_jobs=compile_jobs,
-            )
-            p = ctx.Process(target=_worker_main, args=(args,), name=f"nsa-tune-worker-{rank}")
-            p.start()
-            procs.append(p)
-    finally:
-        if old is None:
-            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-        else:
-            os.environ["CUDA_VISIBLE_DEVICES"] = old
-    target = min(trials, n_valid) if trials is not None else None
-    while any(p.is_alive() for p in procs):
+    Starting a worker costs its imports, a CUDA context and its compile pool (about 20 s on a GPU host), so
+    the pool starts them once (at the first ``run_job`` or ``start``) and keeps them across jobs; each keeps
+    its compile pool and its latest target. ``run_job`` sends one job to every worker; they search the
+    job's shared Optuna study until its study-wide budget is reached. A worker that fails or dies is reported
+    as one ``WorkerError`` line after the other workers have finished the job (so nothing writes to the study
+    afterwards); a dead worker is started again at the next job. Waits poll with short timeouts and check
+    that the workers are alive: a dead worker never hangs the parent. ``close`` (also on leaving the ``with``
+    block) sends each worker a sentinel, so that it shuts its compile pool down, and joins it; after an
+    exception it terminates them instead. Not thread-safe: one job at a time.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        *,
+        devices: list[str] | None = None,
+        start_timeout_s: float = WORKER_START_TIMEOUT_S,
+        exit_timeout_s: float = WORKER_EXIT_TIMEOUT_S,
+        job_timeout_s: float | None = None,
+    ):
+        if int(n) < 1:
+            raise ValueError(f"workers: must be >= 1, got {n}")
+        if devices is not None and not devices:
+            raise ValueError("devices: give at least one device, or None for the visible ones")
+        self.n = int(n)
+        self.devices = [str(d) for d in devices] if devices is not None else None
+        self.start_timeout_s = float(start_timeout_s)
+        self.exit_timeout_s = float(exit_timeout_s)
+        self.job_timeout_s = job_timeout_s
+        #: ``CUDA_VISIBLE_DEVICES`` as each worker reported it
+        self.visible: list[str | None] = [None] * self.n
+        #: worker processes started so far (restarts of dead workers included)
+        self.starts = 0
+        self._procs: list[Any] = [None] * self.n
+        self._conns: list[Any] = [None] * self.n
+        self._job_id = 0
+        self._closed = False
+        self._atexit = False
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.close(terminate=exc_type is not None)
+
+    @property
+    def pids(self) -> list[int | None]:
+        """The workers' process ids (None: not started)."""
+        return [p.pid if p is not None else None for p in self._procs]
+
+    def _describe(self, r: int) -> str:
+        p = self._procs[r]
+        return f"worker {r} (pid {p.pid if p is not None else '-'}, CUDA_VISIBLE_DEVICES={self.visible[r]})"
+
+    def _death(self, r: int, what: str) -> str:
+        p = self._procs[r]
+        p.join(timeout=5)
+        code = p.exitcode
+        how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        return f"{self._describe(r)} died ({how}) {what}"
+
+    def start(self) -> None:
+        """Start every worker that is not running (all of them the first time) and wait until each reports
+        ready. Idempotent; ``run_job`` calls it."""
+        import atexit
+        import multiprocessing as mp
+
+        if self._closed:
+            raise RuntimeError("workers: the pool is closed")
+        ctx = mp.get_context("spawn")
+        old = os.environ.get("CUDA_VISIBLE_DEVICES")
+        visible = self.devices or (
+            [d for d in old.split(",") if d] if old else [str(i) for i in range(self.n)]
+        )
+        started = []
+        try:
+            for r in range(self.n):
+                p = self._procs[r]
+                if p is not None and p.is_alive():
+                    continue
+                if p is not None:
+                    log.warning("%s is not running; starting a new one", self._describe(r))
+                    self._conns[r].close()
+                # Each worker sees exactly one GPU (set before the child starts: CUDA reads it at init).
+                os.environ["CUDA_VISIBLE_DEVICES"] = visible[r % len(visible)]
+                here, there = ctx.Pipe(duplex=True)
+                p = ctx.Process(target=_pool_worker_main, args=(r, there), name=f"nsa-tune-worker-{r}")
+                p.start()
+                there.close()  # the worker's end lives in the worker only: its death is EOF here
+                self._procs[r], self._conns[r], self.visible[r] = p, here, None
+                self.starts += 1
+                started.append(r)
+        finally:
+            if old is None:
+                os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+            else:
+                os.environ["CUDA_VISIBLE_DEVICES"] = old
+        if started and not self._atexit:
+            atexit.register(self.close, True)
+            self._atexit = True
+        deadline = time.monotonic() + self.start_timeout_s
+        waiting = set(started)
+        while waiting:
+            for r, msg in self._recv(waiting):
+                if msg is None:
+                    err = self._death(r, "while starting")
+                    self.close(terminate=True)
+                    raise WorkerError(f"workers: {err}")
+                if msg[0] == "ready":
+                    self.visible[r] = msg[3]
+                    waiting.discard(r)
+            if waiting and time.monotonic() > deadline:
+                late = ", ".join(self._describe(r) for r in sorted(waiting))
+                self.close(terminate=True)
+                raise WorkerError(f"workers: {late} not ready within {self.start_timeout_s:g} s")
+
+    def _recv(self, ranks: set[int], timeout: float = 0.5) -> list[tuple[int, Any]]:
+        """Messages that arrive from ``ranks`` within ``timeout`` as (rank, message); message None: that
+        worker is dead (EOF, or not alive with nothing left to read)."""
+        from multiprocessing.connection import wait
+
+        conns = {self._conns[r]: r for r in ranks}
+        out: list[tuple[int, Any]] = []
+        for c in wait(list(conns), timeout=timeout):
+            r = conns[c]  # type: ignore[index]
+            try:
+                out.append((r, c.recv()))  # type: ignore[union-attr]
+            except (EOFError, OSError):
+                out.append((r, None))
+        seen = {r for r, _ in out}
+        for r in ranks:
+            if r not in seen and not self._procs[r].is_alive():
+                c = self._conns[r]
+                try:
+                    msg = c.recv() if c.poll() else None
+                except (EOFError, OSError):
+                    msg = None
+                out.append((r, msg))
+        return out
+
+    def run_job(self, job: dict[str, Any], *, progress: Callable[[], None] | None = None) -> None:
+        """Run one search job (see ``tune_kernel``) on every worker and return when all have finished it;
+        ``progress()`` is called about twice a second meanwhile. Raises ``WorkerError`` (one line) if a
+        worker failed, died or (with ``job_timeout_s``) overran; the pool stays usable."""
+        self.start()
+        self._job_id += 1
+        jid = self._job_id
+        what = f"during {job.get('kernel')} T={job.get('T')}"
+        errors: list[str] = []
+        pending: set[int] = set()
+        for r in range(self.n):
+            try:
+                self._conns[r].send({**job, "id": jid})
+                pending.add(r)
+            except (BrokenPipeError, EOFError, OSError):
+                errors.append(self._death(r, what))
+        t0 = time.monotonic()
+        while pending:
+            if progress:
+                progress()
+            for r, msg in self._recv(pending):
+                if msg is None:
+                    errors.append(self._death(r, what))
+                    pending.discard(r)
+                elif msg[0] in ("done", "error") and msg[1] == jid:
+                    pending.discard(r)
+                    if msg[0] == "error":
+                        errors.append(f"{self._describe(r)} failed {what}: {msg[3]}")
+            if pending and self.job_timeout_s is not None and time.monotonic() - t0 > self.job_timeout_s:
+                for r in sorted(pending):
+                    errors.append(
+                        f"{self._describe(r)} did not finish within {self.job_timeout_s:g} s {what}"
+                    )
+                    self._procs[r].terminate()
+                    self._procs[r].join(timeout=5)
+                pending.clear()
         if progress:
-            progress(len(evaluated_trials(study)), target)
-        for p in procs:
-            p.join(timeout=0.5)
-    bad = [p.name for p in procs if p.exitcode != 0]
-    if bad:
-        raise RuntimeError(f"workers: {', '.join(bad)} exited with an error")
-    if progress:
-        progress(len(evaluated_trials(study)), target)
+            progress()
+        if errors:
+            more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+            raise WorkerError(f"workers: {errors[0]}{more}")
+
+    def close(self, terminate: bool = False) -> None:
+        """Shut the workers down: a sentinel each (they shut their compile pools down and exit), then join;
+        a worker still alive after ``exit_timeout_s`` (at once with ``terminate``) is terminated."""
+        import atexit
+
+        if self._closed:
+            return
+        self._closed = True
+        if self._atexit:
+            atexit.unregister(self.close)
+            self._atexit = False
+        live = [r for r in range(self.n) if self._procs[r] is not None and self._procs[r].is_alive()]
+        if not terminate:
+            for r in live:
+                try:
+                    self._conns[r].send(None)
+                except (BrokenPipeError, EOFError, OSError):
+                    pass
+        deadline = time.monotonic() + (0.0 if terminate else self.exit_timeout_s)
+        for r in live:
+            p = self._procs[r]
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
+            if p.is_alive():
+                if not terminate:
+                    log.warning(
+                        "%s did not exit within %g s; terminating it", self._describe(r), self.exit_timeout_s
+                    )
+                p.terminate()
+                p.join(timeout=5)
+                if p.is_alive():
+                    p.kill()
+                    p.join(timeout=5)
+        for c in self._conns:
+            if c is not None:
+                c.close()
 
 
 def result_dict(res: TuneResult) -> dict[str, Any]:

@@ -1,0 +1,234 @@
+"""The persistent ``WorkerPool`` behind ``--workers``: started once for many jobs, the same choice as one
+worker where the fake timer makes it deterministic, clean shutdown, a killed worker is a one-line error.
+
+Each test runs a script in its own session (subprocess, ``start_new_session``): a regression fails on the
+timeout instead of hanging pytest, and every process the script left behind (workers, their compile pools)
+is found by its session id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc (Linux)")
+
+_COMMON = """
+import json, multiprocessing, os, signal, sys
+from nsa_dsl import load_spec
+from nsa_dsl.tuning import canonical, tune_kernel
+from nsa_dsl.tuning.search import WorkerError, WorkerPool, evaluated_trials, open_study, study_storage
+from nsa_dsl.tuning.testing import FakeKernelDef, FakeTarget, fake_time
+from nsa_dsl.tuning.timing import FakeTimer
+
+SPEC = load_spec("tiny")
+
+
+class Limits:
+    name, capability, sm_count, smem_per_block, interpreter = "fake-gpu", (9, 0), 132, 1 << 30, False
+
+
+class SmallDef(FakeKernelDef):
+    # 32 points, all valid and none failing: a budget of 32 is an exhaustive search
+    def space(self, spec, limits):
+        return {"BLOCK_M": [32, 64], "BLOCK_N": [16, 32], "num_warps": [2, 4], "num_stages": [2, 3],
+                "schedule": ["group", "kv_outer"]}
+
+
+def registry():
+    return {"fake_fwd": SmallDef()}
+
+
+def small_first(cfg):  # a unique best at the smallest tiles, far from the default
+    return 1.0 + 0.3 * (cfg["BLOCK_M"] // 32) + 0.2 * (cfg["BLOCK_N"] // 16) + 0.1 * cfg["num_stages"]
+
+
+def plateau(cfg):  # everything within 1%: the default must win the tie
+    return 1.0 + 0.001 * cfg["num_warps"] + 0.002 * cfg["num_stages"]
+
+
+class Slow(FakeTarget):
+    def __init__(self, T):
+        super().__init__(delay=0.03)
+        self.T = T
+
+    def build(self, config):
+        if (
+            str(self.T) == os.environ.get("KILL_T")
+            and os.environ.get("CUDA_VISIBLE_DEVICES") == "1"
+            and multiprocessing.current_process().name == "nsa-tune-worker-1"  # not its compile pool
+            and self.built >= 1
+        ):
+            os.kill(os.getpid(), signal.SIGKILL)  # worker 1 dies in the middle of this job
+        return super().build(config)
+
+
+def factory(spec, kernel, *, T, B=1, limits=None, device=None):
+    return Slow(T)
+
+
+def tune(T, fn, journal, **kw):
+    return tune_kernel(SPEC, "fake_fwd", T=T, trials=32, timer=FakeTimer(fn), target_factory=factory,
+                       storage_path=journal, limits=Limits(), registry=registry(), save=False, **kw)
+
+
+def worker_pids(journal, key):
+    storage, name = study_storage(journal, key)
+    return sorted({t.user_attrs["worker"] for t in evaluated_trials(open_study(storage, name))})
+"""
+
+_PERSIST = (
+    _COMMON
+    + """
+if __name__ == "__main__":
+    os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+    tmp = sys.argv[1]
+    jobs = [(1000, fake_time), (2000, small_first), (4000, plateau)]
+    out = {"jobs": [], "one": []}
+    with WorkerPool(2) as pool:
+        for i, (T, fn) in enumerate(jobs):
+            journal = f"{tmp}/two{i}.journal"
+            res = tune(T, fn, journal, pool=pool, compile_jobs=2)
+            out["jobs"].append({"pids": pool.pids, "config": canonical(res.config), "trials": res.trials,
+                                "study_pids": worker_pids(journal, res.key)})
+        out["starts"], out["visible"] = pool.starts, pool.visible
+    out["one"] = [canonical(tune(T, fn, f"{tmp}/one{i}.journal", workers=1, compile_jobs=0).config)
+                  for i, (T, fn) in enumerate(jobs)]
+    out["default"] = canonical(SmallDef().default(SPEC, Limits()))
+    out["self"] = os.getpid()
+    print("RESULT " + json.dumps(out))
+"""
+)
+
+_KILL = (
+    _COMMON
+    + """
+if __name__ == "__main__":
+    os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+    os.environ["KILL_T"] = "2000"  # inherited by the workers
+    tmp = sys.argv[1]
+    out = {}
+    with WorkerPool(2) as pool:
+        tune(1000, fake_time, f"{tmp}/a.journal", pool=pool, compile_jobs=2)
+        out["before"] = pool.pids
+        try:
+            tune(2000, fake_time, f"{tmp}/b.journal", pool=pool, compile_jobs=2)
+            out["error"] = None
+        except WorkerError as e:
+            out["error"] = str(e)
+        res = tune(4000, fake_time, f"{tmp}/c.journal", pool=pool, compile_jobs=2)
+        out["after"], out["starts"], out["trials_after"] = pool.pids, pool.starts, res.trials
+    print("RESULT " + json.dumps(out))
+"""
+)
+
+
+def _session_procs(sid: int) -> list[int]:
+    """Live (not zombie) processes of session ``sid``."""
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                rest = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(rest[3]) == sid and rest[0] != "Z":
+            out.append(int(d))
+    return out
+
+
+def _run_script(tmp_path: Path, text: str, timeout: float = 150.0) -> dict:
+    """Run ``text`` as a script in a new session; return its RESULT json after checking that it exited 0 and
+    left no process behind."""
+    script = tmp_path / "script.py"
+    script.write_text(text)
+    env = {**os.environ, "NSA_DSL_CACHE_DIR": str(tmp_path / "cache")}
+    p = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+        pytest.fail(f"the script did not finish within {timeout} s (a hang)")
+    left: list[int] = []
+    for _ in range(100):  # the compile pools of a killed worker exit within ~1 s of noticing it
+        left = _session_procs(p.pid)
+        if not left:
+            break
+        time.sleep(0.1)
+    if left:
+        os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 0, err[-3000:]
+    assert not left, f"processes left behind after the script exited: {left}"
+    line = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
+    assert line, (out[-2000:], err[-2000:])
+    return json.loads(line[-1][len("RESULT ") :])
+
+
+def test_pool_is_started_once_and_chooses_like_one_worker(tmp_path):
+    r = _run_script(tmp_path, _PERSIST)
+    pids = r["jobs"][0]["pids"]
+    assert len(set(pids)) == 2 and r["self"] not in pids and None not in pids
+    assert all(j["pids"] == pids for j in r["jobs"])  # the same two processes served every job
+    assert r["starts"] == 2  # and no other worker was ever started
+    assert r["visible"] == ["0", "1"]  # each pinned to its own GPU before it started
+    for j in r["jobs"]:
+        assert j["trials"] >= 32
+        assert j["study_pids"] == sorted(pids)  # both workers searched each job's shared study
+    # Exhaustive budgets: the 2-worker choice is the 1-worker choice; the landscapes differ per job.
+    assert [j["config"] for j in r["jobs"]] == r["one"]
+    assert len(set(r["one"])) == 3 and r["one"][2] == r["default"]  # the plateau's tie goes to the default
+
+
+def test_killed_worker_is_one_line_error_and_pool_recovers(tmp_path):
+    r = _run_script(tmp_path, _KILL)
+    err = r["error"]
+    assert err is not None, "a worker killed mid-job must fail the job"
+    assert "\n" not in err and "worker 1" in err and "died" in err and "T=2000" in err
+    assert "signal 9" in err
+    # the next job runs on worker 0 (same process) and a new worker 1
+    assert r["after"][0] == r["before"][0] and r["after"][1] != r["before"][1]
+    assert r["starts"] == 3 and r["trials_after"] >= 32
+
+
+def test_cli_workers_share_one_pool(tmp_path):
+    """``nsa-tune --workers 2`` over three jobs: every evaluated trial was run by one of the same two workers
+    (a pool per job would show at least three process ids), and nothing is left running."""
+    text = (
+        "import sys\nfrom nsa_dsl.tuning.cli import main\n"
+        "if __name__ == '__main__':\n"
+        "    rc = main(['tiny', '--fake', '--workers', '2', '--seq-lens', '1k,2k,4k', '--trials', '8',"
+        " '--compile-jobs', '0'])\n"
+        "    print('RESULT', rc)\n"
+    )
+    assert _run_script(tmp_path, text) == 0
+    import optuna
+    from nsa_dsl.tuning.search import evaluated_trials, open_study, study_storage
+
+    journals = sorted((tmp_path / "cache" / "tuning" / "studies").glob("*.journal"))
+    assert len(journals) == 3
+    pids = set()
+    for j in journals:
+        storage, _ = study_storage(j, "x")
+        (summary,) = optuna.get_all_study_summaries(storage)
+        st = open_study(storage, summary.study_name)
+        ev = evaluated_trials(st)
+        assert len(ev) >= 8
+        pids |= {t.user_attrs["worker"] for t in ev}
+    assert 1 <= len(pids) <= 2
