@@ -238,7 +238,11 @@ def variants() -> dict[str, dict]:
         "no_sw_prefetch": {"SW_PREFETCH": 0},
         "no_topk_prefetch": {"PREFETCH": 0},
         "lse_loop": {"LSE_MERGE": "loop"},
+        "cmp_prefetch": {"CMP_PREFETCH": 1},
+        "cmp_prefetch_auto": {"CMP_PREFETCH": 2},
+        "cmp_prefetch_bn32": {"CMP_PREFETCH": 1, "BLOCK_N": 32},
         "legacy_rows": {"COMBINE": "rows", "LSE_MERGE": "tile", "PREFETCH": 0, "SW_PREFETCH": 0},
+        "new_cmp_pf_topk_w4": {"CMP_PREFETCH": 1, "topk_warps": 4},
     }
 
 

@@ -25,6 +25,8 @@ Config parameters:
               pipelined by hand); 0: load and score in turn;
   SW_PREFETCH 1: the selected / window loops load the next tile's K/V before attending to the current one
               (software pipelined by hand, one tile of registers more); 0: load and attend in turn;
+  CMP_PREFETCH  1: the same for the compressed-attention loop; 2: only when split_cmp >= 8 (few programs per
+              SM: latency-bound; the prefetch doubles the loop's registers);
   SKIP        1: merge a top-n chunk only when one of its keys beats the running n-th best (shared
               ``_select.j2`` schedule; most chunks of a long context are skipped);
   topk_warps  warps of the split top-n kernel (0 = num_warps);
@@ -96,6 +98,7 @@ def _decode_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
         "LSE_MERGE": ["loop", "tile"],
         "PREFETCH": [0, 1],
         "SW_PREFETCH": [0, 1],
+        "CMP_PREFETCH": [0, 1, 2],
         "topk_warps": [0, 2, 4, 8],
         "combine_warps": [1, 2, 4, 8],
         "num_warps": [2, 4, 8],
@@ -132,6 +135,8 @@ def _decode_check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) -
         return f"PREFETCH: must be 0 or 1, got {cfg.get('PREFETCH')!r}"
     if cfg.get("SW_PREFETCH", 0) not in (0, 1):
         return f"SW_PREFETCH: must be 0 or 1, got {cfg.get('SW_PREFETCH')!r}"
+    if cfg.get("CMP_PREFETCH", 0) not in (0, 1, 2):
+        return f"CMP_PREFETCH: must be 0, 1 or 2, got {cfg.get('CMP_PREFETCH')!r}"
     if cfg.get("topk_warps", 0) not in (0, 1, 2, 4, 8, 16):
         return f"topk_warps: must be 0 (= num_warps) or one of 1, 2, 4, 8, 16, got {cfg.get('topk_warps')!r}"
     if cfg.get("combine_warps", 4) not in (1, 2, 4, 8, 16):
@@ -160,7 +165,9 @@ def _decode_check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) -
 
 #: the schedule before issue 5's second pass (serial split merges, combine per (token, KV head), top-n loads
 #: not prefetched): ``ops.with_config("decode", LEGACY)`` selects it for a same-run comparison
-LEGACY: dict[str, Any] = {"COMBINE": "kernel", "LSE_MERGE": "loop", "PREFETCH": 0, "SW_PREFETCH": 0}
+LEGACY: dict[str, Any] = {
+    "COMBINE": "kernel", "LSE_MERGE": "loop", "PREFETCH": 0, "SW_PREFETCH": 0, "CMP_PREFETCH": 0,
+}
 
 
 def _decode_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
@@ -173,8 +180,8 @@ def _decode_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
         return {
             "tokens": 1, "BLOCK_N": 16, "BLOCK_S": bs, "BLOCK_K": 16, "BLOCK_W": 16,
             "split_cmp": 0, "split_sw": 0, "split_topk": 0, "SKIP": 1, "COMBINE": "rows", "LSE_MERGE": "tile",
-            "PREFETCH": 1, "SW_PREFETCH": 1, "topk_warps": 0, "combine_warps": 4, "num_warps": 4,
-            "num_stages": 1,
+            "PREFETCH": 1, "SW_PREFETCH": 1, "CMP_PREFETCH": 1, "topk_warps": 0, "combine_warps": 4,
+            "num_warps": 4, "num_stages": 1,
         }
     while bs * 2 * rp <= 256:  # one program scores the blocks of one step: wide chunks, few sorts
         bs *= 2
@@ -195,6 +202,7 @@ def _decode_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
         "LSE_MERGE": "tile",
         "PREFETCH": 1,
         "SW_PREFETCH": 1,
+        "CMP_PREFETCH": 0,
         "topk_warps": 0,
         "combine_warps": 4,
         "num_warps": 8,

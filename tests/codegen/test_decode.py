@@ -30,9 +30,11 @@ SPLITS = [(1, 1, 1), (2, 1, 1), (1, 3, 1), (3, 2, 2), (2, 1, 3)]
 # schedule options of the decode plan (kernels_decode): the pre-second-pass path and the new ones, crossed
 OPTIONS = {
     "legacy": LEGACY,
-    "new": {"COMBINE": "rows", "LSE_MERGE": "tile", "PREFETCH": 1, "SW_PREFETCH": 1},
-    "rows_loop": {"COMBINE": "rows", "LSE_MERGE": "loop", "PREFETCH": 0, "SW_PREFETCH": 1, "SKIP": 0},
-    "last_tile": {"COMBINE": "last", "LSE_MERGE": "tile", "PREFETCH": 1, "SW_PREFETCH": 0, "SKIP": 0},
+    "new": {"COMBINE": "rows", "LSE_MERGE": "tile", "PREFETCH": 1, "SW_PREFETCH": 1, "CMP_PREFETCH": 1},
+    "rows_loop": {"COMBINE": "rows", "LSE_MERGE": "loop", "PREFETCH": 0, "SW_PREFETCH": 1, "CMP_PREFETCH": 0,
+                  "SKIP": 0},
+    "last_tile": {"COMBINE": "last", "LSE_MERGE": "tile", "PREFETCH": 1, "SW_PREFETCH": 0, "CMP_PREFETCH": 2,
+                  "SKIP": 0},  # CMP_PREFETCH 2: prefetch only at split_cmp >= 8
 }
 
 
@@ -101,7 +103,7 @@ def test_kernel_mixed_lengths_multi_token(S, option):  # noqa: N803
         sel = torch.stack([torch.arange(n + i * S, n + (i + 1) * S) for n in pre])
         cache.append(k[bi, sel], v[bi, sel])
         want = decode_reference(q[bi, sel], cache, g[bi, sel])  # itself checked against the full forward
-        for sp in (SPLITS[i], SPLITS[i + 2], SPLITS[4 - i]):
+        for sp in (SPLITS[i], SPLITS[i + 2], SPLITS[4 - i], (8, 2, 2)):
             for _ in range(2):  # twice: the "last program" tickets must be reset after a step
                 out = _poisoned(B, S, spec)
                 o = decode(ops, q[bi, sel], cache, g[bi, sel], out=out, splits=sp)
