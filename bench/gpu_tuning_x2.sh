@@ -1,26 +1,81 @@
 #!/usr/bin/env bash
-# One call on a 2-GPU host: (1) the `nsa-tune --workers` wall-time gain — the same tuning job (paper spec,
-# forward kernels, 8k and 32k, --trials N) with 1 worker and with 2, each from an empty tuning cache and an
-# empty Triton cache so that neither reuses the other's compiles; (2) the exhaustive slc_topk grid at 8k and
-# the 25%-budget Optuna/random searches on it (bench_tuning.py phases A/B). Logs under $OUT.
+# One call on a 2-GPU host: (1) the `nsa-tune --workers` wall-time gain — the same job list (SPEC, KERNELS at
+# SEQ_LENS, --trials TRIALS; default: paper spec, forward kernels, 8k and 32k, 12 trials) run with each worker
+# count of WORKERS (default "1 2"), each from an empty tuning cache, empty study journals and an empty Triton
+# cache, so that no run reuses another's compiles; (2) unless GRID=0, the exhaustive slc_topk grid at 8k and
+# the 25%-budget Optuna/random searches on it (bench_tuning.py phases A/B). Logs under $OUT; a short table
+# (workers, exit status, wall seconds, nsa-tune's own total, GPUs that ran tuning processes, wall-time gain over
+# the 1-worker row) comes last. Keep the sum of the timeouts under the device's per-call limit (600 s): with the grid
+# part, lower T_TUNE or run it with GRID=0.
+#   GRID=0 bash bench/gpu_tuning_x2.sh                   # the workers comparison only
+#   SPEC=tiny EXTRA=--fake GRID=0 bash bench/gpu_tuning_x2.sh   # a dry run of the script without a GPU
 set -u
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
+SPEC=${SPEC:-nsa_paper}
+SEQ_LENS=${SEQ_LENS:-8k,32k}
+KERNELS=${KERNELS:-fwd}
 TRIALS=${TRIALS:-12}
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/tuning_x2_cards.txt"
-for W in 1 2; do
+WORKERS=${WORKERS:-1 2}
+EXTRA=${EXTRA:-}
+TABLE="$OUT/tuning_workers.txt"
+: > "$TABLE"
+if command -v nvidia-smi > /dev/null; then
+  nvidia-smi --query-gpu=index,name,uuid,driver_version --format=csv,noheader | tee "$OUT/tuning_x2_cards.txt"
+fi
+# Warm the OS file cache for the Python packages, so that the first timed run does not pay for cold imports.
+python -c "import torch, triton, optuna, rich, nsa_dsl.tuning.search" 2> /dev/null
+for W in $WORKERS; do
   export NSA_DSL_CACHE_DIR=/tmp/tune_w$W TRITON_CACHE_DIR=/tmp/triton_w$W
   rm -rf "$NSA_DSL_CACHE_DIR" "$TRITON_CACHE_DIR"
+  # Which GPUs run tuning processes (sampled every 2 s): evidence that each worker has its own GPU.
+  APPS="$OUT/tuning_workers${W}_gpu_apps.txt"
+  : > "$APPS"
+  if command -v nvidia-smi > /dev/null; then
+    (while :; do nvidia-smi --query-compute-apps=gpu_uuid,pid --format=csv,noheader >> "$APPS" 2> /dev/null
+      sleep 2; done) &
+    SAMPLER=$!
+  else
+    SAMPLER=
+  fi
   t0=$(date +%s.%N)
-  timeout "${T_TUNE:-200}" nsa-tune nsa_paper --seq-lens 8k,32k --kernels fwd --trials "$TRIALS" --workers $W \
-    > "$OUT/tuning_workers$W.log" 2>&1
+  # shellcheck disable=SC2086 # EXTRA is a list of words
+  timeout "${T_TUNE:-240}" nsa-tune "$SPEC" --seq-lens "$SEQ_LENS" --kernels "$KERNELS" --trials "$TRIALS" \
+    --workers "$W" $EXTRA > "$OUT/tuning_workers$W.log" 2>&1
   rc=$?
   t1=$(date +%s.%N)
-  echo "WORKERS $W rc=$rc wall_s=$(python3 -c "print(round($t1-$t0,1))")" | tee -a "$OUT/tuning_workers.txt"
-  tail -20 "$OUT/tuning_workers$W.log"
+  [ -n "$SAMPLER" ] && kill "$SAMPLER" 2> /dev/null && wait "$SAMPLER" 2> /dev/null
+  gpus=$(python3 - "$OUT/tuning_x2_cards.txt" "$APPS" << 'EOF'
+import sys
+try:
+    idx = {l.split(",")[2].strip(): l.split(",")[0].strip() for l in open(sys.argv[1]) if l.count(",") >= 3}
+except OSError:
+    idx = {}
+used = {l.split(",")[0].strip() for l in open(sys.argv[2]) if "," in l}
+print(",".join(sorted(idx.get(u, "?") for u in used)) or "-")
+EOF
+  )
+  total=$(grep -o "total [0-9.]* s" "$OUT/tuning_workers$W.log" | tail -1 | awk '{print $2}')
+  tuned=$(grep -cE "[│|] tuned +[│|]" "$OUT/tuning_workers$W.log")
+  wall=$(python3 -c "print(round($t1-$t0,1))")
+  echo "$W $rc $wall ${total:--} $tuned $gpus" >> "$TABLE"
+  echo "== workers $W: rc=$rc wall_s=$wall"
+  tail -25 "$OUT/tuning_workers$W.log"
 done
 unset TRITON_CACHE_DIR
 export NSA_DSL_CACHE_DIR=/tmp/tune_grid
-[ "${GRID:-1}" = 1 ] && timeout "${T_GRID:-240}" python bench/bench_tuning.py --spec nsa_paper --kernels "" --grid-kernel slc_topk \
-  --grid-T 8192 --grid-jobs 14 --deadline-s "${T_GRID_DL:-220}" --out "$OUT" 2>&1 | grep -v "^TRIAL" | tail -20
-cat "$OUT/tuning_workers.txt"
+if [ "${GRID:-1}" = 1 ]; then
+  timeout "${T_GRID:-240}" python bench/bench_tuning.py --spec nsa_paper --kernels "" --grid-kernel slc_topk \
+    --grid-T 8192 --grid-jobs 14 --deadline-s "${T_GRID_DL:-220}" --out "$OUT" 2>&1 | grep -v "^TRIAL" | tail -20
+fi
+echo "nsa-tune $SPEC --seq-lens $SEQ_LENS --kernels $KERNELS --trials $TRIALS, empty caches per row:"
+python3 - "$TABLE" << 'EOF'
+import sys
+rows = [l.split() for l in open(sys.argv[1]) if l.strip()]
+print(f"{'workers':>7} {'rc':>3} {'wall s':>8} {'nsa-tune s':>10} {'jobs tuned':>10} {'GPUs used':>9} {'gain':>6}")
+one = [r for r in rows if r[0] == "1"] or rows[:1]
+base = float(one[0][2]) if one else None  # the gain is over the 1-worker run (else the first row)
+for w, rc, wall, total, tuned, gpus in rows:
+    gain = f"{base / float(wall):.2f}x" if base and float(wall) > 0 else "-"
+    print(f"{w:>7} {rc:>3} {wall:>8} {total:>10} {tuned:>10} {gpus:>9} {gain:>6}")
+EOF

@@ -234,9 +234,42 @@ def _first_line(e: BaseException) -> str:
     return s[0][:300] if s else ""
 
 
+def _alive(pid: Any) -> bool:
+    """Whether process ``pid`` (of this host) is running."""
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError, TypeError, ValueError):
+        return isinstance(pid, int)
+    return True
+
+
+def _busy_elsewhere(study: Any, live: dict[int, bool] | None = None) -> dict[str, int]:
+    """Configs (canonical JSON -> count) of the trials another live process of this host has taken and not
+    finished: their outcome is coming. A trial left RUNNING by a dead process (interrupted, killed) is not
+    counted, so its point is tried again."""
+    import optuna
+
+    me = os.getpid()
+    live = {} if live is None else live
+    out: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        pid = t.user_attrs.get("worker")
+        c = t.user_attrs.get("config")
+        if pid is None or pid == me or c is None:
+            continue
+        if pid not in live:
+            live[pid] = _alive(pid)
+        if live[pid]:
+            out[c] = out.get(c, 0) + 1
+    return out
+
+
 def _propose(study: Any, ctx: _Ctx) -> tuple[Any, dict[str, Any] | None]:
-    """Ask the sampler for a trial. Invalid points and points already evaluated are told at once (pruned /
-    the earlier value) and come back with config None; otherwise (trial, config to evaluate)."""
+    """Ask the sampler for a trial. Invalid points, points already evaluated and points another live worker
+    is evaluating are told at once (pruned / the earlier value) and come back with config None; otherwise
+    (trial, config to evaluate), marked with this process's id (``worker``) as taken."""
     import optuna
 
     trial = study.ask()
@@ -260,6 +293,11 @@ def _propose(study: Any, ctx: _Ctx) -> tuple[Any, dict[str, Any] | None]:
             trial.set_user_attr("duplicate", True)
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             return trial, None
+    if c in _busy_elsewhere(study):  # another worker is on it: its result will be in the study
+        trial.set_user_attr("duplicate", True)
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        return trial, None
+    trial.set_user_attr("worker", os.getpid())
     return trial, cfg
 
 
@@ -321,7 +359,13 @@ def run_search(
             if attempts >= cap:
                 log.warning("search stopped after %d attempts with %d evaluated candidates", attempts, done)
                 break
-            want = min(batch, target - done)
+            # Trials other workers are evaluating count against the shared budget: the study ends at the
+            # budget instead of each worker taking a last batch of its own; if they cover the rest, wait.
+            busy = sum(_busy_elsewhere(study).values())
+            if done + busy >= target:
+                time.sleep(0.05)
+                continue
+            want = min(batch, target - done - busy)
             todo: list[tuple[Any, dict[str, Any]]] = []
             seen: set[str] = set()
             while len(todo) < want and attempts < cap:

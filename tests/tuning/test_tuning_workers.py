@@ -232,3 +232,49 @@ def test_cli_workers_share_one_pool(tmp_path):
         assert len(ev) >= 8
         pids |= {t.user_attrs["worker"] for t in ev}
     assert 1 <= len(pids) <= 2
+
+
+def test_trials_in_flight_elsewhere_count_against_the_budget(tmp_path):
+    """Trials another live process has taken count against the shared budget and are not evaluated twice;
+    one left RUNNING by a dead process is tried again (in-process, a fake second worker)."""
+    from nsa_dsl.tuning import canonical, search
+    from nsa_dsl.tuning.space import full_config
+    from nsa_dsl.tuning.testing import FakeKernelDef, FakeTarget, fake_time
+    from nsa_dsl.tuning.timing import FakeTimer
+
+    from nsa_dsl import load_spec
+
+    class Lim:
+        name, capability, sm_count, smem_per_block, interpreter = "fake-gpu", (9, 0), 132, 1 << 30, False
+
+    spec, lim, kd = load_spec("tiny"), Lim(), FakeKernelDef()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    storage, name = search.study_storage(tmp_path / "s.journal", "k")
+    study = search.open_study(storage, name, sampler="random", seed=0)
+    base = {"BLOCK_M": 32, "BLOCK_N": 32, "num_stages": 2, "schedule": "group"}
+    busy = [{**base, "num_warps": w} for w in (2, 4)]
+    stale = {**base, "num_warps": 8}
+    for pid, point in [(os.getppid(), busy[0]), (os.getppid(), busy[1]), (dead.pid, stale)]:
+        t = study.ask({p: _dist(kd.space(spec, lim)[p]) for p in point})
+        t.set_user_attr("config", canonical(full_config(kd, spec, point, lim)))
+        t.set_user_attr("worker", pid)
+    assert search._busy_elsewhere(study) == {canonical(c): 1 for c in busy}  # the dead one is not counted
+    for point in [*busy, stale]:  # the sampler proposes these first
+        study.enqueue_trial(point)
+    timer = FakeTimer(fake_time)
+    ctx = search._Ctx(kd, spec, lim, kd.space(spec, lim), FakeTarget(fail=lambda c: False), timer)
+    t0 = time.monotonic()
+    search.run_search(study, ctx, trials=6, budget_seconds=2.0, n_valid=198)
+    assert time.monotonic() - t0 >= 2.0  # waited for the two foreign trials to finish, up to the budget
+    ev = search.evaluated_trials(study)
+    assert len(ev) == 4 and timer.calls == 4  # 6 minus the 2 in flight elsewhere
+    configs = [t.user_attrs["config"] for t in ev]
+    assert canonical(stale) in configs  # the dead process's point is evaluated again
+    assert not {canonical(c) for c in busy} & set(configs)
+
+
+def _dist(choices):
+    import optuna
+
+    return optuna.distributions.CategoricalDistribution(choices)
