@@ -281,9 +281,9 @@ def _shape_variants(key) -> list[tuple[str, tuple | None]]:
     return out
 
 
-def warm(index: int) -> None:
-    """Compile every (variant, splits) of comparison shape ``index`` (one decode call each, no timing);
-    one process per shape runs these in parallel before the timing (Triton's disk cache keeps them)."""
+def warm(index: int, part: int = 0, parts: int = 1) -> None:
+    """Compile every ``parts``-th (variant, splits) of comparison shape ``index`` from ``part`` on (one decode
+    call each, no timing); parallel processes run these before the timing (Triton's disk cache keeps them)."""
     key = COMPARE_SHAPES[index]
     spec_name, B, T = key  # noqa: N806
     spec = nsa_dsl.load_spec(spec_name)
@@ -292,7 +292,7 @@ def warm(index: int) -> None:
     cache = _nsa_cache(spec, B, min(T, 65536))  # same specialisations as the full length, less memory
     q = torch.randn(B, 1, a.heads, a.head_dim_qk, device=DEVICE, dtype=torch.bfloat16)
     g = torch.rand(B, 1, a.heads, 3, device=DEVICE, dtype=torch.bfloat16)
-    for name, sp in _shape_variants(key):
+    for name, sp in _shape_variants(key)[part::parts]:
         t0 = time.time()
         ops = base.with_config("decode", variants()[name]) if variants()[name] else base
         try:
@@ -358,10 +358,10 @@ def compare(outdir: Path, tmax: int) -> None:
         dense = [x for x in row["dense"].values() if isinstance(x, float)]
         row.update(nsa_must_bytes=must, nsa_moved_bytes=moved, dense_best_us=min(dense) if dense else None)
         rows.append(row)
-        old, new = row["nsa"].get("legacy", {}).get("us"), row["nsa"].get("new", {}).get("us")
-        best_lbl = min((k for k, v in row["nsa"].items() if "us" in v), key=lambda k: row["nsa"][k]["us"])
-        print(f"{spec_name:11s} B={B:2d} T={T:6d} legacy {old:7.1f} new {new:7.1f} best {best_lbl} "
-              f"{row['nsa'][best_lbl]['us']:.1f} | dense {row['dense_best_us']:.1f} us", flush=True)
+        timed = {k: v["us"] for k, v in row["nsa"].items() if "us" in v}
+        best_lbl = min(timed, key=timed.get) if timed else None
+        print(f"{spec_name:11s} B={B:2d} T={T:6d} legacy {timed.get('legacy')} new {timed.get('new')} best "
+              f"{best_lbl} {timed.get(best_lbl)} | dense {row['dense_best_us']} us", flush=True)
         for k, v in row["nsa"].items():
             print(f"    {k}: {v.get('us', v.get('error'))} diff {v.get('max_diff_vs_first', '')}", flush=True)
             for kk, x in v.get("kernels_us", {}).items():
@@ -386,10 +386,10 @@ def _write_compare(outdir: Path, meta: dict, rows: list[dict]) -> None:
         n = r["nsa"]
         old, new = n.get("legacy", {}).get("us"), n.get("new", {}).get("us")
         ok = {k: v["us"] for k, v in n.items() if "us" in v}
-        bl = min(ok, key=ok.get)
         d = r["dense_best_us"]
         if old is None or new is None or d is None:
             continue
+        bl = min(ok, key=ok.get)
         tb = r["nsa_must_bytes"] / (new * 1e-6) / 1e12
         lines.append(
             f"| {r['spec']} | {r['B']} | {r['T']} | {old:.1f} | {new:.1f} | {new / old:.2f} | "
@@ -409,11 +409,13 @@ def main() -> None:
     ap.add_argument("--tmax", type=int, default=131072)
     ap.add_argument("--compare", action="store_true", help="old vs new decode options (decode_compare.*)")
     ap.add_argument("--warm", type=int, metavar="I", help="compile the --compare variants of shape I")
+    ap.add_argument("--part", default="0/1", help="with --warm: P/N, every N-th variant from the P-th")
     args = ap.parse_args()
     outdir = Path(args.out)
     outdir.mkdir(parents=True, exist_ok=True)
     if args.warm is not None:
-        warm(args.warm)
+        part, parts = (int(x) for x in args.part.split("/"))
+        warm(args.warm, part, parts)
         return
     if args.compare:
         compare(outdir, args.tmax)
