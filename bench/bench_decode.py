@@ -235,6 +235,8 @@ def variants() -> dict[str, dict]:
         "new": {},
         "new_topk_w4": {"topk_warps": 4},
         "new_last": {"COMBINE": "last"},
+        "new_last_rows": {"COMBINE": "last_rows"},
+        "new_last_rows_cmp_pf": {"COMBINE": "last_rows", "CMP_PREFETCH": 1},
         "no_sw_prefetch": {"SW_PREFETCH": 0},
         "no_topk_prefetch": {"PREFETCH": 0},
         "lse_loop": {"LSE_MERGE": "loop"},

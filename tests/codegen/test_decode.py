@@ -35,6 +35,8 @@ OPTIONS = {
                   "SKIP": 0},
     "last_tile": {"COMBINE": "last", "LSE_MERGE": "tile", "PREFETCH": 1, "SW_PREFETCH": 0, "CMP_PREFETCH": 2,
                   "SKIP": 0},  # CMP_PREFETCH 2: prefetch only at split_cmp >= 8
+    "last_rows": {"COMBINE": "last_rows", "LSE_MERGE": "tile", "PREFETCH": 1, "SW_PREFETCH": 1,
+                  "CMP_PREFETCH": 0},
 }
 
 
@@ -59,7 +61,7 @@ def _check_indices(spec, idx, scores, ref_idx, t):
         torch.testing.assert_close(torch.tensor(sg), torch.tensor(sw), rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("option", ["legacy", "new"])
+@pytest.mark.parametrize("option", ["legacy", "new", "last_rows"])
 @pytest.mark.parametrize("name", list(SPECS))
 def test_kernel_token_by_token_matches_full_forward(name, option):
     spec = SPECS[name].replace(attention={"dtype": "float32"})
@@ -86,7 +88,7 @@ def test_kernel_token_by_token_matches_full_forward(name, option):
             _check_indices(spec, idx[b, 0], scores[b, t], ref_idx[b, t], t)
 
 
-@pytest.mark.parametrize("option", ["rows_loop", "last_tile"])
+@pytest.mark.parametrize("option", ["rows_loop", "last_tile", "last_rows"])
 @pytest.mark.parametrize("S", [1, 3])
 def test_kernel_mixed_lengths_multi_token(S, option):  # noqa: N803
     spec = SPECS["tiny"]  # float32
@@ -171,8 +173,9 @@ def test_gpu_bf16_decode_8k_matches_reference():
     ref_cache = _as_float(cache)
     details: dict = {}
     decode_reference(q.float(), ref_cache, g.float(), details=details)
-    variants = [ops.with_config("decode", OPTIONS[name]) for name in ("legacy", "rows_loop", "last_tile")]
-    for op, sp in [(ops, x) for x in SPLITS + [None]] + [(v, x) for v in variants for x in ((3, 2, 2), None)]:
+    variants = [ops.with_config("decode", OPTIONS[n]) for n in ("legacy", "rows_loop", "last_tile", "last_rows")]
+    more = [(v, x) for v in variants for x in ((3, 2, 2), (8, 4, 4), None)]
+    for op, sp in [(ops, x) for x in SPLITS + [None]] + more:
         o, idx = decode(op, q, cache, g, splits=sp, return_indices=True)
         # bf16 scores may order near-equal blocks differently: the chosen blocks must score like the
         # reference top-n (sorted scores within bf16 tolerance), and the output must equal the reference
