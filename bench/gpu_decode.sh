@@ -2,7 +2,7 @@
 # One device call for the decode (issue 5, second pass): the GPU-marked decode tests and one warm-up compile
 # process per comparison shape in parallel first, then the old-vs-new timing alone on the card
 # (bench_decode.py --compare: legacy vs new decode options, variants and splits, dense SDPA, same process).
-# Usage on the device: OUT=/some/dir [TEST_LIMIT=150] [WARM_LIMIT=150] [BENCH_LIMIT=200] [TMAX=131072] \
+# Usage on the device: OUT=/some/dir [TEST_LIMIT=180] [WARM_LIMIT=150] [BENCH_LIMIT=190] [TMAX=131072] \
 #   bash bench/gpu_decode.sh
 set -u
 OUT=${OUT:-/tmp/nsa_decode_out}
@@ -25,7 +25,7 @@ for name in ('test_gpu_bf16_decode_8k_matches_reference', 'test_gpu_cuda_graph_r
 "
   fi
 }
-( timeout "${TEST_LIMIT:-150}" bash -c "$(declare -f gpu_tests); PY=$PY gpu_tests" > "$OUT/pytest_gpu.txt" 2>&1;
+( timeout "${TEST_LIMIT:-180}" bash -c "$(declare -f gpu_tests); PY=$PY gpu_tests" > "$OUT/pytest_gpu.txt" 2>&1;
   echo "gpu tests rc=$?" >> "$OUT/pytest_gpu.txt" ) &
 # "I P/N" jobs: the shapes with many variants are split over 3 processes (one compile process per core)
 JOBS=$($PY -c "
@@ -42,7 +42,7 @@ for j in $JOBS; do
 done
 wait
 for f in /tmp/warm_dec_*.txt; do cat "$f" >> "$OUT/warm.txt"; done
-timeout "${BENCH_LIMIT:-200}" $PY bench/bench_decode.py --compare --tmax "${TMAX:-131072}" --out "$OUT" \
+timeout "${BENCH_LIMIT:-190}" $PY bench/bench_decode.py --compare --tmax "${TMAX:-131072}" --out "$OUT" \
   > "$OUT/bench_log.txt" 2>&1
 echo "bench rc=$?" >> "$OUT/bench_log.txt"
 echo "=== tests"; tail -15 "$OUT/pytest_gpu.txt"

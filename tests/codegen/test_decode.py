@@ -173,8 +173,9 @@ def test_gpu_bf16_decode_8k_matches_reference():
     ref_cache = _as_float(cache)
     details: dict = {}
     decode_reference(q.float(), ref_cache, g.float(), details=details)
-    variants = [ops.with_config("decode", OPTIONS[n]) for n in OPTIONS if n != "new"]
-    more = [(v, x) for v in variants for x in ((3, 2, 2), (8, 4, 4), None)]
+    variants = {n: ops.with_config("decode", OPTIONS[n]) for n in OPTIONS if n != "new"}
+    more = [(v, x) for v in variants.values() for x in ((3, 2, 2), None)]
+    more.append((variants["last_tile"], (8, 4, 4)))  # CMP_PREFETCH = 2 prefetches at split_cmp >= 8
     for op, sp in [(ops, x) for x in SPLITS + [None]] + more:
         o, idx = decode(op, q, cache, g, splits=sp, return_indices=True)
         # bf16 scores may order near-equal blocks differently: the chosen blocks must score like the
