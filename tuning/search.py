@@ -234,34 +234,68 @@ def _first_line(e: BaseException) -> str:
     return s[0][:300] if s else ""
 
 
-def _alive(pid: Any) -> bool:
-    """Whether process ``pid`` (of this host) is running."""
+def _start_time(pid: int) -> str:
+    """Process ``pid``'s start time in clock ticks since boot (Linux ``/proc``), or "" where unknown."""
     try:
-        os.kill(int(pid), 0)
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+_TOKENS: dict[int, str] = {}
+
+
+def _process_token() -> str:
+    """``host:pid:start time`` of this process: names it uniquely, also after its pid is reused."""
+    import socket
+
+    pid = os.getpid()
+    if pid not in _TOKENS:
+        _TOKENS[pid] = f"{socket.gethostname()}:{pid}:{_start_time(pid)}"
+    return _TOKENS[pid]
+
+
+def _token_alive(token: Any) -> bool:
+    """Whether the process a ``_process_token`` names is still running (only processes of this host are
+    checked; others count as gone)."""
+    import socket
+
+    try:
+        host, pid_s, start = str(token).rsplit(":", 2)
+        pid = int(pid_s)
+    except ValueError:
+        return False
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, OSError, TypeError, ValueError):
-        return isinstance(pid, int)
-    return True
+    except PermissionError:
+        pass
+    except OSError:
+        return False
+    return _start_time(pid) == start  # a reused pid is another process
 
 
-def _busy_elsewhere(study: Any, live: dict[int, bool] | None = None) -> dict[str, int]:
+def _busy_elsewhere(study: Any) -> dict[str, int]:
     """Configs (canonical JSON -> count) of the trials another live process of this host has taken and not
     finished: their outcome is coming. A trial left RUNNING by a dead process (interrupted, killed) is not
     counted, so its point is tried again."""
     import optuna
 
-    me = os.getpid()
-    live = {} if live is None else live
+    me = _process_token()
+    live: dict[str, bool] = {}
     out: dict[str, int] = {}
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        pid = t.user_attrs.get("worker")
+        tok = t.user_attrs.get("taken_by")
         c = t.user_attrs.get("config")
-        if pid is None or pid == me or c is None:
+        if tok is None or tok == me or c is None:
             continue
-        if pid not in live:
-            live[pid] = _alive(pid)
-        if live[pid]:
+        if tok not in live:
+            live[tok] = _token_alive(tok)
+        if live[tok]:
             out[c] = out.get(c, 0) + 1
     return out
 
@@ -298,6 +332,7 @@ def _propose(study: Any, ctx: _Ctx) -> tuple[Any, dict[str, Any] | None]:
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         return trial, None
     trial.set_user_attr("worker", os.getpid())
+    trial.set_user_attr("taken_by", _process_token())
     return trial, cfg
 
 
@@ -419,6 +454,7 @@ def _precompile_one(desc: tuple, config: dict[str, Any]) -> str | None:
             from nsa_dsl.spec import NSASpec
 
             tgt = _make_target(factory, NSASpec.from_dict(json.loads(spec_d)), kernel, T, B, limits, None)
+            _CHILD_TARGETS.clear()  # one job at a time: the previous job's target (its gate inputs) goes
             _CHILD_TARGETS[desc[:4]] = tgt
         built = tgt.build(config)
         tgt.gate(built, config)
@@ -899,9 +935,25 @@ def _search_job(job: dict[str, Any], rank: int, cache: dict[str, Any]) -> None:
     )
 
 
+def _device_broken() -> str | None:
+    """Why this process's CUDA context is unusable (a sticky error such as an illegal memory access left by a
+    candidate), or None."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    try:
+        if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+            return None
+        torch.cuda.synchronize()
+    except Exception as e:  # noqa: BLE001 - the error is the answer
+        return f"{type(e).__name__}: {_first_line(e)}"
+    return None
+
+
 def _pool_worker_main(rank: int, conn: Any) -> None:
     """One persistent worker process of a ``WorkerPool``: report ready, then run the jobs that arrive on
-    ``conn`` one by one (answering ``("done" | "error", job id, rank, error line)``) until the ``None``
+    ``conn`` one by one (answering ``("done" | "error", job id, rank, error line, device error)``; a device
+    error (a sticky CUDA error) means that it exits after this answer) until the ``None``
     sentinel, EOF, or the parent's death. Its compile pool and cached target live across jobs."""
     import signal
 
@@ -930,9 +982,14 @@ def _pool_worker_main(rank: int, conn: Any) -> None:
                 msg = ("done", job["id"], rank, None)
             except BaseException as e:  # noqa: BLE001 - sent to the parent, which raises it in one line
                 msg = ("error", job["id"], rank, f"{type(e).__name__}: {_first_line(e)}")
+            # A sticky CUDA error would fail every later candidate here: say so, and exit after this job (the
+            # pool starts a new worker for the next one).
+            broken = _device_broken()
             try:
-                conn.send(msg)
+                conn.send((*msg, broken))
             except (BrokenPipeError, OSError):
+                return
+            if broken:
                 return
     finally:
         # A multiprocessing child skips atexit handlers and joins its non-daemon children on exit: the idle
@@ -1113,6 +1170,17 @@ class WorkerPool:
                     pending.discard(r)
                     if msg[0] == "error":
                         errors.append(f"{self._describe(r)} failed {what}: {msg[3]}")
+                    if msg[4]:  # it exits now; wait for that, so that the next job starts a new one
+                        log.warning(
+                            "%s: device unusable (%s) %s; it is replaced at the next job",
+                            self._describe(r),
+                            msg[4],
+                            what,
+                        )
+                        self._procs[r].join(timeout=self.exit_timeout_s)
+                        if self._procs[r].is_alive():
+                            self._procs[r].terminate()
+                            self._procs[r].join(timeout=5)
             if pending and self.job_timeout_s is not None and time.monotonic() - t0 > self.job_timeout_s:
                 for r in sorted(pending):
                     errors.append(
