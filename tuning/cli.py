@@ -90,7 +90,7 @@ def _tune_parser() -> argparse.ArgumentParser:
         "--workers",
         type=_positive("--workers", int),
         default=1,
-        help="worker processes, one GPU each, sharing one Optuna storage",
+        help="worker processes, one GPU each, started once per run, sharing each job's Optuna study",
     )
     p.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
     p.add_argument(

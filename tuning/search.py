@@ -9,6 +9,11 @@ points already evaluated reuse their result. Compile errors and out-of-resource 
 The study lives in an Optuna journal file under ``<cache_root>/tuning/studies/`` named after the record
 key, so an interrupted run resumes where it stopped and several worker processes (one per GPU) can share it.
 
+Several GPUs (``--workers N``): a ``WorkerPool`` starts N processes once (worker i sees only GPU i) and keeps
+them, with their compile pools, for every kernel x shape job of a run; each job goes to all of them and they
+share its study and its trial budget (a trial another live worker has taken counts against the budget and is
+not proposed twice). This process then re-times the best candidates and chooses, exactly as with one worker.
+
 Sampler: TPE (seeded, multivariate). The spaces are small, categorical and structured (tiles x warps x
 stages x schedule), where a model of good vs bad points can beat uniform sampling; Optuna's CMA-ES leaves
 categorical parameters to its independent fallback sampler, and a grid is too slow beyond a few hundred
@@ -1039,6 +1044,7 @@ class WorkerPool:
         self._conns: list[Any] = [None] * self.n
         self._job_id = 0
         self._closed = False
+        self._why = ""  # why the pool closed itself (a worker that could not start)
         self._atexit = False
 
     def __enter__(self) -> WorkerPool:
@@ -1070,7 +1076,7 @@ class WorkerPool:
         import multiprocessing as mp
 
         if self._closed:
-            raise RuntimeError("workers: the pool is closed")
+            raise WorkerError(f"workers: the pool is closed{f' ({self._why})' if self._why else ''}")
         ctx = mp.get_context("spawn")
         old = os.environ.get("CUDA_VISIBLE_DEVICES")
         visible = self.devices or (
@@ -1108,6 +1114,7 @@ class WorkerPool:
             for r, msg in self._recv(waiting):
                 if msg is None:
                     err = self._death(r, "while starting")
+                    self._why = err
                     self.close(terminate=True)
                     raise WorkerError(f"workers: {err}")
                 if msg[0] == "ready":
@@ -1115,8 +1122,9 @@ class WorkerPool:
                     waiting.discard(r)
             if waiting and time.monotonic() > deadline:
                 late = ", ".join(self._describe(r) for r in sorted(waiting))
+                self._why = f"{late} not ready within {self.start_timeout_s:g} s"
                 self.close(terminate=True)
-                raise WorkerError(f"workers: {late} not ready within {self.start_timeout_s:g} s")
+                raise WorkerError(f"workers: {self._why}")
 
     def _recv(self, ranks: set[int], timeout: float = 0.5) -> list[tuple[int, Any]]:
         """Messages that arrive from ``ranks`` within ``timeout`` as (rank, message); message None: that

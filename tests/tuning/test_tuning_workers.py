@@ -295,3 +295,17 @@ def _dist(choices):
     import optuna
 
     return optuna.distributions.CategoricalDistribution(choices)
+
+
+def test_pool_arguments_and_closed_pool():
+    from nsa_dsl.tuning.search import WorkerError, WorkerPool
+
+    with pytest.raises(ValueError, match="workers: must be >= 1"):
+        WorkerPool(0)
+    with pytest.raises(ValueError, match="devices"):
+        WorkerPool(2, devices=[])
+    pool = WorkerPool(2)
+    pool.close()  # never started: nothing to stop
+    assert pool.pids == [None, None]
+    with pytest.raises(WorkerError, match="the pool is closed"):
+        pool.run_job({"kernel": "k", "T": 1})
