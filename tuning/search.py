@@ -12,7 +12,8 @@ key, so an interrupted run resumes where it stopped and several worker processes
 Several GPUs (``--workers N``): a ``WorkerPool`` starts N processes once (worker i sees only GPU i) and keeps
 them, with their compile pools, for every kernel x shape job of a run; each job goes to all of them and they
 share its study and its trial budget (a trial another live worker has taken counts against the budget and is
-not proposed twice). This process then re-times the best candidates and chooses, exactly as with one worker.
+not proposed twice). Worker 0 then re-times the best candidates (its target and kernels are loaded already)
+and this process chooses, by the same rule as with one worker.
 
 Sampler: TPE (seeded, multivariate). The spaces are small, categorical and structured (tiles x warps x
 stages x schedule), where a model of good vs bad points can beat uniform sampling; Optuna's CMA-ES leaves
@@ -599,6 +600,48 @@ def _study_counts(study: Any) -> dict[str, int]:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _confirm(
+    study: Any, ctx: _Ctx, default_cfg: dict[str, Any], *, kernel: str, confirm: int, tie_tol: float
+) -> tuple[dict[str, float], float | None]:
+    """(candidate times to choose from, the default's time) after a search: the study's times plus the
+    default (measured now if the study lacks it), then, with ``confirm`` > 0, fresh readings of the candidates
+    near the best and of the default. Empty times: every candidate failed."""
+    times = _study_times(study)
+    dc = canonical(default_cfg)
+    default_ms = times.get(dc)
+    if default_ms is None:
+        try:
+            default_ms = _evaluate(ctx, default_cfg)
+        except Exception as e:  # the default itself failed: record it, any valid candidate beats it
+            log.warning("kernel %s: the default config failed (%s)", kernel, _first_line(e))
+    if default_ms is not None and dc not in times:
+        # The default is always a candidate, also when it is not a point of the space (a KernelDef whose
+        # default omits a parameter the space lists): the result is never slower than the default.
+        times[dc] = default_ms
+    if not times:
+        return times, default_ms
+
+    # Confirmation: re-time the candidates near the best (within 2 * tie_tol, at most ``confirm`` of them, by
+    # time then JSON) and the default, in a fixed order; the choice is made among these fresh readings so that
+    # one lucky reading cannot decide.
+    if confirm > 0 and len(times) > 1:
+        best = min(times.values())
+        near = sorted((c for c in times if times[c] <= best * (1 + 2 * tie_tol)), key=lambda c: (times[c], c))
+        ranked = near[: max(confirm, 1)]
+        if default_ms is not None and dc in times and dc not in ranked:
+            ranked.append(dc)
+        fresh: dict[str, float] = {}
+        for c in sorted(ranked):
+            try:
+                fresh[c] = _evaluate(ctx, _cfg_from_canonical(c))
+            except Exception as e:
+                log.warning("re-timing %s failed (%s); dropped", c, _first_line(e))
+        if fresh:
+            times = fresh
+            default_ms = fresh.get(dc, default_ms)
+    return times, default_ms
+
+
 def _in_grid(point: dict[str, Any], space: dict[str, list[Any]]) -> bool:
     return all(p in point and point[p] in space[p] for p in space)
 
@@ -638,7 +681,7 @@ def tune_kernel(
     sharing the study's journal storage (Optuna's distributed optimisation); they are started for this call
     only. ``pool``: an open ``WorkerPool`` that runs the search instead (its size decides; ``workers`` is
     ignored), so that several calls share one set of started workers (``nsa-tune`` does this). With workers,
-    this process does the final re-timing and choice (on its own GPU, the first visible one).
+    worker 0 re-times the best candidates on its GPU and this process chooses.
     ``compile_jobs``: processes that compile each batch of candidates in parallel before they are timed
     (None = ``auto_compile_jobs()``, split between the workers; 0 or 1 = compile in the search process).
     """
@@ -750,14 +793,16 @@ def tune_kernel(
             if progress:
                 progress(len(evaluated_trials(study)), goal)
 
-        if pool is not None:
-            pool.run_job(job, progress=poll)
-        else:
-            with WorkerPool(workers) as tmp:
-                tmp.run_job(job, progress=poll)
-    timer = timer or default_timer()
-    ctx = _Ctx(kdef=kdef, spec=spec, limits=limits, space=space, target=target, timer=timer)
-    if not use_pool:
+        # The search on every worker, then the confirmation on worker 0, whose target and kernels are loaded
+        # already (and once every worker has finished: it reads the complete study).
+        check = {**job, "op": "confirm", "default": default_cfg, "confirm": confirm, "tie_tol": tie_tol}
+        with contextlib.ExitStack() as stack:
+            p = pool if pool is not None else stack.enter_context(WorkerPool(workers))
+            p.run_job(job, progress=poll)
+            times, default_ms = p.run_job(check, ranks=[0])[0]
+    else:
+        timer = timer or default_timer()
+        ctx = _Ctx(kdef=kdef, spec=spec, limits=limits, space=space, target=target, timer=timer)
         jobs = auto_compile_jobs() if compile_jobs is None else int(compile_jobs)
         pre = Precompiler(jobs, spec, kernel, T, B, limits, target_factory) if jobs > 1 else None
         run_search(
@@ -769,19 +814,7 @@ def tune_kernel(
             progress=progress,
             precompile=pre,
         )
-
-    times = _study_times(study)
-    dc = canonical(default_cfg)
-    default_ms = times.get(dc)
-    if default_ms is None:
-        try:
-            default_ms = _evaluate(ctx, default_cfg)
-        except Exception as e:  # the default itself failed: record it, any valid candidate beats it
-            log.warning("kernel %s: the default config failed (%s)", kernel, _first_line(e))
-    if default_ms is not None and dc not in times:
-        # The default is always a candidate, also when it is not a point of the space (a KernelDef whose
-        # default omits a parameter the space lists): the result is never slower than the default.
-        times[dc] = default_ms
+        times, default_ms = _confirm(study, ctx, default_cfg, kernel=kernel, confirm=confirm, tie_tol=tie_tol)
     if not times:
         errs = [
             t.user_attrs.get("error") or t.user_attrs.get("rejected")
@@ -789,25 +822,7 @@ def tune_kernel(
         ]
         first = next((e for e in errs if e), "no candidate was evaluated")
         raise RuntimeError(f"kernel {kernel}: every candidate failed (first: {first})")
-
-    # Confirmation: re-time the candidates near the best (within 2 * tie_tol, at most ``confirm`` of them, by
-    # time then JSON) and the default, in a fixed order; the choice is made among these fresh readings so that
-    # one lucky reading cannot decide.
-    if confirm > 0 and len(times) > 1:
-        best = min(times.values())
-        near = sorted((c for c in times if times[c] <= best * (1 + 2 * tie_tol)), key=lambda c: (times[c], c))
-        ranked = near[: max(confirm, 1)]
-        if default_ms is not None and dc in times and dc not in ranked:
-            ranked.append(dc)
-        fresh: dict[str, float] = {}
-        for c in sorted(ranked):
-            try:
-                fresh[c] = _evaluate(ctx, _cfg_from_canonical(c))
-            except Exception as e:
-                log.warning("re-timing %s failed (%s); dropped", c, _first_line(e))
-        if fresh:
-            times = fresh
-            default_ms = fresh.get(dc, default_ms)
+    dc = canonical(default_cfg)
     win = choose(times, default=dc if dc in times else None, tie_tol=tie_tol)
     counts = _study_counts(study)
     res = TuneResult(
@@ -901,8 +916,8 @@ def _cached_target(cache: dict[str, Any], job: dict[str, Any], spec: Any) -> Any
     return tgt
 
 
-def _search_job(job: dict[str, Any], rank: int, cache: dict[str, Any]) -> None:
-    """In a worker: open the job's shared study and search until the study-wide budget is reached."""
+def _job_ctx(job: dict[str, Any], rank: int, cache: dict[str, Any]) -> tuple[Any, Any, _Ctx]:
+    """In a worker: (spec, the job's shared study, the search context with the cached target)."""
     from nsa_dsl.spec import NSASpec
 
     spec = NSASpec.from_dict(job["spec"])
@@ -923,6 +938,13 @@ def _search_job(job: dict[str, Any], rank: int, cache: dict[str, Any]) -> None:
         target=_cached_target(cache, job, spec),
         timer=timer,
     )
+    return spec, study, ctx
+
+
+def _search_job(job: dict[str, Any], rank: int, cache: dict[str, Any]) -> None:
+    """In a worker: search the job's shared study until the study-wide budget is reached."""
+    spec, study, ctx = _job_ctx(job, rank, cache)
+    limits = job["limits"]
     jobs = int(job.get("compile_jobs") or 0)
     # The compile pool (module-level ``_POOLS``, keyed by its size) stays up between jobs.
     pre = (
@@ -982,8 +1004,20 @@ def _pool_worker_main(rank: int, conn: Any) -> None:
                 return
             if job is None:
                 return
+            payload: Any = None
             try:
-                _search_job(job, rank, cache)
+                if job.get("op") == "confirm":
+                    _, study, ctx = _job_ctx(job, rank, cache)
+                    payload = _confirm(
+                        study,
+                        ctx,
+                        job["default"],
+                        kernel=job["kernel"],
+                        confirm=job["confirm"],
+                        tie_tol=job["tie_tol"],
+                    )
+                else:
+                    _search_job(job, rank, cache)
                 msg = ("done", job["id"], rank, None)
             except BaseException as e:  # noqa: BLE001 - sent to the parent, which raises it in one line
                 msg = ("error", job["id"], rank, f"{type(e).__name__}: {_first_line(e)}")
@@ -991,7 +1025,7 @@ def _pool_worker_main(rank: int, conn: Any) -> None:
             # pool starts a new worker for the next one).
             broken = _device_broken()
             try:
-                conn.send((*msg, broken))
+                conn.send((*msg, broken, payload))
             except (BrokenPipeError, OSError):
                 return
             if broken:
@@ -1150,17 +1184,26 @@ class WorkerPool:
                 out.append((r, msg))
         return out
 
-    def run_job(self, job: dict[str, Any], *, progress: Callable[[], None] | None = None) -> None:
-        """Run one search job (see ``tune_kernel``) on every worker and return when all have finished it;
-        ``progress()`` is called about twice a second meanwhile. Raises ``WorkerError`` (one line) if a
-        worker failed, died or (with ``job_timeout_s``) overran; the pool stays usable."""
+    def run_job(
+        self,
+        job: dict[str, Any],
+        *,
+        progress: Callable[[], None] | None = None,
+        ranks: list[int] | None = None,
+    ) -> dict[int, Any]:
+        """Run one job (see ``tune_kernel``: ``op`` "search", the default, or "confirm") on every worker (or
+        on ``ranks``) and return when all have finished it, with each worker's answer (rank -> the
+        confirmation's times, None for a search); ``progress()`` is called about twice a second. Raises
+        ``WorkerError`` (one line) if a worker failed, died or (with ``job_timeout_s``) overran; the pool
+        stays usable."""
         self.start()
         self._job_id += 1
         jid = self._job_id
         what = f"during {job.get('kernel')} T={job.get('T')}"
         errors: list[str] = []
+        answers: dict[int, Any] = {}
         pending: set[int] = set()
-        for r in range(self.n):
+        for r in range(self.n) if ranks is None else ranks:
             try:
                 self._conns[r].send({**job, "id": jid})
                 pending.add(r)
@@ -1176,6 +1219,7 @@ class WorkerPool:
                     pending.discard(r)
                 elif msg[0] in ("done", "error") and msg[1] == jid:
                     pending.discard(r)
+                    answers[r] = msg[5]
                     if msg[0] == "error":
                         errors.append(f"{self._describe(r)} failed {what}: {msg[3]}")
                     if msg[4]:  # it exits now; wait for that, so that the next job starts a new one
@@ -1202,6 +1246,7 @@ class WorkerPool:
         if errors:
             more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
             raise WorkerError(f"workers: {errors[0]}{more}")
+        return answers
 
     def close(self, terminate: bool = False) -> None:
         """Shut the workers down: a sentinel each (they shut their compile pools down and exit), then join;

@@ -68,8 +68,12 @@ class Slow(FakeTarget):
         ):
             os.kill(os.getpid(), signal.SIGKILL)  # worker 1 dies in the middle of this job
         me = multiprocessing.current_process().name
-        if str(self.T) == os.environ.get("BREAK_T") and me == "nsa-tune-worker-0":
-            import nsa_dsl.tuning.search as search  # worker 0's device "breaks" (a sticky CUDA error)
+        flag = os.environ.get("BREAK_FLAG", "")
+        once = not os.path.isfile(flag)
+        if str(self.T) == os.environ.get("BREAK_T") and me == "nsa-tune-worker-0" and once:
+            import nsa_dsl.tuning.search as search  # worker 0's device "breaks" (a sticky CUDA error), once
+
+            open(flag, "w").close()
 
             search._device_broken = lambda: "RuntimeError: CUDA error: an illegal memory access"
         return super().build(config)
@@ -118,6 +122,7 @@ _KILL = (
 if __name__ == "__main__":
     os.environ.pop("CUDA_VISIBLE_DEVICES", None)
     os.environ["KILL_T"], os.environ["BREAK_T"] = "2000", "8000"  # inherited by the workers
+    os.environ["BREAK_FLAG"] = f"{sys.argv[1]}/broke"
     tmp = sys.argv[1]
     out = {}
     with WorkerPool(2) as pool:
@@ -130,7 +135,8 @@ if __name__ == "__main__":
             out["error"] = str(e)
         res = tune(4000, fake_time, f"{tmp}/c.journal", pool=pool, compile_jobs=2)
         out["after"], out["starts"], out["trials_after"] = pool.pids, pool.starts, res.trials
-        # a worker whose device broke finishes its job, then exits; the next job gets a new worker 0
+        # a worker whose device broke finishes its search, then exits; the confirmation (worker 0's) and the
+        # next job run on a new worker 0
         tune(8000, fake_time, f"{tmp}/d.journal", pool=pool, compile_jobs=2)
         res = tune(16000, fake_time, f"{tmp}/e.journal", pool=pool, compile_jobs=2)
         out["after_break"], out["starts_break"], out["trials_break"] = pool.pids, pool.starts, res.trials
