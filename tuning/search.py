@@ -983,6 +983,7 @@ def _pool_worker_main(rank: int, conn: Any) -> None:
     error (a sticky CUDA error) means that it exits after this answer) until the ``None``
     sentinel, EOF, or the parent's death. Its compile pool and cached target live across jobs."""
     import signal
+    from multiprocessing.reduction import ForkingPickler
 
     from . import _TUNING
 
@@ -999,9 +1000,14 @@ def _pool_worker_main(rank: int, conn: Any) -> None:
                     return
                 continue
             try:
-                job = conn.recv()
+                data = conn.recv_bytes()
             except (EOFError, OSError):
                 return
+            try:
+                job = ForkingPickler.loads(data)
+            except Exception as e:  # e.g. a timer or target factory this process cannot import
+                conn.send(("error", None, rank, f"cannot read the job: {type(e).__name__}: {_first_line(e)}"))
+                continue
             if job is None:
                 return
             payload: Any = None
@@ -1217,6 +1223,9 @@ class WorkerPool:
                 if msg is None:
                     errors.append(self._death(r, what))
                     pending.discard(r)
+                elif msg[0] == "error" and msg[1] is None:  # it could not read the job
+                    pending.discard(r)
+                    errors.append(f"{self._describe(r)} failed {what}: {msg[3]}")
                 elif msg[0] in ("done", "error") and msg[1] == jid:
                     pending.discard(r)
                     answers[r] = msg[5]

@@ -315,3 +315,31 @@ def test_pool_arguments_and_closed_pool():
     assert pool.pids == [None, None]
     with pytest.raises(WorkerError, match="the pool is closed"):
         pool.run_job({"kernel": "k", "T": 1})
+
+
+_UNREADABLE = """
+import json, sys
+from nsa_dsl.tuning.search import WorkerError, WorkerPool
+
+
+class Unreadable:
+    def __reduce__(self):  # unpickles as int("not a number"): the worker cannot read the job
+        return (int, ("not a number",))
+
+
+if __name__ == "__main__":
+    with WorkerPool(1) as pool:
+        try:
+            pool.run_job({"kernel": "fake_fwd", "T": 1000, "timer": Unreadable()})
+            err = None
+        except WorkerError as e:
+            err = str(e)
+        print("RESULT " + json.dumps({"error": err, "alive": pool._procs[0].is_alive()}))
+"""
+
+
+def test_job_a_worker_cannot_read_is_one_line_error(tmp_path):
+    r = _run_script(tmp_path, _UNREADABLE, timeout=60)
+    assert r["error"] and "\n" not in r["error"]
+    assert "worker 0" in r["error"] and "cannot read the job: ValueError" in r["error"]
+    assert r["alive"]  # the worker survives it
