@@ -4,8 +4,8 @@
 # count of WORKERS (default "1 2"), each from an empty tuning cache, empty study journals and an empty Triton
 # cache, so that no run reuses another's compiles; (2) unless GRID=0, the exhaustive slc_topk grid at 8k and
 # the 25%-budget Optuna/random searches on it (bench_tuning.py phases A/B). Logs under $OUT; a short table
-# (workers, exit status, wall seconds, nsa-tune's own total, GPUs that ran tuning processes, wall-time gain over
-# the 1-worker row) comes last. Keep the sum of the timeouts under the device's per-call limit (600 s): with the grid
+# (workers, exit status, wall seconds, nsa-tune's own total, jobs tuned, trials evaluated, geometric-mean
+# speedup of the tuned configs, GPUs that ran tuning processes, wall-time gain over the 1-worker row) comes last. Keep the sum of the timeouts under the device's per-call limit (600 s): with the grid
 # part, lower T_TUNE or run it with GRID=0.
 #   GRID=0 bash bench/gpu_tuning_x2.sh                   # the workers comparison only
 #   SPEC=tiny EXTRA=--fake GRID=0 bash bench/gpu_tuning_x2.sh   # a dry run of the script without a GPU
@@ -56,9 +56,17 @@ print(",".join(sorted(idx.get(u, "?") for u in used)) or "-")
 EOF
   )
   total=$(grep -o "total [0-9.]* s" "$OUT/tuning_workers$W.log" | tail -1 | awk '{print $2}')
-  tuned=$(grep -cE "[│|] tuned +[│|]" "$OUT/tuning_workers$W.log")
+  # jobs tuned, trials evaluated over them (the same budget in every row), geometric-mean speedup
+  read -r tuned trials gm < <(python3 - "$OUT/tuning_workers$W.log" << 'EOF'
+import re, sys
+text = open(sys.argv[1], encoding="utf-8", errors="replace").read()
+rows = [[c.strip() for c in l.split("│")] for l in text.splitlines() if re.search(r"│ tuned +│", l)]
+gm = re.findall(r"geometric-mean speedup over defaults: ([0-9.]+)x", text)
+print(len(rows), sum(int(r[6]) for r in rows if r[6].isdigit()), gm[-1] if gm else "-")
+EOF
+  )
   wall=$(python3 -c "print(round($t1-$t0,1))")
-  echo "$W $rc $wall ${total:--} $tuned $gpus" >> "$TABLE"
+  echo "$W $rc $wall ${total:--} ${tuned:-0} ${trials:-0} ${gm:--} ${gpus:--}" >> "$TABLE"
   echo "== workers $W: rc=$rc wall_s=$wall"
   tail -25 "$OUT/tuning_workers$W.log"
 done
@@ -72,10 +80,11 @@ echo "nsa-tune $SPEC --seq-lens $SEQ_LENS --kernels $KERNELS --trials $TRIALS, e
 python3 - "$TABLE" << 'EOF'
 import sys
 rows = [l.split() for l in open(sys.argv[1]) if l.strip()]
-print(f"{'workers':>7} {'rc':>3} {'wall s':>8} {'nsa-tune s':>10} {'jobs tuned':>10} {'GPUs used':>9} {'gain':>6}")
+print(f"{'workers':>7} {'rc':>3} {'wall s':>8} {'nsa-tune s':>10} {'jobs tuned':>10} {'trials':>6} "
+      f"{'gm speedup':>10} {'GPUs used':>9} {'gain':>6}")
 one = [r for r in rows if r[0] == "1"] or rows[:1]
 base = float(one[0][2]) if one else None  # the gain is over the 1-worker run (else the first row)
-for w, rc, wall, total, tuned, gpus in rows:
+for w, rc, wall, total, tuned, trials, gm, gpus in rows:
     gain = f"{base / float(wall):.2f}x" if base and float(wall) > 0 else "-"
-    print(f"{w:>7} {rc:>3} {wall:>8} {total:>10} {tuned:>10} {gpus:>9} {gain:>6}")
+    print(f"{w:>7} {rc:>3} {wall:>8} {total:>10} {tuned:>10} {trials:>6} {gm:>10} {gpus:>9} {gain:>6}")
 EOF
