@@ -681,7 +681,8 @@ def tune_kernel(
     sharing the study's journal storage (Optuna's distributed optimisation); they are started for this call
     only. ``pool``: an open ``WorkerPool`` that runs the search instead (its size decides; ``workers`` is
     ignored), so that several calls share one set of started workers (``nsa-tune`` does this). With workers,
-    worker 0 re-times the best candidates on its GPU and this process chooses.
+    worker 0 re-times the best candidates on its GPU and this process chooses; workers build their targets
+    with ``target_factory`` (a ``target`` object stays in this process and is not used by them).
     ``compile_jobs``: processes that compile each batch of candidates in parallel before they are timed
     (None = ``auto_compile_jobs()``, split between the workers; 0 or 1 = compile in the search process).
     """
