@@ -245,7 +245,14 @@ def variants() -> dict[str, dict]:
         "cmp_prefetch_bn32": {"CMP_PREFETCH": 1, "BLOCK_N": 32},
         "legacy_rows": {"COMBINE": "rows", "LSE_MERGE": "tile", "PREFETCH": 0, "SW_PREFETCH": 0},
         "new_cmp_pf_topk_w4": {"CMP_PREFETCH": 1, "topk_warps": 4},
+        "rows_cmp_auto": {"CMP_PREFETCH": 2},
+        "last_rows_cmp_auto": {"COMBINE": "last_rows", "CMP_PREFETCH": 2},
+        "last_rows_cmp_auto_topk_w4": {"COMBINE": "last_rows", "CMP_PREFETCH": 2, "topk_warps": 4},
     }
+
+
+# timed at every shape (candidates for the default); the rest of variants() only at EXTRA_VARIANTS
+EVERYWHERE = ("legacy", "new", "rows_cmp_auto", "last_rows_cmp_auto")
 
 
 # (spec, B, T) in timing order; the extra variants / splits only where listed
@@ -276,7 +283,7 @@ def _nsa_cache(spec, B: int, T: int):  # noqa: N803
 
 def _shape_variants(key) -> list[tuple[str, tuple | None]]:
     """(variant, splits) pairs timed at a shape: legacy and new with automatic splits, more where listed."""
-    names = list(variants()) if key in EXTRA_VARIANTS else ["legacy", "new"]
+    names = list(variants()) if key in EXTRA_VARIANTS else list(EVERYWHERE)
     out = [(n, None) for n in names]
     out += [("new", sp) for sp in EXTRA_SPLITS.get(key, [])]
     out += [("legacy", sp) for sp in EXTRA_SPLITS.get(key, [])[:1]]

@@ -27,12 +27,12 @@ for name in ('test_gpu_bf16_decode_8k_matches_reference', 'test_gpu_cuda_graph_r
 }
 ( timeout "${TEST_LIMIT:-180}" bash -c "$(declare -f gpu_tests); PY=$PY gpu_tests" > "$OUT/pytest_gpu.txt" 2>&1;
   echo "gpu tests rc=$?" >> "$OUT/pytest_gpu.txt" ) &
-# "I P/N" jobs: the shapes with many variants are split over 3 processes (one compile process per core)
+# "I P/N" jobs: the shapes with many variants are split over 4 processes (one compile process per core)
 JOBS=$($PY -c "
 import sys; sys.path.insert(0, 'bench'); import bench_decode as b
 for i, s in enumerate(b.COMPARE_SHAPES):
     if s[2] > 65536: continue
-    n = 3 if len(b._shape_variants(s)) > 4 else 1
+    n = 4 if len(b._shape_variants(s)) > 4 else 1
     for p in range(n): print(f'{i}:{p}/{n}')
 ")
 for j in $JOBS; do
