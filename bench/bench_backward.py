@@ -246,7 +246,7 @@ def candidates(spec) -> list[dict[str, dict]]:
             "bwd_cmp": {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "KV_PASSES": 2},
             "bwd_win": {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "KV_PASSES": 2},
             "bwd_slc": {"BLOCK_T": max(1, 32 // G), "KEY_SPLIT": 2, "num_warps": 4, "num_stages": 1,
-                        "DQ_TOKENS": 4, "dq_warps": 4, "dq_stages": 1},
+                        "DQ_TOKENS": 4, "dq_warps": 4, "dq_stages": 1, "DQ_LAYOUT": "rows"},
         },
     ]
 

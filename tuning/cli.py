@@ -1,7 +1,7 @@
 """``nsa-tune``: tune a spec's generated kernels on this machine's GPU(s) and cache the result.
 
     nsa-tune SPEC [--seq-lens 8k,32k,64k] [--kernels fwd,bwd,decode|NAMES] (--trials N | --budget-seconds S)
-                  [--batch B] [--workers N] [--seed S] [--force]
+                  [--batch B] [--workers N] [--seed S] [--force] [-v]
     nsa-tune export FILE      # write every record of the user cache to FILE
     nsa-tune import FILE      # merge FILE's records into the user cache
 
@@ -100,6 +100,9 @@ def _tune_parser() -> argparse.ArgumentParser:
         help="processes compiling candidates in parallel (default: min(8, cores/2) on a GPU)",
     )
     p.add_argument("--force", action="store_true", help="search again even if the cache has a record")
+    p.add_argument(
+        "-v", "--verbose", action="store_true", help="log every failed or rejected candidate (stderr)"
+    )
     p.add_argument("--sampler", choices=("tpe", "random"), default="tpe", help=argparse.SUPPRESS)
     p.add_argument("--fake", action="store_true", help=argparse.SUPPRESS)  # fake kernel/timer (tests, demos)
     return p
@@ -147,8 +150,16 @@ def _run_tune(args: argparse.Namespace) -> int:
 
     from . import tune_kernel
     from ._compat import detect_limits, get_registry
-    from .search import WorkerPool
+    from .search import DeviceBroken, WorkerPool
     from .targets import NoTarget
+
+    if args.verbose:
+        import logging
+
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        logging.getLogger("nsa_dsl").addHandler(handler)
+        logging.getLogger("nsa_dsl").setLevel(logging.INFO)
 
     console = Console(width=None if sys.stdout.isatty() else 130)
     spec = load_spec(args.spec)
@@ -236,6 +247,11 @@ def _run_tune(args: argparse.Namespace) -> int:
                 prog.update(task, description=f"{k} T={t} (skipped)")
                 console.print(f"[yellow]note[/]: {e}; skipped")
                 continue
+            except DeviceBroken as e:
+                # this process's CUDA context is unusable: every later job here would fail too
+                prog.update(task, description=f"{k} T={t} (failed)")
+                failures.append(f"{k} T={t}: {e}")
+                break
             except (RuntimeError, ValueError) as e:
                 prog.update(task, description=f"{k} T={t} (failed)")
                 failures.append(f"{k} T={t}: {str(e).strip().splitlines()[0] if str(e).strip() else e!r}")

@@ -48,6 +48,7 @@ from .timing import Candidate, default_timer
 __all__ = [
     "TuneResult",
     "CandidateRejected",
+    "DeviceBroken",
     "tune_kernel",
     "choose",
     "study_storage",
@@ -73,6 +74,12 @@ class CandidateRejected(RuntimeError):
 
 class _TrialFailed(RuntimeError):
     """Internal: an evaluated trial failed (compile error, out of resources, rejected by the gate)."""
+
+
+class DeviceBroken(RuntimeError):
+    """A candidate left this process's CUDA context unusable (a sticky error such as an illegal memory
+    access): every later candidate in this process would fail too, so the search stops. The candidate is
+    recorded as failed in the study, so a rerun (a fresh process) resumes without trying it again."""
 
 
 @dataclass
@@ -362,6 +369,12 @@ def _finish(study: Any, ctx: _Ctx, trial: Any, cfg: dict[str, Any]) -> None:
         trial.set_user_attr("evaluated", True)
         log.info("candidate %s failed: %s", c, e)
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        broken = _device_broken()
+        if broken:
+            raise DeviceBroken(
+                f"kernel {ctx.kdef.name}: candidate {c} left the CUDA context unusable ({broken}); "
+                "stopped (it is recorded as failed: a rerun resumes without it)"
+            ) from e
         return
     trial.set_user_attr("evaluated", True)
     study.tell(trial, ms)

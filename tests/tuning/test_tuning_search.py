@@ -82,6 +82,37 @@ def test_every_candidate_failing_is_one_clear_error():
         )
 
 
+def test_sticky_device_error_stops_the_search_and_resume_skips_the_culprit(monkeypatch):
+    """A candidate that leaves the CUDA context unusable (e.g. an illegal memory access) must stop the search
+    at once (every later candidate in the process would fail too), stay recorded as failed, and not be tried
+    again when a fresh process resumes the study."""
+    state = {"broken": False, "culprit": None, "built": []}
+
+    def fail(c):
+        if state["culprit"] is None and c["schedule"] == "kv_outer":
+            state["culprit"] = canonical(c)
+            state["broken"] = True
+            return True
+        return False
+
+    class Target(FakeTarget):
+        def build(self, cfg):
+            state["built"].append(canonical(cfg))
+            return super().build(cfg)
+
+    why = "AcceleratorError: illegal memory access"
+    monkeypatch.setattr(search, "_device_broken", lambda: why if state["broken"] else None)
+    kw = dict(T=1000, trials=30, timer=FakeTimer(fake_time), **KW)
+    with pytest.raises(search.DeviceBroken, match="illegal memory access.*rerun resumes"):
+        tune_kernel(SPEC, "fake_fwd", target=Target(fail=fail), **kw)
+    culprit = state["culprit"]
+    assert culprit is not None
+    assert state["built"][-1] == culprit  # nothing ran after the broken candidate
+    state["broken"], state["built"] = False, []  # a fresh process: the context works again
+    res = tune_kernel(SPEC, "fake_fwd", target=Target(fail=fail), **kw)
+    assert culprit not in state["built"] and res.trials == 30 and res.failed == 1
+
+
 def test_gate_rejects_wrong_candidate_even_if_fastest():
     fastest = min(_grid(), key=fake_time)
     wrong = lambda c: c == fastest  # noqa: E731
