@@ -601,6 +601,8 @@ def main() -> int:
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sdpa-all-max", type=int, default=16384)
     ap.add_argument("--no-fla", action="store_true")
+    ap.add_argument("--sdpa-backends", nargs="+", choices=SDPA_BACKENDS, default=list(SDPA_BACKENDS),
+                    help="SDPA backends to time (default: every one; above --sdpa-all-max only the fastest)")
     ap.add_argument("--warm", nargs=2, metavar=("SPEC", "CANDIDATE"), help="only compile one candidate")
     ap.add_argument("--warm-variant", nargs=2, metavar=("SPEC", "CANDIDATE"),
                     help="only compile one variant candidate (second pass)")
@@ -684,7 +686,7 @@ def main() -> int:
             torch.cuda.empty_cache()
         for dk, dv in ((192, 128), (128, 128)):
             narrow = T > args.sdpa_all_max and (dk, dv) in fastest
-            backends = (fastest[dk, dv],) if narrow else SDPA_BACKENDS
+            backends = (fastest[dk, dv],) if narrow else tuple(args.sdpa_backends)
             best = None
             for be in backends:
                 r = bench_sdpa(T, dk, dv, be)
