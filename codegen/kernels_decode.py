@@ -25,7 +25,9 @@ Config parameters:
   PREFETCH    1: the top-n loop loads the next chunk's logits before scoring the current one (software
               pipelined by hand); 0: load and score in turn;
   SW_PREFETCH 1: the selected / window loops load the next tile's K/V before attending to the current one
-              (software pipelined by hand, one tile of registers more); 0: load and attend in turn;
+              (software pipelined by hand, one tile of registers more); 0: load and attend in turn; 2: only
+              when split_sw == 1 or split_sw >= 8 (H200: it gained at 16 splits and in the fused step, lost
+              at 4 splits);
   CMP_PREFETCH  1: the same for the compressed-attention loop; 2: only when split_cmp >= 8 (few programs per
               SM: latency-bound; the prefetch doubles the loop's registers);
   SKIP        1: merge a top-n chunk only when one of its keys beats the running n-th best (shared
@@ -98,7 +100,7 @@ def _decode_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
         "COMBINE": ["kernel", "last", "rows", "last_rows"],
         "LSE_MERGE": ["loop", "tile"],
         "PREFETCH": [0, 1],
-        "SW_PREFETCH": [0, 1],
+        "SW_PREFETCH": [0, 1, 2],
         "CMP_PREFETCH": [0, 1, 2],
         "topk_warps": [0, 2, 4, 8],
         "combine_warps": [1, 2, 4, 8],
@@ -134,8 +136,8 @@ def _decode_check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) -
         return f"LSE_MERGE: must be 'loop' or 'tile', got {cfg.get('LSE_MERGE')!r}"
     if cfg.get("PREFETCH", 0) not in (0, 1):
         return f"PREFETCH: must be 0 or 1, got {cfg.get('PREFETCH')!r}"
-    if cfg.get("SW_PREFETCH", 0) not in (0, 1):
-        return f"SW_PREFETCH: must be 0 or 1, got {cfg.get('SW_PREFETCH')!r}"
+    if cfg.get("SW_PREFETCH", 0) not in (0, 1, 2):
+        return f"SW_PREFETCH: must be 0, 1 or 2, got {cfg.get('SW_PREFETCH')!r}"
     if cfg.get("CMP_PREFETCH", 0) not in (0, 1, 2):
         return f"CMP_PREFETCH: must be 0, 1 or 2, got {cfg.get('CMP_PREFETCH')!r}"
     if cfg.get("topk_warps", 0) not in (0, 1, 2, 4, 8, 16):
@@ -188,7 +190,17 @@ def _decode_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
         bs *= 2
     # 8 warps and 32-token selected/window tiles: no register spills on sm90 for the paper and small-group
     # specs (ptxas: 128 / 121 / 182 registers for the cmp / top-n / selected+window kernels; 4 warps or
-    # 64-token tiles spill in the selected+window kernel)
+    # 64-token tiles spill in the selected+window kernel; 128 / 202 with the top-n / slc+win prefetch).
+    # Schedule options: one H200 run, old (LEGACY) vs new in one process, CUDA graph, cold L2
+    # (bench/results/decode_h200_run2.md), paper spec, 64k:
+    #   B = 1: LEGACY 47.9 us; COMBINE rows + LSE tile + PREFETCH 37.6; + SW_PREFETCH 37.1 (splits 16,16,16);
+    #          with 32 compressed splits (auto_splits now) 32.8. Per kernel: combine 12.3 -> 4.2 us (rows),
+    #          top-n 10.4 -> 5.2 us (no o_cmp merge, tiled LSE, prefetched logits).
+    #   B = 16 (4,4,4): LEGACY 121.0; new without SW_PREFETCH 120.7; with it 130.2 (slc/win 31.2 -> 41.8 us)
+    #          -> SW_PREFETCH = 2 (on only for split_sw == 1 or >= 8: small_group B = 16 fused 275.1 vs 282.6
+    #          without). CMP_PREFETCH 1 gained at B = 1 on the paper spec (36.0 vs 37.1) but lost on
+    #          small_group B = 1 (46.9 vs 41.6) and B = 16 (357 vs 275): off. COMBINE "last" / "last_rows"
+    #          lost at B = 1 (46.2 / 44.1 us).
     cfg = {
         "tokens": 1,
         "BLOCK_N": 64,
@@ -202,7 +214,7 @@ def _decode_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
         "COMBINE": "rows",
         "LSE_MERGE": "tile",
         "PREFETCH": 1,
-        "SW_PREFETCH": 1,
+        "SW_PREFETCH": 2,
         "CMP_PREFETCH": 0,
         "topk_warps": 0,
         "combine_warps": 4,
@@ -229,9 +241,18 @@ def auto_splits(
         st = st or 1
     if sc == 0:
         tc = spec.num_compressed(max(1, max_len))
+        # about two BLOCK_N tiles per program, at most 32 programs per (sequence, KV head). For long
+        # contexts (>= 8 programs) whose grid stays within one wave (latency-bound), the power of two just
+        # above the estimate is taken (a power-of-two length has T/d - 1 blocks: 64k -> 32 programs, not 16).
+        # H200, paper spec, B = 1, 64k: 32 splits 32.8 us vs 16 splits 37.1 us (same run,
+        # bench/results/decode_h200_run2.md); 64 splits were slower in the first run (bench/RESULTS.md)
+        kv = B * spec.attention.kv_heads
         by_work = max(1, tc // (2 * cfg["BLOCK_N"]))
-        sc = max(1, min(by_work, math.ceil(target / (B * spec.attention.kv_heads)), 64))
+        sc = max(1, min(by_work, math.ceil(target / kv), 32))
         sc = 1 << (sc.bit_length() - 1)
+        one_wave = kv * 2 * sc <= max(1, limits.sm_count)
+        if by_work >= 8 and sc < by_work + 1 <= 2 * sc and one_wave and 2 * sc <= 32:
+            sc *= 2
     if ss == 0:
         units = spec.selection.top_n * -(-spec.selection.block // cfg["BLOCK_K"])
         w = spec.window_size

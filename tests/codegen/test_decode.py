@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_cache import SPECS, compressors, inputs  # noqa: E402
 
 # (split_cmp, split_sw, split_topk): one fused launch, split cmp, split slc/win, all split, split top-n
-SPLITS = [(1, 1, 1), (2, 1, 1), (1, 3, 1), (3, 2, 2), (2, 1, 3)]
+SPLITS = [(1, 1, 1), (2, 1, 1), (1, 3, 1), (3, 2, 2), (2, 1, 3), (2, 8, 2)]
 
 # schedule options of the decode plan (kernels_decode): the pre-second-pass path and the new ones, crossed
 OPTIONS = {
@@ -35,6 +35,8 @@ OPTIONS = {
                   "SKIP": 0},
     "last_tile": {"COMBINE": "last", "LSE_MERGE": "tile", "PREFETCH": 1, "SW_PREFETCH": 0, "CMP_PREFETCH": 2,
                   "SKIP": 0},  # CMP_PREFETCH 2: prefetch only at split_cmp >= 8
+    # the sm90 default: slc/win prefetch only at split_sw == 1 or >= 8
+    "sm90": {"COMBINE": "rows", "LSE_MERGE": "tile", "PREFETCH": 1, "SW_PREFETCH": 2, "CMP_PREFETCH": 0},
     "last_rows": {"COMBINE": "last_rows", "LSE_MERGE": "tile", "PREFETCH": 1, "SW_PREFETCH": 1,
                   "CMP_PREFETCH": 0},
 }
@@ -61,7 +63,7 @@ def _check_indices(spec, idx, scores, ref_idx, t):
         torch.testing.assert_close(torch.tensor(sg), torch.tensor(sw), rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("option", ["legacy", "new", "last_rows"])
+@pytest.mark.parametrize("option", ["legacy", "new", "sm90", "last_rows"])
 @pytest.mark.parametrize("name", list(SPECS))
 def test_kernel_token_by_token_matches_full_forward(name, option):
     spec = SPECS[name].replace(attention={"dtype": "float32"})
@@ -88,7 +90,7 @@ def test_kernel_token_by_token_matches_full_forward(name, option):
             _check_indices(spec, idx[b, 0], scores[b, t], ref_idx[b, t], t)
 
 
-@pytest.mark.parametrize("option", ["rows_loop", "last_tile", "last_rows"])
+@pytest.mark.parametrize("option", ["rows_loop", "last_tile", "last_rows", "sm90"])
 @pytest.mark.parametrize("S", [1, 3])
 def test_kernel_mixed_lengths_multi_token(S, option):  # noqa: N803
     spec = SPECS["tiny"]  # float32
