@@ -29,7 +29,12 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-import torch
+if "--smoke-cpu" in sys.argv:  # the emitted kernels must be loaded as interpreted functions: set it first
+    import os
+
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
