@@ -33,7 +33,7 @@ Config parameters:
   SKIP        1: merge a top-n chunk only when one of its keys beats the running n-th best (shared
               ``_select.j2`` schedule; most chunks of a long context are skipped);
   topk_warps  warps of the split top-n kernel (0 = num_warps);
-  combine_warps  warps of the combine kernels;
+  combine_warps  warps of the row combine kernel (COMBINE = "rows");
   num_warps, num_stages.
 """
 
