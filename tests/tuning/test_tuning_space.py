@@ -145,3 +145,18 @@ def test_registered_kernels_spaces_are_valid_on_h100(spec_name):
         assert kept, f"{k}: no valid point in the sample"
         default = kd.default(spec, lim)
         assert sp.why_invalid(kd, spec, default, lim) is None, k
+
+
+def test_bwd_slc_keys_layout_needs_two_stages_on_gpus_only():
+    """The selection dQ's "keys" layout with one stage faults on sm90 (measured on an H200): its check
+    prunes it on GPUs, keeps it in the interpreter (where it is exact and tested), and keeps 2+ stages."""
+    plan = pytest.importorskip("nsa_dsl.codegen.plan")
+    spec = load_spec("nsa_paper")
+    gpu = plan.DeviceLimits(name="NVIDIA H200", capability=(9, 0), sm_count=132, smem_per_block=232448)
+    cpu = plan.DeviceLimits.interpreter_limits()
+    kd = plan.get_kernel("bwd_slc")
+    base = {**kd.default(spec, gpu), "DQ_LAYOUT": "keys", "DQ_TOKENS": 1}
+    assert kd.check(spec, {**base, "dq_stages": 2}, gpu) is None
+    why = kd.check(spec, {**base, "dq_stages": 1}, gpu)
+    assert why and why.startswith("dq_stages:")
+    assert kd.check(spec, {**base, "dq_stages": 1}, cpu) is None
