@@ -29,7 +29,9 @@ import nsa_dsl  # noqa: E402
 
 _TYPES = {
     **dict.fromkeys(("Q", "K", "V", "KC", "VC", "KW", "VW", "GATE", "O"), "*bf16"),
-    **dict.fromkeys(("LOGITS", "LSEB", "PM", "PL", "PACC", "OC", "PM2", "PL2", "PACC2"), "*fp32"),
+    **dict.fromkeys(
+        ("LOGITS", "LSEB", "PM", "PL", "PACC", "OC", "PM2", "PL2", "PACC2", "PMC", "PLC", "PACCC"), "*fp32"
+    ),
     **dict.fromkeys(("LENS", "IDX", "CNT"), "*i32"),
     "CAND": "*i64",
 }
@@ -55,24 +57,28 @@ def check(spec_name: str, config: dict) -> list[tuple[str, str]]:
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
-    last = plan.config.get("COMBINE") == "last"
     variants = [
-        ("cmp (split)", mod._cmp_kernel, {"FUSED": False, "FUSE_ALL": False, "DOT_PREC": "tf32"}),
+        # constexprs of one representative split schedule (16 compressed splits, 4 selected/window splits)
+        ("cmp (split)", mod._cmp_kernel,
+         {"FUSED": False, "FUSE_ALL": False, "DOT_PREC": "tf32", "CMP_PF": True, "SW_PF": True}),
         ("cmp+top-n+slc/win (one launch)", mod._cmp_kernel,
-         {"FUSED": True, "FUSE_ALL": True, "DOT_PREC": "tf32"}),
-        ("top-n (split)", mod._topk_kernel, {}),
+         {"FUSED": True, "FUSE_ALL": True, "DOT_PREC": "tf32", "CMP_PF": False, "SW_PF": True}),
+        ("top-n (split)", mod._topk_kernel, {"SC_P": 16, "OC_PROG": -1}),
         ("slc/win (split)", mod._sw_kernel,
-         {"FINAL": False, "MERGE": True, "CAND_P": 256, "LAST": last, "DOT_PREC": "tf32"}),
+         {"FINAL": False, "MERGE": True, "CAND_P": 64, "LAST": False, "DOT_PREC": "tf32", "LAST_TILE": False,
+          "SC_P": 4, "SS_P": 4, "CMP_PARTS": True, "SW_PF": False}),
         ("combine", mod._combine_kernel, {}),
+        ("combine rows", mod._combine_rows_kernel, {"SC_P": 16, "SS_P": 16, "CMP_PARTS": True}),
     ]
     out = []
     for name, fn, consts in variants:
         src = ASTSource(fn=fn, signature=_signature(fn, consts), constexprs=consts)
+        warps = {"top-n (split)": mod.TOPK_WARPS, "combine rows": mod.COMBINE_WARPS}.get(name, mod.NUM_WARPS)
         try:
             c = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                               options={"num_warps": mod.NUM_WARPS, "num_stages": mod.NUM_STAGES})
+                               options={"num_warps": warps, "num_stages": mod.NUM_STAGES})
         except Exception as e:
-            out.append((name, f"COMPILE ERROR {type(e).__name__}: {str(e).splitlines()[0][:200]}"))
+            out.append((name, f"COMPILE ERROR {type(e).__name__}: {str(e).splitlines()[0][:300]}"))
             continue
         ptx = tmp / "k.ptx"
         ptx.write_text(c.asm["ptx"])
@@ -81,7 +87,9 @@ def check(spec_name: str, config: dict) -> list[tuple[str, str]]:
         txt = res.stderr + res.stdout
         regs = re.search(r"Used (\d+) registers", txt)
         spill = re.search(r"(\d+) bytes spill stores", txt)
-        out.append((name, f"{regs.group(1) if regs else '?'} registers, "
+        ptx_txt = c.asm["ptx"]
+        out.append((name, f"cp.async {ptx_txt.count('cp.async')} ld.global {ptx_txt.count('ld.global')} "
+                          f"{regs.group(1) if regs else '?'} registers, "
                           f"{spill.group(1) if spill else '?'} bytes spilled, smem {c.metadata.shared} B"))
     return out
 
