@@ -43,8 +43,11 @@ BACKWARD_KERNELS = ("bwd_pre", "bwd_cmp", "bwd_slc", "bwd_win")
 _OPS: dict[str, NSAOps] = {}
 
 
+@torch.compiler.assume_constant_result
 def register_ops(ops: NSAOps) -> str:
-    """Key under which the custom ops find ``ops`` (kept alive for the process)."""
+    """Key under which the custom ops find ``ops`` (kept alive for the process). Run eagerly even while
+    torch.compile traces a caller, so the custom ops' fake implementations find ``ops`` on a first, compiled
+    call (a traced dict update would only happen after the trace)."""
     key = f"nsa_ops_{id(ops):x}"
     if key not in _OPS:
         _OPS[key] = ops
@@ -88,7 +91,9 @@ def nsa_backward(
     cu_seqlens: Tensor | None = None,
     deterministic: bool = False,
     profile: dict[str, float] | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    k_win: Tensor | None = None,
+    v_win: Tensor | None = None,
+) -> tuple[Tensor, ...]:
     """Gradients (dq, dk, dv, dk_cmp, dv_cmp, dg) of o = sum_b g_b * O_b for the upstream gradient ``do``.
 
     ``saved``: what ``NSAOps.forward_train`` returned (``o_cmp, lse_cmp, o_slc, lse_slc, o_win, lse_win,
@@ -97,21 +102,32 @@ def nsa_backward(
     ``deterministic``: accepted for API symmetry; every path is already atomic-free and reproducible.
     ``profile``: if a dict is given, CUDA-event milliseconds per stage (``bwd_cmp``, ...) and per kernel
     launch (``bwd_cmp.dq``, ``bwd_cmp.dkdv``, ...) are added to it (synchronises).
+    ``k_win``/``v_win``: the window branch's own K/V (both or neither, as in ``NSAOps.forward``); then two
+    more gradients come back, (..., dg, dk_win, dv_win), and dk/dv hold the selection branch's part only.
     """
     ops = _as_ops(ops_or_spec)
     spec = ops.spec
     B, T, Hq, _ = q.shape  # noqa: N806
     hkv, n = spec.attention.kv_heads, spec.selection.top_n
     q, k, v, k_cmp, v_cmp, g, do = (x.contiguous() for x in (q, k, v, k_cmp, v_cmp, g, do))
+    separate = k_win is not None or v_win is not None
+    if separate:
+        from .ops import _window_kv
+
+        k_win, v_win = (x.contiguous() for x in _window_kv(k, v, k_win, v_win))
     f32 = torch.float32
     dq = torch.empty(q.shape, device=q.device, dtype=f32)
     dk = torch.zeros(k.shape, device=q.device, dtype=f32)
     dv = torch.zeros(v.shape, device=q.device, dtype=f32)
     dkc = torch.zeros(k_cmp.shape, device=q.device, dtype=f32)
     dvc = torch.zeros(v_cmp.shape, device=q.device, dtype=f32)
+    # the window's dK/dV: accumulated into dk/dv, or a buffer of their own with a separate window K/V
+    dkw = torch.zeros(k.shape, device=q.device, dtype=f32) if separate else dk
+    dvw = torch.zeros(v.shape, device=q.device, dtype=f32) if separate else dv
+    extra = (dkw.to(k.dtype), dvw.to(v.dtype)) if separate else ()
     if T == 0 or B == 0:
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dkc.to(k_cmp.dtype), dvc.to(v_cmp.dtype),
-                torch.zeros_like(g))
+                torch.zeros_like(g), *extra)
     if cu_seqlens is None:
         max_len, nseq = T, B
         cu_packed = torch.arange(B + 1, device=q.device, dtype=torch.int32) * T
@@ -160,11 +176,14 @@ def nsa_backward(
             cu_seqlens=cu_seqlens, max_len=max_len, accum_q=True, profile=kprof)
     mark("bwd_slc")
     if win_on:
-        mod("bwd_win").run(q, k, v, do, g, f32c(saved["lse_win"]), delta[2], dq, dk, dv,
+        kw_, vw_ = (k_win, v_win) if separate else (k, v)
+        mod("bwd_win").run(q, kw_, vw_, do, g, f32c(saved["lse_win"]), delta[2], dq, dkw, dvw,
                            cu_seqlens=cu_seqlens, max_len=max_len, accum_q=True, accum_kv=True, profile=kprof)
         mark("bwd_win")
     out = (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dkc.to(k_cmp.dtype), dvc.to(v_cmp.dtype),
-            dg.to(g.dtype))
+           dg.to(g.dtype))
+    if separate:
+        out = (*out, dkw.to(k.dtype), dvw.to(v.dtype))
     mark("cast")
     if marks:
         torch.cuda.synchronize()
@@ -228,9 +247,11 @@ def _nsa_fwd(
     cu_seqlens: Tensor | None,
     ops_key: str,
     deterministic: bool,
+    k_win: Tensor | None = None,
+    v_win: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     ops = _OPS[ops_key]
-    o, saved = ops.forward_train(q, k, v, k_cmp, v_cmp, g, cu_seqlens=cu_seqlens)
+    o, saved = ops.forward_train(q, k, v, k_cmp, v_cmp, g, cu_seqlens=cu_seqlens, k_win=k_win, v_win=v_win)
     empty = q.new_empty(0)
     return (
         o,
@@ -245,7 +266,7 @@ def _nsa_fwd(
 
 
 @_nsa_fwd.register_fake
-def _nsa_fwd_fake(q, k, v, k_cmp, v_cmp, g, cu_seqlens, ops_key, deterministic):
+def _nsa_fwd_fake(q, k, v, k_cmp, v_cmp, g, cu_seqlens, ops_key, deterministic, k_win=None, v_win=None):
     spec = _OPS[ops_key].spec
     B, T, Hq, _ = q.shape  # noqa: N806
     dv = spec.attention.head_dim_v
@@ -283,7 +304,11 @@ def _nsa_bwd(
     cu_seqlens: Tensor | None,
     ops_key: str,
     deterministic: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    k_win: Tensor | None = None,
+    v_win: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (dq, dk, dv, dk_cmp, dv_cmp, dg, dk_win, dv_win); the last two are empty without a separate
+    window K/V (custom ops cannot return None)."""
     saved = {
         "o_cmp": o_cmp,
         "lse_cmp": lse_cmp,
@@ -293,34 +318,50 @@ def _nsa_bwd(
         "lse_win": lse_win if lse_win.numel() else None,
         "indices": indices,
     }
-    return nsa_backward(
+    grads = nsa_backward(
         _OPS[ops_key], q, k, v, k_cmp, v_cmp, g, do, saved, cu_seqlens=cu_seqlens,
-        deterministic=deterministic,
+        deterministic=deterministic, k_win=k_win, v_win=v_win,
     )
+    if k_win is None:
+        grads = (*grads, k.new_empty(0), v.new_empty(0))
+    return grads
 
 
 @_nsa_bwd.register_fake
-def _nsa_bwd_fake(do, q, k, v, k_cmp, v_cmp, g, *rest):
+def _nsa_bwd_fake(do, q, k, v, k_cmp, v_cmp, g, o_cmp, lse_cmp, o_slc, lse_slc, o_win, lse_win, indices,
+                  cu_seqlens, ops_key, deterministic, k_win=None, v_win=None):
+    if k_win is not None:
+        win = (torch.empty_like(k), torch.empty_like(v))
+    else:
+        win = (k.new_empty(0), v.new_empty(0))
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(k_cmp),
-            torch.empty_like(v_cmp), torch.empty_like(g))
+            torch.empty_like(v_cmp), torch.empty_like(g), *win)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, k_cmp, v_cmp, g, cu_seqlens, ops_key, deterministic = inputs
+    q, k, v, k_cmp, v_cmp, g, cu_seqlens, ops_key, deterministic, k_win, v_win = inputs
     _, o_cmp, lse_cmp, o_slc, lse_slc, o_win, lse_win, indices = output
-    ctx.save_for_backward(q, k, v, k_cmp, v_cmp, g, o_cmp, lse_cmp, o_slc, lse_slc, o_win, lse_win, indices)
+    ctx.separate = k_win is not None
+    win = (k_win, v_win) if ctx.separate else ()
+    ctx.save_for_backward(
+        q, k, v, k_cmp, v_cmp, g, o_cmp, lse_cmp, o_slc, lse_slc, o_win, lse_win, indices, *win
+    )
     ctx.cu_seqlens = cu_seqlens
     ctx.ops_key = ops_key
     ctx.deterministic = deterministic
 
 
 def _backward(ctx, do, *unused):
-    q, k, v, k_cmp, v_cmp, g, o_cmp, lse_cmp, o_slc, lse_slc, o_win, lse_win, indices = ctx.saved_tensors
-    grads = torch.ops.nsa_dsl.nsa_bwd(
+    saved = ctx.saved_tensors
+    q, k, v, k_cmp, v_cmp, g, o_cmp, lse_cmp, o_slc, lse_slc, o_win, lse_win, indices, *win = saved
+    k_win, v_win = win if ctx.separate else (None, None)
+    *grads, dkw, dvw = torch.ops.nsa_dsl.nsa_bwd(
         do.contiguous(), q, k, v, k_cmp, v_cmp, g, o_cmp, lse_cmp, o_slc, lse_slc, o_win, lse_win, indices,
-        ctx.cu_seqlens, ctx.ops_key, ctx.deterministic,
+        ctx.cu_seqlens, ctx.ops_key, ctx.deterministic, k_win, v_win,
     )
-    return (*grads, None, None, None)
+    if not ctx.separate:
+        dkw = dvw = None
+    return (*grads, None, None, None, dkw, dvw)
 
 
 _nsa_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -338,16 +379,26 @@ def nsa_attention(
     cu_seqlens: Tensor | None = None,
     deterministic: bool = False,
     return_indices: bool = False,
+    k_win: Tensor | None = None,
+    v_win: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Differentiable NSA with the generated kernels (forward and backward).
 
     Same tensors and semantics as ``nsa_dsl.reference.nsa_attention``; ``ops_or_spec`` is an ``NSAOps``
     (``nsa_dsl.compile(spec)``), an ``NSASpec`` or a spec name. Gradients reach q, k, v, k_cmp, v_cmp and g
     (not the indices). ``deterministic=True``: bitwise-reproducible backward (the default already is).
+    ``k_win``/``v_win``: the window branch's own K/V (the paper's separate per-branch projections; both or
+    neither), differentiated too, in the same single op call.
     """
     ops = _as_ops(ops_or_spec)
     key = register_ops(ops)
-    out = torch.ops.nsa_dsl.nsa_fwd(q, k, v, k_cmp, v_cmp, g, cu_seqlens, key, bool(deterministic))
+    if k_win is not None or v_win is not None:
+        from .ops import _window_kv
+
+        k_win, v_win = _window_kv(k, v, k_win, v_win)
+    out = torch.ops.nsa_dsl.nsa_fwd(
+        q, k, v, k_cmp, v_cmp, g, cu_seqlens, key, bool(deterministic), k_win, v_win
+    )
     if return_indices:
         return out[0], out[7]
     return out[0]

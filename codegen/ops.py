@@ -373,28 +373,19 @@ class NSAOps:
         the same names); default ``k``/``v``.
 
         Differentiable: when grad mode is on and an input requires grad, it runs as the custom op of
-        ``nsa_dsl.codegen.autograd`` (generated backward kernels, torch.compile-friendly). That op takes one
-        K/V for selection and window, so with a separate window K/V *and* gradients it is called twice with
-        complementary gates (the compressed and selection branches with ``k``/``v``, the window with
-        ``k_win``/``v_win``); without gradients one pass computes every branch once.
+        ``nsa_dsl.codegen.autograd`` (generated backward kernels, torch.compile-friendly), one op call with
+        or without a separate window K/V (which then gets its own gradients).
         """
         inputs = (q, k, v, k_cmp, v_cmp, g, k_win, v_win)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
             from .autograd import nsa_attention
 
-            if (k_win is None and v_win is None) or self.spec.window_size == 0:
-                return nsa_attention(
-                    q, k, v, k_cmp, v_cmp, g, self, cu_seqlens=cu_seqlens, return_indices=return_indices
-                )
-            k_win, v_win = _window_kv(k, v, k_win, v_win)
-            keep = torch.tensor([1.0, 1.0, 0.0], dtype=g.dtype, device=g.device)
-            out = nsa_attention(
-                q, k, v, k_cmp, v_cmp, g * keep, self, cu_seqlens=cu_seqlens, return_indices=return_indices
+            if self.spec.window_size == 0:
+                k_win = v_win = None  # no window branch: its K/V are unused (and get no gradient)
+            return nsa_attention(
+                q, k, v, k_cmp, v_cmp, g, self, cu_seqlens=cu_seqlens, return_indices=return_indices,
+                k_win=k_win, v_win=v_win,
             )
-            o_win = nsa_attention(q, k_win, v_win, k_cmp, v_cmp, g * (1 - keep), self, cu_seqlens=cu_seqlens)
-            if return_indices:
-                return out[0] + o_win, out[1]
-            return out + o_win
         o, saved = self.forward_train(
             q, k, v, k_cmp, v_cmp, g, cu_seqlens=cu_seqlens, k_win=k_win, v_win=v_win
         )

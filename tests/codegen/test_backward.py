@@ -315,6 +315,29 @@ def test_custom_op_end_to_end_and_compile():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
+def test_custom_op_separate_window_kv_compiles_and_matches_reference():
+    """With the window's own K/V the op is still one custom-op call that traces under torch.compile
+    (fullgraph), and its eight gradients (k_win / v_win included) match the reference's autograd."""
+    from nsa_dsl.reference import combine_branches, nsa_branches
+
+    spec = make_spec(G=2, hkv=1, n=2)
+    ops = nsa_dsl.compile(spec)
+    gen = torch.Generator().manual_seed(17)
+    base = make_inputs(spec, 1, 29, gen)
+    kw, vw = (torch.randn(t.shape, generator=gen) for t in base[1:3])
+    xs = [x.detach().clone().requires_grad_(True) for x in (*base, kw, vw)]
+    do = torch.randn(1, 29, spec.attention.heads, spec.attention.head_dim_v, generator=gen)
+    fn = torch.compile(lambda *a: nsa_attention(*a[:6], ops, k_win=a[6], v_win=a[7]), backend="aot_eager",
+                       fullgraph=True)
+    grads = torch.autograd.grad(fn(*xs), xs, do)
+    ref = [x.detach().clone().requires_grad_(True) for x in xs]
+    rb = nsa_branches(*ref[:5], spec, k_win=ref[6], v_win=ref[7])
+    want = torch.autograd.grad(combine_branches(rb, ref[5], spec), ref, do)
+    for name, a, b in zip((*NAMES, "dk_win", "dv_win"), grads, want, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4, msg=lambda m, n=name: f"{n}: {m}")
+    assert grads[6].abs().sum() > 0 and grads[7].abs().sum() > 0
+
+
 def test_layer_triton_backend_grads_match_reference():
     """NSAttention(backend="triton") backpropagates through the generated op: every parameter gradient
     (projections, gate MLP, compressors) matches the reference backend's."""

@@ -193,7 +193,19 @@ def test_separate_window_kv_one_pass_and_with_grad():
     assert not torch.allclose(o, ops.forward(q, k, v, kc, vc, g), atol=1e-3)  # the window K/V is used
 
     leaves = [t.clone().requires_grad_(True) for t in (q, k, v, kc, vc, g, kw, vw)]
-    og = ops.forward(*leaves[:6], k_win=leaves[6], v_win=leaves[7])
+    calls = []
+    train = ops.forward_train
+
+    def counting(*a, **kw_):
+        calls.append(kw_.get("k_win") is not None)
+        return train(*a, **kw_)
+
+    ops.forward_train = counting  # the differentiable op runs every branch in one forward pass
+    try:
+        og = ops.forward(*leaves[:6], k_win=leaves[6], v_win=leaves[7])
+    finally:
+        del ops.forward_train
+    assert calls == [True]
     torch.testing.assert_close(og.detach(), o, rtol=1e-5, atol=1e-5)
     grads = torch.autograd.grad(og.square().sum(), leaves)
     ref_leaves = [t.detach().double().requires_grad_(True) for t in leaves]
