@@ -237,6 +237,7 @@ class NSACache:
 
     @property
     def v_cmp(self) -> Tensor:
+        """Compressed values [B, capacity_cmp, Hkv, dv] (rows >= Tc(length) of a sequence are not valid)."""
         return self.v_cmp_buf[:, : self.capacity_cmp]
 
     @property
@@ -246,6 +247,7 @@ class NSACache:
 
     @property
     def max_length(self) -> int:
+        """The longest sequence's length in tokens (from the host copy; no device sync)."""
         return max(self._host_lengths)
 
     def window(self, b: int) -> tuple[Tensor, Tensor]:
