@@ -93,6 +93,7 @@ def nsa_backward(
     profile: dict[str, float] | None = None,
     k_win: Tensor | None = None,
     v_win: Tensor | None = None,
+    max_seqlen: int | None = None,
 ) -> tuple[Tensor, ...]:
     """Gradients (dq, dk, dv, dk_cmp, dv_cmp, dg) of o = sum_b g_b * O_b for the upstream gradient ``do``.
 
@@ -104,6 +105,7 @@ def nsa_backward(
     launch (``bwd_cmp.dq``, ``bwd_cmp.dkdv``, ...) are added to it (synchronises).
     ``k_win``/``v_win``: the window branch's own K/V (both or neither, as in ``NSAOps.forward``); then two
     more gradients come back, (..., dg, dk_win, dv_win), and dk/dv hold the selection branch's part only.
+    ``max_seqlen``: with ``cu_seqlens``, the longest sequence (then nothing is read back from the device).
     """
     ops = _as_ops(ops_or_spec)
     spec = ops.spec
@@ -134,12 +136,16 @@ def nsa_backward(
         cu_cmp = None
     else:
         cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32)
-        lens = cu_seqlens[1:] - cu_seqlens[:-1]
-        max_len, nseq = (int(lens.max().item()) if lens.numel() else 0), int(lens.numel())
+        nseq = int(cu_seqlens.numel()) - 1
         cu_packed = cu_seqlens
-        from ..reference import compressed_cu_seqlens
+        if max_seqlen is not None:
+            max_len, cu_cmp = int(max_seqlen), None  # the kernels derive the compressed offsets on the device
+        else:
+            lens = cu_seqlens[1:] - cu_seqlens[:-1]
+            max_len = int(lens.max().item()) if lens.numel() else 0
+            from ..reference import compressed_cu_seqlens
 
-        cu_cmp = compressed_cu_seqlens(cu_seqlens, spec)
+            cu_cmp = compressed_cu_seqlens(cu_seqlens, spec)
 
     marks: list[tuple[str, Any]] = []
 
@@ -249,9 +255,12 @@ def _nsa_fwd(
     deterministic: bool,
     k_win: Tensor | None = None,
     v_win: Tensor | None = None,
+    max_seqlen: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     ops = _OPS[ops_key]
-    o, saved = ops.forward_train(q, k, v, k_cmp, v_cmp, g, cu_seqlens=cu_seqlens, k_win=k_win, v_win=v_win)
+    o, saved = ops.forward_train(
+        q, k, v, k_cmp, v_cmp, g, cu_seqlens=cu_seqlens, k_win=k_win, v_win=v_win, max_seqlen=max_seqlen
+    )
     empty = q.new_empty(0)
     return (
         o,
@@ -266,7 +275,8 @@ def _nsa_fwd(
 
 
 @_nsa_fwd.register_fake
-def _nsa_fwd_fake(q, k, v, k_cmp, v_cmp, g, cu_seqlens, ops_key, deterministic, k_win=None, v_win=None):
+def _nsa_fwd_fake(q, k, v, k_cmp, v_cmp, g, cu_seqlens, ops_key, deterministic, k_win=None, v_win=None,
+                  max_seqlen=None):
     spec = _OPS[ops_key].spec
     B, T, Hq, _ = q.shape  # noqa: N806
     dv = spec.attention.head_dim_v
@@ -306,6 +316,7 @@ def _nsa_bwd(
     deterministic: bool,
     k_win: Tensor | None = None,
     v_win: Tensor | None = None,
+    max_seqlen: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv, dk_cmp, dv_cmp, dg, dk_win, dv_win); the last two are empty without a separate
     window K/V (custom ops cannot return None)."""
@@ -320,7 +331,7 @@ def _nsa_bwd(
     }
     grads = nsa_backward(
         _OPS[ops_key], q, k, v, k_cmp, v_cmp, g, do, saved, cu_seqlens=cu_seqlens,
-        deterministic=deterministic, k_win=k_win, v_win=v_win,
+        deterministic=deterministic, k_win=k_win, v_win=v_win, max_seqlen=max_seqlen,
     )
     if k_win is None:
         grads = (*grads, k.new_empty(0), v.new_empty(0))
@@ -329,7 +340,7 @@ def _nsa_bwd(
 
 @_nsa_bwd.register_fake
 def _nsa_bwd_fake(do, q, k, v, k_cmp, v_cmp, g, o_cmp, lse_cmp, o_slc, lse_slc, o_win, lse_win, indices,
-                  cu_seqlens, ops_key, deterministic, k_win=None, v_win=None):
+                  cu_seqlens, ops_key, deterministic, k_win=None, v_win=None, max_seqlen=None):
     if k_win is not None:
         win = (torch.empty_like(k), torch.empty_like(v))
     else:
@@ -339,7 +350,7 @@ def _nsa_bwd_fake(do, q, k, v, k_cmp, v_cmp, g, o_cmp, lse_cmp, o_slc, lse_slc, 
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, k_cmp, v_cmp, g, cu_seqlens, ops_key, deterministic, k_win, v_win = inputs
+    q, k, v, k_cmp, v_cmp, g, cu_seqlens, ops_key, deterministic, k_win, v_win, max_seqlen = inputs
     _, o_cmp, lse_cmp, o_slc, lse_slc, o_win, lse_win, indices = output
     ctx.separate = k_win is not None
     win = (k_win, v_win) if ctx.separate else ()
@@ -349,6 +360,7 @@ def _setup_context(ctx, inputs, output):
     ctx.cu_seqlens = cu_seqlens
     ctx.ops_key = ops_key
     ctx.deterministic = deterministic
+    ctx.max_seqlen = max_seqlen
 
 
 def _backward(ctx, do, *unused):
@@ -357,11 +369,11 @@ def _backward(ctx, do, *unused):
     k_win, v_win = win if ctx.separate else (None, None)
     *grads, dkw, dvw = torch.ops.nsa_dsl.nsa_bwd(
         do.contiguous(), q, k, v, k_cmp, v_cmp, g, o_cmp, lse_cmp, o_slc, lse_slc, o_win, lse_win, indices,
-        ctx.cu_seqlens, ctx.ops_key, ctx.deterministic, k_win, v_win,
+        ctx.cu_seqlens, ctx.ops_key, ctx.deterministic, k_win, v_win, ctx.max_seqlen,
     )
     if not ctx.separate:
         dkw = dvw = None
-    return (*grads, None, None, None, dkw, dvw)
+    return (*grads, None, None, None, dkw, dvw, None)
 
 
 _nsa_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -381,6 +393,7 @@ def nsa_attention(
     return_indices: bool = False,
     k_win: Tensor | None = None,
     v_win: Tensor | None = None,
+    max_seqlen: int | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Differentiable NSA with the generated kernels (forward and backward).
 
@@ -388,7 +401,8 @@ def nsa_attention(
     (``nsa_dsl.compile(spec)``), an ``NSASpec`` or a spec name. Gradients reach q, k, v, k_cmp, v_cmp and g
     (not the indices). ``deterministic=True``: bitwise-reproducible backward (the default already is).
     ``k_win``/``v_win``: the window branch's own K/V (the paper's separate per-branch projections; both or
-    neither), differentiated too, in the same single op call.
+    neither), differentiated too, in the same single op call. ``max_seqlen``: with ``cu_seqlens``, the
+    longest sequence; then neither pass reads anything back from the device (see ``NSAOps.forward``).
     """
     ops = _as_ops(ops_or_spec)
     key = register_ops(ops)
@@ -397,7 +411,8 @@ def nsa_attention(
 
         k_win, v_win = _window_kv(k, v, k_win, v_win)
     out = torch.ops.nsa_dsl.nsa_fwd(
-        q, k, v, k_cmp, v_cmp, g, cu_seqlens, key, bool(deterministic), k_win, v_win
+        q, k, v, k_cmp, v_cmp, g, cu_seqlens, key, bool(deterministic), k_win, v_win,
+        None if max_seqlen is None else int(max_seqlen),
     )
     if return_indices:
         return out[0], out[7]

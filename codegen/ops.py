@@ -195,9 +195,15 @@ class NSAOps:
         return choice
 
     # ---- helpers --------------------------------------------------------------------------------
-    def _shape(self, q: Tensor, cu_seqlens: Tensor | None) -> tuple[int, int]:
+    def _shape(
+        self, q: Tensor, cu_seqlens: Tensor | None, max_seqlen: int | None = None
+    ) -> tuple[int, int]:
+        """(longest sequence T, number of sequences B); with ``cu_seqlens`` and no ``max_seqlen`` this reads
+        the lengths on the host (a device sync)."""
         if cu_seqlens is None:
             return int(q.shape[1]), int(q.shape[0])
+        if max_seqlen is not None:
+            return int(max_seqlen), int(cu_seqlens.numel()) - 1
         lens = cu_seqlens[1:] - cu_seqlens[:-1]
         return int(lens.max().item()) if lens.numel() else 0, int(lens.numel())
 
@@ -226,12 +232,15 @@ class NSAOps:
 
     # ---- stages ---------------------------------------------------------------------------------
     def cmp_fwd(
-        self, q: Tensor, k_cmp: Tensor, v_cmp: Tensor, cu_seqlens: Tensor | None = None
+        self, q: Tensor, k_cmp: Tensor, v_cmp: Tensor, cu_seqlens: Tensor | None = None,
+        max_seqlen: int | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Compressed attention: (o_cmp [B,T,Hq,dv] in q's dtype, lse_cmp [B,T,Hq] float32, +inf if none)."""
-        T, B = self._shape(q, cu_seqlens)  # noqa: N806
+        T, B = self._shape(q, cu_seqlens, max_seqlen)  # noqa: N806
         if self.has_kernel("cmp_fwd"):
-            return self.module("cmp_fwd", T=T, B=B).run(q, k_cmp, v_cmp, cu_seqlens=cu_seqlens)
+            return self.module("cmp_fwd", T=T, B=B).run(
+                q, k_cmp, v_cmp, cu_seqlens=cu_seqlens, max_len=T if cu_seqlens is not None else None
+            )
         _warn_once("cmp_fwd", "kernel cmp_fwd not registered")
         from ..reference import compressed_attention
 
@@ -240,11 +249,16 @@ class NSAOps:
         )
         return o, lse.float()
 
-    def select(self, q: Tensor, k_cmp: Tensor, lse_cmp: Tensor, cu_seqlens: Tensor | None = None) -> Tensor:
+    def select(
+        self, q: Tensor, k_cmp: Tensor, lse_cmp: Tensor, cu_seqlens: Tensor | None = None,
+        max_seqlen: int | None = None,
+    ) -> Tensor:
         """Selection scoring + top-n: indices [B,T,Hkv,n] int32 (-1 for unused slots)."""
-        T, B = self._shape(q, cu_seqlens)  # noqa: N806
+        T, B = self._shape(q, cu_seqlens, max_seqlen)  # noqa: N806
         if self.has_kernel("slc_topk"):
-            return self.module("slc_topk", T=T, B=B).run(q, k_cmp, lse_cmp, cu_seqlens=cu_seqlens)
+            return self.module("slc_topk", T=T, B=B).run(
+                q, k_cmp, lse_cmp, cu_seqlens=cu_seqlens, max_len=T if cu_seqlens is not None else None
+            )
         _warn_once("select", "kernel slc_topk not registered")
         from ..reference import compression_probs, select_blocks, selection_scores
 
@@ -255,10 +269,11 @@ class NSAOps:
         return self._per_seq(f, cu_seqlens, [q], [k_cmp])
 
     def slc_fwd(
-        self, q: Tensor, k: Tensor, v: Tensor, indices: Tensor, cu_seqlens: Tensor | None = None
+        self, q: Tensor, k: Tensor, v: Tensor, indices: Tensor, cu_seqlens: Tensor | None = None,
+        max_seqlen: int | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Selected attention: (o_slc, lse_slc)."""
-        T, B = self._shape(q, cu_seqlens)  # noqa: N806
+        T, B = self._shape(q, cu_seqlens, max_seqlen)  # noqa: N806
         if self.has_kernel("slc_fwd"):
             return self.module("slc_fwd", T=T, B=B).run(q, k, v, indices, cu_seqlens=cu_seqlens)
         _warn_once("slc_fwd", "kernel slc_fwd not registered")
@@ -270,10 +285,11 @@ class NSAOps:
         return o, lse.float()
 
     def win_fwd(
-        self, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor | None = None
+        self, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor | None = None,
+        max_seqlen: int | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Sliding-window attention: (o_win, lse_win)."""
-        T, B = self._shape(q, cu_seqlens)  # noqa: N806
+        T, B = self._shape(q, cu_seqlens, max_seqlen)  # noqa: N806
         if self.has_kernel("win_fwd"):
             return self.module("win_fwd", T=T, B=B).run(q, k, v, cu_seqlens=cu_seqlens)
         _warn_once("win_fwd", "kernel win_fwd not registered")
@@ -296,14 +312,16 @@ class NSAOps:
         return o.to(o_cmp.dtype)
 
     def cmp_select(
-        self, q: Tensor, k_cmp: Tensor, v_cmp: Tensor, cu_seqlens: Tensor | None = None
+        self, q: Tensor, k_cmp: Tensor, v_cmp: Tensor, cu_seqlens: Tensor | None = None,
+        max_seqlen: int | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """(o_cmp, lse_cmp, indices): fused ``cmp_topk`` or ``cmp_fwd`` + ``select``, per the schedule."""
-        T, B = self._shape(q, cu_seqlens)  # noqa: N806
+        T, B = self._shape(q, cu_seqlens, max_seqlen)  # noqa: N806
+        ml = T if cu_seqlens is not None else None
         if self.schedule_for("cmp_select", T=T, B=B) == "fused" and self.has_kernel("cmp_topk"):
-            return self.module("cmp_topk", T=T, B=B).run(q, k_cmp, v_cmp, cu_seqlens=cu_seqlens)
-        o_cmp, lse_cmp = self.cmp_fwd(q, k_cmp, v_cmp, cu_seqlens)
-        return o_cmp, lse_cmp, self.select(q, k_cmp, lse_cmp, cu_seqlens)
+            return self.module("cmp_topk", T=T, B=B).run(q, k_cmp, v_cmp, cu_seqlens=cu_seqlens, max_len=ml)
+        o_cmp, lse_cmp = self.cmp_fwd(q, k_cmp, v_cmp, cu_seqlens, ml)
+        return o_cmp, lse_cmp, self.select(q, k_cmp, lse_cmp, cu_seqlens, ml)
 
     # ---- the op ---------------------------------------------------------------------------------
     def forward_train(
@@ -318,26 +336,28 @@ class NSAOps:
         cu_seqlens: Tensor | None = None,
         k_win: Tensor | None = None,
         v_win: Tensor | None = None,
+        max_seqlen: int | None = None,
     ) -> tuple[Tensor, dict[str, Tensor | None]]:
         """(o, saved): saved holds ``o_cmp, lse_cmp, o_slc, lse_slc, o_win, lse_win, indices`` (window
         entries are None when the window is off). No autograd (see ``forward``).
 
         ``k_win``/``v_win``: the window branch's own K/V (the paper's separate per-branch projections; shapes
-        of ``k``/``v``); default: ``k``/``v``, shared with selection."""
-        _check_inputs(self.spec, q, k, v, k_cmp, v_cmp, g, cu_seqlens)
+        of ``k``/``v``); default: ``k``/``v``, shared with selection. ``max_seqlen``: see ``forward``."""
+        _check_inputs(self.spec, q, k, v, k_cmp, v_cmp, g, cu_seqlens, max_seqlen)
         k_win, v_win = _window_kv(k, v, k_win, v_win)
-        o_cmp, lse_cmp, indices = self.cmp_select(q, k_cmp, v_cmp, cu_seqlens)
+        T, B = self._shape(q, cu_seqlens, max_seqlen)  # noqa: N806
+        ml = T if cu_seqlens is not None else None
+        o_cmp, lse_cmp, indices = self.cmp_select(q, k_cmp, v_cmp, cu_seqlens, ml)
         o_win = lse_win = None
         if self.spec.window_size > 0:
-            o_win, lse_win = self.win_fwd(q, k_win, v_win, cu_seqlens)
-        T, B = self._shape(q, cu_seqlens)  # noqa: N806
+            o_win, lse_win = self.win_fwd(q, k_win, v_win, cu_seqlens, ml)
         if self.schedule_for("combine", T=T, B=B) == "epilogue" and self.has_kernel("slc_fwd"):
             mod = self.module("slc_fwd", T=T, B=B)
             o_slc, lse_slc, o = mod.run(
                 q, k, v, indices, cu_seqlens=cu_seqlens, gate=g, o_cmp=o_cmp, o_win=o_win
             )
         else:
-            o_slc, lse_slc = self.slc_fwd(q, k, v, indices, cu_seqlens)
+            o_slc, lse_slc = self.slc_fwd(q, k, v, indices, cu_seqlens, ml)
             o = self.combine(o_cmp, o_slc, o_win, g)
         saved = {
             "o_cmp": o_cmp,
@@ -363,6 +383,7 @@ class NSAOps:
         return_indices: bool = False,
         k_win: Tensor | None = None,
         v_win: Tensor | None = None,
+        max_seqlen: int | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """NSA forward with the reference's signature and semantics (``nsa_dsl.reference.nsa_attention``).
 
@@ -370,7 +391,9 @@ class NSAOps:
         [0, 1], order cmp, slc, win) -> o [B,T,Hq,dv] in q's dtype (and the selected blocks [B,T,Hkv,n] int32
         with ``return_indices``). ``cu_seqlens``: int32 [N+1] offsets of packed sequences (B = 1).
         ``k_win``/``v_win``: a separate K/V for the window branch (``reference.nsa_branches``'s arguments of
-        the same names); default ``k``/``v``.
+        the same names); default ``k``/``v``. ``max_seqlen``: with ``cu_seqlens``, the longest sequence's
+        length (as flash-attn's ``max_seqlen``); given, the op reads nothing back from the device (no host
+        sync, forward and backward) and trusts ``cu_seqlens`` (its values are not validated).
 
         Differentiable: when grad mode is on and an input requires grad, it runs as the custom op of
         ``nsa_dsl.codegen.autograd`` (generated backward kernels, torch.compile-friendly), one op call with
@@ -384,10 +407,10 @@ class NSAOps:
                 k_win = v_win = None  # no window branch: its K/V are unused (and get no gradient)
             return nsa_attention(
                 q, k, v, k_cmp, v_cmp, g, self, cu_seqlens=cu_seqlens, return_indices=return_indices,
-                k_win=k_win, v_win=v_win,
+                k_win=k_win, v_win=v_win, max_seqlen=max_seqlen,
             )
         o, saved = self.forward_train(
-            q, k, v, k_cmp, v_cmp, g, cu_seqlens=cu_seqlens, k_win=k_win, v_win=v_win
+            q, k, v, k_cmp, v_cmp, g, cu_seqlens=cu_seqlens, k_win=k_win, v_win=v_win, max_seqlen=max_seqlen
         )
         if return_indices:
             return o, saved["indices"]  # type: ignore[return-value]
@@ -427,8 +450,10 @@ def _window_kv(
     return k_win, v_win
 
 
-def _check_inputs(spec: NSASpec, q, k, v, k_cmp, v_cmp, g, cu_seqlens) -> None:
-    """Shape/dtype/device checks (one-line ValueErrors naming the argument and the rule)."""
+def _check_inputs(spec: NSASpec, q, k, v, k_cmp, v_cmp, g, cu_seqlens, max_seqlen=None) -> None:
+    """Shape/dtype/device checks (one-line ValueErrors naming the argument and the rule). With
+    ``cu_seqlens`` and ``max_seqlen`` nothing is read back from the device: the offsets' values and the
+    packed compressed length are not checked."""
     a = spec.attention
     for name, x in (("q", q), ("k", k), ("v", v), ("k_cmp", k_cmp), ("v_cmp", v_cmp), ("g", g)):
         if not isinstance(x, Tensor) or x.dim() != 4:
@@ -459,11 +484,16 @@ def _check_inputs(spec: NSASpec, q, k, v, k_cmp, v_cmp, g, cu_seqlens) -> None:
             raise ValueError(f"cu_seqlens: requires B = 1 (packed sequences), got B = {B}")
         if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
             raise ValueError("cu_seqlens: expected a 1-D int32 tensor [N+1]")
-        if int(cu_seqlens[-1]) != T or int(cu_seqlens[0]) != 0:
+        if max_seqlen is not None:
+            if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or not 0 <= max_seqlen <= T:
+                raise ValueError(f"max_seqlen: must be an int in 0..T = {T}, got {max_seqlen!r}")
+            tc = k_cmp.shape[1]  # trusted: reading the offsets would synchronise
+        elif int(cu_seqlens[-1]) != T or int(cu_seqlens[0]) != 0:
             raise ValueError(f"cu_seqlens: must start at 0 and end at T = {T}")
-        from ..reference import compressed_cu_seqlens
+        else:
+            from ..reference import compressed_cu_seqlens
 
-        tc = int(compressed_cu_seqlens(cu_seqlens, spec)[-1])
+            tc = int(compressed_cu_seqlens(cu_seqlens, spec)[-1])
     if tuple(k_cmp.shape) != (B, tc, a.kv_heads, a.head_dim_qk):
         raise ValueError(
             f"k_cmp: expected shape {(B, tc, a.kv_heads, a.head_dim_qk)}, got {tuple(k_cmp.shape)}"

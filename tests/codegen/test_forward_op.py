@@ -220,3 +220,36 @@ def test_separate_window_kv_one_pass_and_with_grad():
         ops.forward(q, k, v, kc, vc, g, k_win=kw)
     with pytest.raises(ValueError, match="^k_win:"):
         ops.forward(q, k, v, kc, vc, g, k_win=kw[:, :-1], v_win=vw)
+
+
+@pytest.mark.parametrize("G", [2, 16])
+def test_varlen_max_seqlen_reads_nothing_back(G, monkeypatch):  # noqa: N803
+    """With ``cu_seqlens`` and ``max_seqlen`` the differentiable op (forward and backward, separate window K/V
+    too) reads no tensor value on the host (on a GPU each read is a device sync) and gives the same output
+    and gradients as without ``max_seqlen``."""
+    kw = dict(SPEC_KW, hq=G * 2)
+    spec = make_spec(**kw)
+    ops = nsa_dsl.compile(spec)
+    cu = torch.tensor([0, 5, 5, 40, 61], dtype=torch.int32)
+    base = _inputs(spec, 1, 61, cu, seed=3)
+    kw_, vw_ = (torch.randn_like(t) for t in base[1:3])
+
+    def run(max_seqlen):
+        leaves = [t.clone().requires_grad_(True) for t in (*base, kw_, vw_)]
+        o = ops.forward(*leaves[:6], cu_seqlens=cu, k_win=leaves[6], v_win=leaves[7], max_seqlen=max_seqlen)
+        return o.detach(), torch.autograd.grad(o.square().sum(), leaves)
+
+    want_o, want_g = run(None)
+
+    def refuse(*a, **k):
+        raise AssertionError("a tensor value was read on the host")
+
+    for name in ("item", "tolist", "__int__", "__bool__", "__index__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    got_o, got_g = run(35)
+    monkeypatch.undo()
+    torch.testing.assert_close(got_o, want_o, rtol=0, atol=0)
+    for a_, b_ in zip(got_g, want_g, strict=True):
+        torch.testing.assert_close(a_, b_, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="^max_seqlen:"):
+        ops.forward(*base, cu_seqlens=cu, max_seqlen=62)
