@@ -126,8 +126,8 @@ def nsa_backward(
     # the window's dK/dV: accumulated into dk/dv, or a buffer of their own with a separate window K/V
     dkw = torch.zeros(k.shape, device=q.device, dtype=f32) if separate else dk
     dvw = torch.zeros(v.shape, device=q.device, dtype=f32) if separate else dv
-    extra = (dkw.to(k.dtype), dvw.to(v.dtype)) if separate else ()
     if T == 0 or B == 0:
+        extra = (dkw.to(k.dtype), dvw.to(v.dtype)) if separate else ()
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dkc.to(k_cmp.dtype), dvc.to(v_cmp.dtype),
                 torch.zeros_like(g), *extra)
     if cu_seqlens is None:
