@@ -143,8 +143,8 @@ def nsa_bytes(spec, T: int, B: int) -> tuple[float, float]:  # noqa: N803
     return float(must), float(moved)
 
 
-def run_nsa(spec, ops, B: int, T: int, splits=None, sweep=None, profile=False) -> dict:  # noqa: N803
-    a = spec.attention
+def _nsa_cache(spec, B: int, T: int):  # noqa: N803
+    """A decode cache of B sequences at length T, filled with random K/V (raw and compressed)."""
     ident = lambda x: x  # noqa: E731 - the cache is filled directly; no compressor runs in this benchmark
     cache = NSACache(spec, B, capacity=T + 16, device=DEVICE, dtype=torch.bfloat16,
                      compress_k=ident, compress_v=ident)
@@ -152,6 +152,12 @@ def run_nsa(spec, ops, B: int, T: int, splits=None, sweep=None, profile=False) -
         t.normal_()
     cache.lengths.fill_(T)
     cache._host_lengths = [T] * B
+    return cache
+
+
+def run_nsa(spec, ops, B: int, T: int, splits=None, sweep=None, profile=False) -> dict:  # noqa: N803
+    a = spec.attention
+    cache = _nsa_cache(spec, B, T)
     if splits is None:
         splits = _splits(ops, decode_plan(ops, B=B, S=1, T=T), B, 1, T)
     q = torch.randn(B, 1, a.heads, a.head_dim_qk, device=DEVICE, dtype=torch.bfloat16)
@@ -268,17 +274,6 @@ EXTRA_SPLITS = {
     ("nsa_paper", 16, 65536): [(4, 4, 8), (4, 8, 4), (4, 4, 16), (8, 4, 4), (2, 4, 4)],
     ("small_group", 16, 65536): [(2, 2, 4), (1, 2, 2), (4, 4, 4)],
 }
-
-
-def _nsa_cache(spec, B: int, T: int):  # noqa: N803
-    ident = lambda x: x  # noqa: E731 - the cache is filled directly; no compressor runs in this benchmark
-    cache = NSACache(spec, B, capacity=T + 16, device=DEVICE, dtype=torch.bfloat16,
-                     compress_k=ident, compress_v=ident)
-    for t in (cache.k, cache.v, cache.k_cmp_buf, cache.v_cmp_buf):
-        t.normal_()
-    cache.lengths.fill_(T)
-    cache._host_lengths = [T] * B
-    return cache
 
 
 def _shape_variants(key) -> list[tuple[str, tuple | None]]:
