@@ -8,30 +8,13 @@
 # (run 1 needed more than 140 s for the whole matrix: use BENCH_LIMIT=300 SWEEP=0, or split BENCH_T)
 set -u
 OUT=${OUT:-/tmp/nsa_bwd_out}
-mkdir -p "$OUT"
-export NSA_DSL_CACHE_DIR=/tmp/nsa_dsl_cache
-PY=python3
-nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader > "$OUT/warm.txt" 2>&1
-gpu_tests() {
-  if $PY -c "import pytest" 2>/dev/null; then
-    $PY -m pytest -q -m gpu ${GPU_TESTS:-tests/codegen/test_backward.py}
-  else  # no pytest on the image: call the GPU tests directly
-    $PY -c "
-import sys; sys.path.insert(0, 'tests/codegen')
-import test_backward as t
-for name in ('test_gpu_bf16_paper_vs_fp32_reference', 'test_gpu_deterministic_bitwise', 'test_gpu_training_tracks_reference'):
-    try:
-        getattr(t, name)(); print('PASSED', name)
-    except Exception as e:
-        print('FAILED', name, repr(e)[:2000])
-"
-  fi
-}
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_common.sh"
+BWD_TESTS=(tests/codegen/test_backward.py test_gpu_bf16_paper_vs_fp32_reference test_gpu_deterministic_bitwise
+           test_gpu_training_tracks_reference)
 if [ "${MODE:-bench}" = "variants" ]; then
   # second pass: GPU tests and one compile process per variant candidate in parallel, then the per-kernel
   # old-vs-new timings (and, with E2E=1, fwd+bwd with the old, best-per-part and default configs)
-  ( timeout "${TEST_LIMIT:-150}" bash -c "$(declare -f gpu_tests); PY=$PY gpu_tests" > "$OUT/pytest_gpu.txt" 2>&1;
-    echo "gpu tests rc=$?" >> "$OUT/pytest_gpu.txt" ) &
+  run_gpu_tests "${TEST_LIMIT:-150}" "${GPU_TESTS:-tests/codegen/test_backward.py}" "${BWD_TESTS[@]}" &
   NV=$($PY -c "import sys; sys.path.insert(0, 'bench'); import bench_backward as b; print(len(b.variant_candidates()))")
   for i in $(seq 0 $((NV - 1))); do
     ( timeout "${WARM_LIMIT:-130}" $PY bench/bench_backward.py --warm-variant nsa_paper "$i" > "/tmp/warmv_$i.txt" 2>&1;
@@ -55,8 +38,7 @@ if [ "${MODE:-bench}" = "variants" ]; then
   echo "=== variants"; grep -v '^{"T"' "$OUT/variants_log.txt" | tail -40
   exit 0
 fi
-( timeout 110 bash -c "$(declare -f gpu_tests); PY=$PY gpu_tests" > "$OUT/pytest_gpu.txt" 2>&1;
-  echo "gpu tests rc=$?" >> "$OUT/pytest_gpu.txt" ) &
+run_gpu_tests 110 "${GPU_TESTS:-tests/codegen/test_backward.py}" "${BWD_TESTS[@]}" &
 for s in nsa_paper fla_compat; do
   for i in 0 1 2; do
     ( timeout 110 $PY bench/bench_backward.py --warm "$s" "$i" > "/tmp/warm_${s}_$i.txt" 2>&1;

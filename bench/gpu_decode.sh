@@ -6,27 +6,9 @@
 #   bash bench/gpu_decode.sh
 set -u
 OUT=${OUT:-/tmp/nsa_decode_out}
-mkdir -p "$OUT"
-export NSA_DSL_CACHE_DIR=/tmp/nsa_dsl_cache
-PY=python3
-nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader > "$OUT/warm.txt" 2>&1
-gpu_tests() {
-  if $PY -c "import pytest" 2>/dev/null; then
-    $PY -m pytest -q -m gpu tests/codegen/test_decode.py
-  else  # no pytest on the image: call the GPU tests directly
-    $PY -c "
-import sys; sys.path.insert(0, 'tests/codegen'); sys.path.insert(0, 'tests')
-import test_decode as t
-for name in ('test_gpu_bf16_decode_8k_matches_reference', 'test_gpu_cuda_graph_replay_equals_eager'):
-    try:
-        getattr(t, name)(); print('PASSED', name)
-    except Exception as e:
-        print('FAILED', name, repr(e)[:2000])
-"
-  fi
-}
-( timeout "${TEST_LIMIT:-180}" bash -c "$(declare -f gpu_tests); PY=$PY gpu_tests" > "$OUT/pytest_gpu.txt" 2>&1;
-  echo "gpu tests rc=$?" >> "$OUT/pytest_gpu.txt" ) &
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_common.sh"
+run_gpu_tests "${TEST_LIMIT:-180}" tests/codegen/test_decode.py tests/codegen/test_decode.py \
+  test_gpu_bf16_decode_8k_matches_reference test_gpu_cuda_graph_replay_equals_eager &
 # "I P/N" jobs: the shapes with many variants are split over 4 processes (one compile process per core)
 JOBS=$($PY -c "
 import sys; sys.path.insert(0, 'bench'); import bench_decode as b
