@@ -435,3 +435,60 @@ def test_gpu_training_tracks_reference():
     ref, tri = torch.tensor(losses["reference"]), torch.tensor(losses["triton"])
     assert tri[-1] < tri[0] * 0.9
     assert bool(((tri - ref).abs() / ref).max() < 0.05), (losses["reference"], losses["triton"])
+
+
+@pytest.mark.gpu
+def test_gpu_separate_window_kv_compiled_bf16():
+    """Paper spec, bf16: the window's own K/V train through the single custom-op call, compiled with
+    torch.compile (inductor, fullgraph; the first call is the compiled one), against the fp32 reference with
+    the kernels' own selection."""
+    spec, xs, do = _paper_case(2048 + 19, 2)
+    gen = torch.Generator().manual_seed(3)
+    kw, vw = (torch.randn(t.shape, generator=gen).to("cuda", torch.bfloat16) for t in xs[1:3])
+    ops = nsa_dsl.compile(spec)
+    leaves = [x.detach().clone().requires_grad_(True) for x in (*xs, kw, vw)]
+    fn = torch.compile(lambda *a: nsa_attention(*a[:6], ops, k_win=a[6], v_win=a[7], return_indices=True),
+                       fullgraph=True)
+    o, idx = fn(*leaves)
+    got = torch.autograd.grad(o, leaves, do)
+    ref = [x.detach().float().requires_grad_(True) for x in leaves]
+    q, k, v, kc, vc, g, kw_, vw_ = ref
+    o_ref = (g[..., 0:1] * R.compressed_attention(q, kc, vc, spec)[0]
+             + g[..., 1:2] * R.selected_attention(q, k, v, idx, spec)[0]
+             + g[..., 2:3] * R.window_attention(q, kw_, vw_, spec)[0])
+    want = torch.autograd.grad(o_ref, ref, do.float())
+    assert float((o.float() - o_ref).norm() / o_ref.norm()) < 2e-2
+    for name, a, b in zip((*NAMES, "dk_win", "dv_win"), got, want, strict=True):
+        assert bool(torch.isfinite(a).all()), name
+        err = (a.float() - b).norm() / b.norm().clamp_min(1e-6)
+        assert err < 2e-2, f"{name}: relative error {err:.3e}"
+
+
+@pytest.mark.gpu
+def test_gpu_varlen_max_seqlen_no_sync():
+    """A varlen pack with ``max_seqlen``: forward + backward run under CUDA's sync debug mode set to error
+    (any device-to-host synchronisation raises) and give the same bits as without ``max_seqlen``."""
+    spec = load_spec("nsa_paper")
+    cu = torch.tensor([0, 700, 2748, 3001], dtype=torch.int32, device="cuda")
+    tc = int(R.compressed_cu_seqlens(cu.cpu(), spec)[-1])
+    gen = torch.Generator().manual_seed(4)
+    xs = make_inputs(spec, 1, 3001, gen, tc=tc, dtype=torch.bfloat16, device="cuda")
+    do = torch.randn(1, 3001, 64, 128, generator=gen).to("cuda", torch.bfloat16)
+    ops = nsa_dsl.compile(spec)
+
+    def run(max_seqlen):
+        leaves = [x.detach().clone().requires_grad_(True) for x in xs]
+        o = ops.forward(*leaves, cu_seqlens=cu, max_seqlen=max_seqlen)
+        return o.detach(), torch.autograd.grad(o, leaves, do)
+
+    want_o, want_g = run(None)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got_o, got_g = run(2048)
+        torch.cuda.set_sync_debug_mode("default")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(got_o, want_o)
+    for name, a, b in zip(NAMES, got_g, want_g, strict=True):
+        assert torch.equal(a, b), name
