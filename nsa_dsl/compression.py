@@ -12,7 +12,9 @@ Tc = floor((T - l)/d) + 1 of them (0 if T < l). Functions (``spec.compression.fu
 The parameters are shared by all heads (one phi for keys, one for values). ``compress_blocks`` applies phi
 to explicit blocks of l tokens; ``compress`` gathers the blocks of whole (or packed varlen) sequences and
 calls it, so incremental decoding that compresses one block at a time runs the same function on the same
-tokens (equal to prefill up to floating-point reassociation in the matmuls).
+tokens (equal to prefill up to floating-point reassociation in the matmuls). On a varlen pack the block
+indices are built on the device; given ``max_seqlen`` they have the static size ``compressed_capacity``
+(T // d slots, the empty ones masked), so nothing is read back from the device (no host sync).
 """
 
 from __future__ import annotations
@@ -27,39 +29,105 @@ from torch import Tensor, nn
 
 from .spec import NSASpec
 
-__all__ = ["Compressor", "compress", "compress_blocks", "compressed_block_starts", "compressed_positions"]
+__all__ = [
+    "Compressor",
+    "compress",
+    "compress_blocks",
+    "compressed_block_starts",
+    "compressed_capacity",
+    "compressed_positions",
+]
 
 log = logging.getLogger("nsa_dsl.compression")
 
 
-def _block_tokens(T: int, spec: NSASpec, cu_seqlens: Tensor | None, device) -> tuple[Tensor, Tensor]:  # noqa: N803
-    """(starts [Tc_total] packed token index of each block's first token, positions [Tc_total] of that token
-    inside its own sequence)."""
+def compressed_capacity(T: int, spec: NSASpec) -> int:  # noqa: N803
+    """Static number of compressed slots of a pack of T tokens: T // d, an upper bound of the packed count
+    sum_s Tc_s for any ``cu_seqlens`` (Tc_s = floor((L_s - l)/d) + 1 <= L_s // d, as d divides l)."""
+    return int(T) // spec.compression.stride
+
+
+def check_max_seqlen(max_seqlen: object, T: int) -> int:  # noqa: N803
+    """Validate ``max_seqlen`` (an int in 0..T) without reading anything from the device; returns it.
+
+    A value smaller than the longest sequence is not detected (that would need the offsets on the host):
+    as for ``NSAOps.forward``, the offsets are then trusted and the result is undefined."""
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or not 0 <= max_seqlen <= T:
+        raise ValueError(f"max_seqlen: must be an int in 0..T = {T}, got {max_seqlen!r}")
+    return max_seqlen
+
+
+def check_cu_seqlens_static(cu_seqlens: object, x: Tensor, name: str) -> None:
+    """The checks of ``reference._check_cu_seqlens`` that need no device read (type, shape, dtype, B = 1);
+    the offsets' values are trusted (used with ``max_seqlen``: no host sync)."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise ValueError(f"cu_seqlens: expected an int32 torch.Tensor [N+1], got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens: expected shape [N+1] with N >= 1, got {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.dtype != torch.int32:
+        raise ValueError(
+            f"cu_seqlens: expected dtype torch.int32 (flash-attn convention), got {cu_seqlens.dtype}"
+        )
+    if x.shape[0] != 1:
+        raise ValueError(
+            f"{name}: expected batch B = 1 with cu_seqlens (packed sequences), got B = {x.shape[0]}"
+        )
+
+
+def _block_tokens(
+    T: int, spec: NSASpec, cu_seqlens: Tensor | None, device, capacity: int | None = None  # noqa: N803
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(starts [S] packed token index of each block's first token, positions [S] of that token inside its
+    own sequence, valid [S] bool or None).
+
+    Varlen: slot j holds the j-th packed block (sequence s = #{ends <= j}, ends = cumsum of Tc_s). Without
+    ``capacity`` S = sum_s Tc_s (read from the device: a sync) and ``valid`` is None; with it S = capacity
+    (static: nothing is read back), slots j >= sum_s Tc_s are marked invalid and point at token 0."""
     l, d = spec.compression.block, spec.compression.stride  # noqa: E741
     if cu_seqlens is None:
         tc = spec.num_compressed(T)
         starts = torch.arange(tc, device=device) * d
-        return starts, starts.clone()
+        return starts, starts.clone(), None
     cu = cu_seqlens.to(device=device, dtype=torch.int64)
     lens = cu[1:] - cu[:-1]
     tcs = torch.where(lens >= l, torch.div(lens - l, d, rounding_mode="floor") + 1, torch.zeros_like(lens))
-    total = int(tcs.sum())
-    seq_of = torch.repeat_interleave(torch.arange(len(tcs), device=device), tcs, output_size=total)
-    first = torch.cumsum(tcs, 0) - tcs
-    i = torch.arange(total, device=device) - first[seq_of]
-    pos = i * d
-    return cu[:-1][seq_of] + pos, pos
+    ends = torch.cumsum(tcs, 0)
+    size = int(ends[-1]) if capacity is None else int(capacity)
+    j = torch.arange(size, device=device)
+    seq_of = torch.searchsorted(ends, j, right=True).clamp_(max=len(tcs) - 1)
+    pos = (j - (ends - tcs)[seq_of]) * d
+    starts = cu[:-1][seq_of] + pos
+    if capacity is None:
+        return starts, pos, None
+    valid = j < ends[-1]
+    return torch.where(valid, starts, 0), torch.where(valid, pos, 0), valid
 
 
-def compressed_block_starts(T: int, spec: NSASpec, cu_seqlens: Tensor | None = None) -> Tensor:  # noqa: N803
+def compressed_block_starts(
+    T: int, spec: NSASpec, cu_seqlens: Tensor | None = None, *, max_seqlen: int | None = None  # noqa: N803
+) -> Tensor:
     """Packed token index of the first token of every compressed block, [Tc_total] int64 (varlen: in the order
-    of ``nsa_dsl.reference.compressed_cu_seqlens``)."""
-    return _block_tokens(T, spec, cu_seqlens, None if cu_seqlens is None else cu_seqlens.device)[0]
+    of ``nsa_dsl.reference.compressed_cu_seqlens``). With ``cu_seqlens`` and ``max_seqlen``: nothing is read
+    back, [compressed_capacity(T)] with 0 in the slots past the packed blocks."""
+    return _slots(T, spec, cu_seqlens, max_seqlen)[0]
 
 
-def compressed_positions(T: int, spec: NSASpec, cu_seqlens: Tensor | None = None) -> Tensor:  # noqa: N803
-    """Position (inside its own sequence) of the first token of every compressed block, [Tc_total] int64."""
-    return _block_tokens(T, spec, cu_seqlens, None if cu_seqlens is None else cu_seqlens.device)[1]
+def compressed_positions(
+    T: int, spec: NSASpec, cu_seqlens: Tensor | None = None, *, max_seqlen: int | None = None  # noqa: N803
+) -> Tensor:
+    """Position (inside its own sequence) of the first token of every compressed block, [Tc_total] int64
+    (with ``cu_seqlens`` and ``max_seqlen``: as ``compressed_block_starts``, 0 in the empty slots)."""
+    return _slots(T, spec, cu_seqlens, max_seqlen)[1]
+
+
+def _slots(
+    T: int, spec: NSASpec, cu_seqlens: Tensor | None, max_seqlen: int | None  # noqa: N803
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``_block_tokens`` on cu_seqlens' device; static-size (``compressed_capacity``) with ``max_seqlen``."""
+    if cu_seqlens is None:
+        return _block_tokens(T, spec, None, None)
+    cap = None if max_seqlen is None else compressed_capacity(T, spec)
+    return _block_tokens(T, spec, cu_seqlens, cu_seqlens.device, cap)
 
 
 def _get(params: Mapping[str, Tensor], name: str, fn: str) -> Tensor:
@@ -122,11 +190,15 @@ def compress(
     params: Compressor | Mapping[str, Tensor] | None = None,
     *,
     cu_seqlens: Tensor | None = None,
+    max_seqlen: int | None = None,
 ) -> Tensor:
     """Compress keys (or values) k [B, T, H, D] -> [B, Tc, H, D_out] over blocks [i*d, i*d + l).
 
     With ``cu_seqlens`` (int32 [N+1], B = 1) every sequence is compressed on its own and the results are
     packed at ``nsa_dsl.reference.compressed_cu_seqlens(cu_seqlens, spec)``; no block crosses a boundary.
+    ``max_seqlen`` (with ``cu_seqlens``; the longest sequence, as in flash-attn): nothing is read back from
+    the device (no host sync; the offsets are trusted, not validated) and the output has the static size
+    Tc = ``compressed_capacity(T, spec)`` = T // d: the packed blocks, then zero rows (which get no gradient).
     """
     if not isinstance(k, torch.Tensor) or k.dim() != 4:
         shape = tuple(k.shape) if isinstance(k, torch.Tensor) else type(k).__name__
@@ -134,27 +206,37 @@ def compress(
     if not k.is_floating_point():
         raise ValueError(f"k: expected a floating-point dtype, got {k.dtype}")
     B, T, H, D = k.shape  # noqa: N806
-    if cu_seqlens is not None:
+    if cu_seqlens is None:
+        max_seqlen = None
+    elif max_seqlen is None:
         from .reference import _check_cu_seqlens
 
         _check_cu_seqlens(cu_seqlens, k, "k")
+    else:
+        check_cu_seqlens_static(cu_seqlens, k, "k")
+        check_max_seqlen(max_seqlen, T)
     if isinstance(params, Compressor) and params.dim != D:
         raise ValueError(
             f"k: expected head dim D = {params.dim} (the Compressor's dim), got shape {tuple(k.shape)}"
         )
-    starts, _ = _block_tokens(T, spec, cu_seqlens, k.device)
+    starts, _, valid = _slots(T, spec, cu_seqlens, max_seqlen)
+    starts = starts.to(k.device)
     l = spec.compression.block  # noqa: E741
     idx = starts[:, None] + torch.arange(l, device=k.device)  # [Tc, l]
+    if valid is not None:
+        idx = idx.clamp_(max=max(T - 1, 0))  # the empty slots' blocks (T < l) stay inside the pack
     blocks = k[:, idx.reshape(-1)].reshape(B, len(starts), l, H, D).transpose(2, 3)  # [B, Tc, H, l, D]
     out = compress_blocks(blocks, spec, params)
+    if valid is not None:
+        out = torch.where(valid.to(k.device)[None, :, None, None], out, 0.0)
     return out
 
 
 class Compressor(nn.Module):
     """Learnable phi for one of K or V (``dim`` = its head dimension), shared by all heads.
 
-    ``forward(k, cu_seqlens=None)`` = ``compress(k, spec, self, cu_seqlens=...)``; ``compress_block(tokens)``
-    compresses explicit blocks [..., l, D] (used by incremental decoding).
+    ``forward(k, cu_seqlens=None, max_seqlen=None)`` = ``compress(k, spec, self, ...)``;
+    ``compress_block(tokens)`` compresses explicit blocks [..., l, D] (used by incremental decoding).
     """
 
     def __init__(
@@ -196,8 +278,10 @@ class Compressor(nn.Module):
         """tokens [..., l, D] -> [..., D]."""
         return compress_blocks(tokens, self.spec, self)
 
-    def forward(self, k: Tensor, *, cu_seqlens: Tensor | None = None) -> Tensor:
-        return compress(k, self.spec, self, cu_seqlens=cu_seqlens)
+    def forward(
+        self, k: Tensor, *, cu_seqlens: Tensor | None = None, max_seqlen: int | None = None
+    ) -> Tensor:
+        return compress(k, self.spec, self, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
     def extra_repr(self) -> str:
         return f"function={self.function}, l={self.block}, dim={self.dim}, pe={self.position_encoding}"

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from . import reference as ref
-from .compression import Compressor, compressed_positions
+from .compression import Compressor, check_cu_seqlens_static, check_max_seqlen, compressed_positions
 from .rope import apply_rope, rope_cos_sin, sequence_positions
 from .spec import NSASpec
 
@@ -50,9 +50,10 @@ class NSAttention(nn.Module):
         backend: ``"reference"`` or ``"triton"``.
         bias: biases in the q/k/v/o projections (the gate MLP always has biases).
 
-    ``forward(x, *, cu_seqlens=None, cache=None)``: x [B, T, hidden] -> [B, T, hidden]. With ``cu_seqlens``
-    (int32 [N+1], B = 1) packed sequences are independent. With ``cache`` the call is delegated to
-    ``_forward_with_cache`` (incremental decoding, see ``nsa_dsl.cache``).
+    ``forward(x, *, cu_seqlens=None, max_seqlen=None, cache=None)``: x [B, T, hidden] -> [B, T, hidden].
+    With ``cu_seqlens`` (int32 [N+1], B = 1) packed sequences are independent; adding ``max_seqlen`` (the
+    longest sequence) makes the triton backend's forward and backward free of host syncs. With ``cache`` the
+    call is delegated to ``_forward_with_cache`` (incremental decoding, see ``nsa_dsl.cache``).
     """
 
     def __init__(
@@ -146,14 +147,22 @@ class NSAttention(nn.Module):
         return out
 
     def compress_kv(
-        self, k_raw: Tensor, v_raw: Tensor, *, cu_seqlens: Tensor | None = None
+        self,
+        k_raw: Tensor,
+        v_raw: Tensor,
+        *,
+        cu_seqlens: Tensor | None = None,
+        max_seqlen: int | None = None,
     ) -> tuple[Tensor, Tensor]:
         """(k_cmp, v_cmp) [B, Tc, Hkv, dk|dv] from un-rotated k/v [B, T, Hkv, .]; k_cmp is rotated at each
-        block's last-token position (inside its sequence)."""
-        k_cmp = self.k_compressor(k_raw, cu_seqlens=cu_seqlens)
-        v_cmp = self.v_compressor(v_raw, cu_seqlens=cu_seqlens)
+        block's last-token position (inside its sequence). With ``cu_seqlens`` and ``max_seqlen`` nothing is
+        read back from the device and Tc = ``compressed_capacity(T, spec)`` (packed blocks, then zero rows;
+        see ``nsa_dsl.compression.compress``)."""
+        k_cmp = self.k_compressor(k_raw, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        v_cmp = self.v_compressor(v_raw, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         if self.rope_theta is not None and k_cmp.shape[1] > 0:
-            pos = compressed_positions(k_raw.shape[1], self.spec, cu_seqlens).to(k_raw.device)
+            T = k_raw.shape[1]  # noqa: N806
+            pos = compressed_positions(T, self.spec, cu_seqlens, max_seqlen=max_seqlen).to(k_raw.device)
             k_cmp = self.rotate(k_cmp, pos + (self.spec.compression.block - 1))
         return k_cmp, v_cmp
 
@@ -170,10 +179,24 @@ class NSAttention(nn.Module):
         return kc, vc
 
     # ---- forward -------------------------------------------------------------------------------------
-    def forward(self, x: Tensor, *, cu_seqlens: Tensor | None = None, cache: Any = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        cu_seqlens: Tensor | None = None,
+        max_seqlen: int | None = None,
+        cache: Any = None,
+    ) -> Tensor:
         """x [B, T, hidden_size] -> [B, T, hidden_size].
 
         ``cu_seqlens``: int32 [N+1] offsets of packed sequences (B = 1; positions restart per sequence).
+        ``max_seqlen``: with ``cu_seqlens``, the longest sequence's length (as flash-attn's and
+        ``NSAOps.forward``'s ``max_seqlen``); given, the compression of K/V runs at static sizes
+        (``compressed_capacity``) and, with backend "triton", neither the forward nor the backward reads
+        anything back from the device (no host sync). The offsets are then trusted, not validated: a
+        ``max_seqlen`` outside 0..T raises, one smaller than the longest sequence cannot be detected without
+        a sync and gives undefined results. Backend "reference" loops over the sequences on the host (syncs).
+        Ignored without ``cu_seqlens`` and with ``cache``.
         ``cache``: an ``nsa_dsl.NSACache`` built with ``NSACache.for_layer(self, B, capacity)``. On an empty
         cache the call is the prefill (x [B, T, hidden], or a varlen pack with ``cu_seqlens``) and fills it;
         afterwards x [B, S, hidden] holds the S next tokens of every sequence (one decode step; backend
@@ -185,19 +208,35 @@ class NSAttention(nn.Module):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x: expected [B, T, hidden_size={self.hidden_size}], got {shape}")
         B, T, _ = x.shape  # noqa: N806
-        if cu_seqlens is not None:
+        if cu_seqlens is None:
+            max_seqlen = None
+        elif max_seqlen is None:
             ref._check_cu_seqlens(cu_seqlens, x, "x")
+        else:
+            check_cu_seqlens_static(cu_seqlens, x, "x")
+            check_max_seqlen(max_seqlen, T)
         positions = sequence_positions(T, cu_seqlens, device=x.device)
         p = self.project(x, positions)
-        k_cmp, v_cmp = self.compress_kv(p["k_raw"], p["v_raw"], cu_seqlens=cu_seqlens)
+        k_cmp, v_cmp = self.compress_kv(p["k_raw"], p["v_raw"], cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         g = self.gates(x)
-        o = self._attend(p, k_cmp, v_cmp, g, cu_seqlens)
+        o = self._attend(p, k_cmp, v_cmp, g, cu_seqlens, max_seqlen)
         return self.o_proj(o.reshape(B, T, -1).to(x.dtype))
 
-    def _attend(self, p: dict[str, Tensor], k_cmp: Tensor, v_cmp: Tensor, g: Tensor, cu_seqlens) -> Tensor:
+    def _attend(
+        self,
+        p: dict[str, Tensor],
+        k_cmp: Tensor,
+        v_cmp: Tensor,
+        g: Tensor,
+        cu_seqlens: Tensor | None,
+        max_seqlen: int | None = None,
+    ) -> Tensor:
         spec = self.spec
         shared_win = p["k_win"] is p["k"]
         if self.backend == "reference":
+            if max_seqlen is not None:  # static-size compressed K/V: keep the packed blocks (a host read)
+                tc = int(ref.compressed_cu_seqlens(cu_seqlens, spec)[-1])
+                k_cmp, v_cmp = k_cmp[:, :tc], v_cmp[:, :tc]
             if shared_win:
                 return ref.nsa_attention(p["q"], p["k"], p["v"], k_cmp, v_cmp, g, spec, cu_seqlens=cu_seqlens)
             br = ref.nsa_branches(
@@ -216,11 +255,13 @@ class NSAttention(nn.Module):
         dt = getattr(torch, spec.attention.dtype)
         q, k, v, kc, vc, gg = (t.to(dt) for t in (p["q"], p["k"], p["v"], k_cmp, v_cmp, g))
         if shared_win:
-            return op.forward(q, k, v, kc, vc, gg, cu_seqlens=cu_seqlens)
+            return op.forward(q, k, v, kc, vc, gg, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         # One op call with the window's own K/V (under autograd the op composes two custom-op calls, see
         # NSAOps.forward).
         kw, vw = p["k_win"].to(dt), p["v_win"].to(dt)
-        return op.forward(q, k, v, kc, vc, gg, cu_seqlens=cu_seqlens, k_win=kw, v_win=vw)
+        return op.forward(
+            q, k, v, kc, vc, gg, cu_seqlens=cu_seqlens, k_win=kw, v_win=vw, max_seqlen=max_seqlen
+        )
 
     def _triton_op(self) -> Any:
         if not self._op_holder:

@@ -142,3 +142,77 @@ def test_errors():
         comp(torch.randn(2, 10, 2, 5), cu_seqlens=torch.tensor([0, 10], dtype=torch.int32))
     with pytest.raises(ValueError, match="blocks: expected"):
         comp.compress_block(torch.randn(2, 3, 5))
+
+
+def _refuse_host_reads(monkeypatch):
+    """Make every host read of a tensor value raise (on a GPU each one is a device-to-host sync)."""
+
+    def refuse(*a, **k):
+        raise AssertionError("a tensor value was read on the host")
+
+    for name in ("item", "tolist", "__int__", "__bool__", "__index__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+
+
+@pytest.mark.parametrize("function", ["mean", "linear", "mlp"])
+def test_varlen_max_seqlen_static_size_without_host_reads(function, monkeypatch):
+    """With ``max_seqlen`` the pack is compressed at the static size T // d without reading anything back:
+    the packed blocks (equal to the synchronising path's), then zero rows that pass no gradient back."""
+    spec = spec_for(function, l=4, d=2, pe=function != "mean", hidden=8)
+    comp = Compressor(spec, 5).double()
+    with torch.no_grad():
+        for p in comp.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    lens = [9, 3, 0, 12, 4]  # 3 < l: a sequence without a block; 0: an empty one
+    cu = torch.tensor([0, 9, 12, 12, 24, 28], dtype=torch.int32)
+    k = torch.randn(1, 28, 2, 5, dtype=DT)
+    w = torch.randn(1, 14, 2, 5, dtype=DT)  # upstream gradient, non-zero on the empty slots too
+    params = list(comp.parameters())
+
+    def run(max_seqlen):
+        kk = k.clone().requires_grad_(True)
+        out = comp(kk, cu_seqlens=cu, max_seqlen=max_seqlen)
+        grads = torch.autograd.grad((out * w[:, : out.shape[1]]).sum(), [kk, *params])
+        return out.detach(), grads
+
+    want, want_g = run(None)
+    tc = int(compressed_cu_seqlens(cu, spec)[-1])
+    assert want.shape == (1, tc, 2, 5) and tc < 14
+    _refuse_host_reads(monkeypatch)
+    got, got_g = run(max(lens))
+    starts = compressed_block_starts(28, spec, cu, max_seqlen=max(lens))
+    pos = compressed_positions(28, spec, cu, max_seqlen=max(lens))
+    monkeypatch.undo()
+    assert got.shape == (1, 14, 2, 5)  # compressed_capacity(28) = 28 // 2
+    torch.testing.assert_close(got[:, :tc], want, rtol=1e-12, atol=1e-12)
+    assert torch.equal(got[:, tc:], torch.zeros_like(got[:, tc:]))
+    for a, b in zip(got_g, want_g, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert torch.equal(starts[:tc], compressed_block_starts(28, spec, cu)) and not starts[tc:].any()
+    assert torch.equal(pos[:tc], compressed_positions(28, spec, cu)) and not pos[tc:].any()
+
+
+def test_varlen_max_seqlen_pack_shorter_than_a_block():
+    # T = 3 < l = 4: one empty slot, whose gathered block is clamped inside the pack; output zero.
+    spec = spec_for("mlp", l=4, d=2, pe=True, hidden=8)
+    comp = Compressor(spec, 5).double()
+    cu = torch.tensor([0, 2, 3], dtype=torch.int32)
+    k = torch.randn(1, 3, 2, 5, dtype=DT, requires_grad=True)
+    out = comp(k, cu_seqlens=cu, max_seqlen=2)
+    assert out.shape == (1, 1, 2, 5) and torch.equal(out, torch.zeros_like(out))
+    assert comp(k, cu_seqlens=cu).shape == (1, 0, 2, 5)
+    (g,) = torch.autograd.grad((out * torch.randn_like(out)).sum(), k)
+    assert torch.equal(g, torch.zeros_like(g))
+
+
+def test_varlen_max_seqlen_errors():
+    spec = spec_for("mean", l=4, d=2)
+    cu = torch.tensor([0, 5, 10], dtype=torch.int32)
+    k = torch.randn(1, 10, 2, 5)
+    for bad in (11, -1, True, 5.0):
+        with pytest.raises(ValueError, match=r"^max_seqlen: must be an int in 0\.\.T = 10"):
+            compress(k, spec, cu_seqlens=cu, max_seqlen=bad)
+    with pytest.raises(ValueError, match="^cu_seqlens: expected dtype torch.int32"):
+        compress(k, spec, cu_seqlens=cu.long(), max_seqlen=5)
+    with pytest.raises(ValueError, match="^k: expected batch B = 1 with cu_seqlens"):
+        compress(torch.randn(2, 10, 2, 5), spec, cu_seqlens=cu, max_seqlen=5)

@@ -212,3 +212,153 @@ def test_triton_backend_separate_kv_matches_reference_backend(monkeypatch):
     wb = torch.autograd.grad(b(xg).sum(), b.k_win_proj.weight)[0]
     assert wa.abs().sum() > 0
     torch.testing.assert_close(wb, wa, rtol=1e-4, atol=1e-5)
+
+
+def _refuse_host_reads(monkeypatch):
+    """Make every host read of a tensor value raise (on a GPU each one is a device-to-host sync)."""
+
+    def refuse(*a, **k):
+        raise AssertionError("a tensor value was read on the host")
+
+    for name in ("item", "tolist", "__int__", "__bool__", "__index__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+
+
+def _grads(out, leaves, grad_out=None):
+    """d out / d leaves; zeros for a leaf outside the graph (a sequence shorter than the compression block
+    leaves the compressors unused)."""
+    g = torch.autograd.grad(out, leaves, grad_out, allow_unused=True)
+    return [torch.zeros_like(t) if gi is None else gi for t, gi in zip(leaves, g, strict=True)]
+
+
+@pytest.mark.parametrize(
+    "backend,function,separate_kv",
+    [
+        ("reference", "mlp", True),
+        ("triton", "mean", False),
+        ("triton", "linear", True),
+        ("triton", "mlp", True),
+    ],
+)
+def test_varlen_max_seqlen_equals_synchronising_path_and_separate_sequences(
+    backend, function, separate_kv, monkeypatch
+):
+    """cu_seqlens + max_seqlen: the same outputs and gradients (input and every parameter) as without
+    max_seqlen and as each sequence run on its own; with the triton backend neither forward nor backward
+    reads a tensor value on the host. The pack holds a sequence shorter than the compression block (3 < l
+    = 4) and an empty one."""
+    torch.manual_seed(8)
+    layer = NSAttention(16, small_spec(function), separate_kv=separate_kv, backend=backend)
+    with torch.no_grad():  # non-trivial compressor biases / position embeddings
+        for name, p in layer.named_parameters():
+            if "compressor" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    lens = [13, 3, 0, 20]
+    cu = torch.tensor([0, 13, 16, 16, 36], dtype=torch.int32)
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(1, 36, 16, generator=gen)
+    w = torch.randn(1, 36, 16, generator=gen)  # upstream gradient
+    names, params = zip(*layer.named_parameters(), strict=True)
+
+    def run(xx, ww, **kw):
+        xx = xx.clone().requires_grad_(True)
+        y = layer(xx, **kw)
+        return y.detach(), _grads((y * ww).sum(), [xx, *params])
+
+    want_y, want_g = run(x, w, cu_seqlens=cu)
+    if backend == "triton":
+        _refuse_host_reads(monkeypatch)
+    got_y, got_g = run(x, w, cu_seqlens=cu, max_seqlen=max(lens))
+    monkeypatch.undo()
+    torch.testing.assert_close(got_y, want_y, rtol=1e-6, atol=1e-6)
+    for name, a, b in zip(("x", *names), got_g, want_g, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+    if function != "mean":
+        assert got_g[1 + names.index("k_compressor.pos")].abs().sum() > 0
+
+    # each sequence on its own (the empty one contributes nothing)
+    sep_y, sep_gx = torch.zeros_like(x), torch.zeros_like(x)
+    sep_g = [torch.zeros_like(p) for p in params]
+    for s in range(len(lens)):
+        a, b = int(cu[s]), int(cu[s + 1])
+        if a == b:
+            continue
+        y, g = run(x[:, a:b], w[:, a:b])
+        sep_y[:, a:b], sep_gx[:, a:b] = y, g[0]
+        for acc, gi in zip(sep_g, g[1:], strict=True):
+            acc += gi
+    torch.testing.assert_close(got_y, sep_y, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got_g[0], sep_gx, rtol=1e-4, atol=1e-5)
+    for name, a, b in zip(names, got_g[1:], sep_g, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_max_seqlen_errors():
+    layer = NSAttention(16, small_spec())
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    x = torch.randn(1, 12, 16)
+    for bad in (13, -1, False, 7.0):
+        with pytest.raises(ValueError, match=r"^max_seqlen: must be an int in 0\.\.T = 12"):
+            layer(x, cu_seqlens=cu, max_seqlen=bad)
+    with pytest.raises(ValueError, match="^cu_seqlens: expected dtype torch.int32"):
+        layer(x, cu_seqlens=cu.long(), max_seqlen=7)
+    with pytest.raises(ValueError, match="^x: expected batch B = 1 with cu_seqlens"):
+        layer(torch.randn(2, 12, 16), cu_seqlens=cu, max_seqlen=7)
+
+
+@pytest.mark.gpu
+def test_gpu_triton_varlen_max_seqlen_no_sync_matches_unpacked():
+    """backend="triton", bf16 attention, a pack of 3 sequences (one shorter than the compression block):
+    with max_seqlen, forward + backward run under CUDA's sync debug mode "error" (any device-to-host sync
+    raises) and match the pack without max_seqlen and each sequence run on its own."""
+    spec = NSASpec.from_dict(
+        {
+            "attention": {
+                "heads": 8, "kv_heads": 2, "head_dim_qk": 64, "head_dim_v": 64, "dtype": "bfloat16"
+            },
+            "compression": {"block": 16, "stride": 8, "function": "mlp", "position_encoding": True},
+            "selection": {"block": 32, "top_n": 4, "force_initial": 1, "force_local": 2},
+            "window": {"size": 64},
+            "gates": {"hidden": 32},
+        }
+    )
+    torch.manual_seed(10)
+    layer = NSAttention(128, spec, separate_kv=True, backend="triton").cuda()
+    lens = [300, 11, 517]
+    cu = torch.tensor([0, 300, 311, 828], dtype=torch.int32, device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    x = torch.randn(1, 828, 128, device="cuda", generator=gen)
+    dy = torch.randn(1, 828, 128, device="cuda", generator=gen)
+    names, params = zip(*layer.named_parameters(), strict=True)
+
+    def run(xx, dd, **kw):
+        xx = xx.clone().requires_grad_(True)
+        y = layer(xx, **kw)
+        return y.detach(), _grads(y, [xx, *params], dd)
+
+    run(x, dy, cu_seqlens=cu, max_seqlen=max(lens))  # build and load the kernels outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got_y, got_g = run(x, dy, cu_seqlens=cu, max_seqlen=max(lens))
+        torch.cuda.set_sync_debug_mode("default")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    want_y, want_g = run(x, dy, cu_seqlens=cu)
+    sep_y, sep_gx = torch.zeros_like(x), torch.zeros_like(x)
+    sep_g = [torch.zeros_like(p) for p in params]
+    for s in range(len(lens)):
+        a, b = int(cu[s]), int(cu[s + 1])
+        y, g = run(x[:, a:b], dy[:, a:b])
+        sep_y[:, a:b], sep_gx[:, a:b] = y, g[0]
+        for acc, gi in zip(sep_g, g[1:], strict=True):
+            acc += gi
+
+    def rel(a, b):
+        return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-6))
+
+    for ref_y, ref_g in ((want_y, want_g), (sep_y, [sep_gx, *sep_g])):
+        assert bool(torch.isfinite(got_y).all()) and rel(got_y, ref_y) < 1e-2
+        for name, a, b in zip(("x", *names), got_g, ref_g, strict=True):
+            assert bool(torch.isfinite(a).all()), name
+            assert rel(a, b) < 1e-2, f"{name}: relative error {rel(a, b):.3e}"
