@@ -224,7 +224,7 @@ def compress(
     l = spec.compression.block  # noqa: E741
     idx = starts[:, None] + torch.arange(l, device=k.device)  # [Tc, l]
     if valid is not None:
-        idx = idx.clamp_(max=max(T - 1, 0))  # the empty slots' blocks (T < l) stay inside the pack
+        idx = idx.clamp_(0, max(T - 1, 0))  # the empty slots' blocks (T < l) stay inside the pack
     blocks = k[:, idx.reshape(-1)].reshape(B, len(starts), l, H, D).transpose(2, 3)  # [B, Tc, H, l, D]
     out = compress_blocks(blocks, spec, params)
     if valid is not None:
