@@ -20,6 +20,9 @@ Config parameters (constexprs baked into the emitted source):
                     token's G heads alone, slot loop pipelined over dq_stages stages, no union masking);
   DQ_LAYOUT         bwd_slc one-token dQ: "rows" (heads are the MMA rows) or "keys" (transposed: the block's
                     keys are the M side, dQ^T += K^T dS^T; the sm90 default for G >= 16, 1.35x faster at 64k);
+                    "blocks": block-outer, computed by the dK/dV kernel as fp32 per-(token, slot) partials
+                    (T x Hq x n x dk x 4 bytes) that a second kernel sums per token (small G: each block's K/V
+                    read once per work item, not once per token);
   BLOCK_R           rows per program of bwd_pre;
   num_warps, num_stages (and dq_warps for the bwd_slc dQ kernel).
 No kernel uses atomics, so every config is bitwise reproducible run to run.
@@ -244,7 +247,8 @@ def _slc_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
         "CHUNK": [256, 512, 1024, 2048, 4096],
         "KEY_SPLIT": [k for k in (1, 2, 4) if max(16, next_pow2(spec.selection.block)) // k >= 16],
         "DQ_TOKENS": [1, 2, 4],
-        "DQ_LAYOUT": ["rows", "keys"],
+        # "blocks" keeps a [tokens, HKV, n, G, dk] fp32 partial buffer: offered for small groups only
+        "DQ_LAYOUT": ["rows", "keys"] + (["blocks"] if G <= 4 else []),
         "num_warps": [4, 8],
         "dq_warps": [2, 4, 8],
         "dq_stages": [1, 2, 3],
@@ -267,8 +271,11 @@ def _slc_check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) -> s
         return f"DQ_TOKENS: must be 1, 2 or 4, got {cfg.get('DQ_TOKENS')}"
     if cfg.get("dq_warps") not in (1, 2, 4, 8, 16):
         return f"dq_warps: must be one of 1, 2, 4, 8, 16, got {cfg.get('dq_warps')}"
-    if cfg.get("DQ_LAYOUT", "rows") not in ("rows", "keys"):
-        return f"DQ_LAYOUT: must be 'rows' or 'keys', got {cfg.get('DQ_LAYOUT')!r}"
+    if cfg.get("DQ_LAYOUT", "rows") not in ("rows", "keys", "blocks"):
+        return f"DQ_LAYOUT: must be 'rows', 'keys' or 'blocks', got {cfg.get('DQ_LAYOUT')!r}"
+    if cfg.get("DQ_LAYOUT") == "blocks" and (cfg["KEY_SPLIT"] != 1 or cfg["DQ_TOKENS"] != 1):
+        return (f"DQ_LAYOUT: 'blocks' needs KEY_SPLIT = 1 and DQ_TOKENS = 1, got {cfg['KEY_SPLIT']} and "
+                f"{cfg['DQ_TOKENS']}")
     if cfg.get("DQ_LAYOUT", "rows") == "keys" and cfg["DQ_TOKENS"] != 1:
         return f"DQ_LAYOUT: 'keys' needs DQ_TOKENS = 1, got {cfg['DQ_TOKENS']}"
     if cfg.get("dq_stages") not in (1, 2, 3, 4):

@@ -227,6 +227,43 @@ def test_slc_dq_keys_layout_varlen():
     assert_close(kernel_grads(spec, xs, do, cu_seqlens=cu, config=cfg), want)
 
 
+@pytest.mark.parametrize("case", ["G1", "G2-B2", "G4-l=d", "G16-dk48"])
+def test_slc_dq_blocks_layout(case):
+    """The block-outer selection dQ (DQ_LAYOUT = "blocks": per-(token, slot) fp32 partials written by the
+    dK/dV kernel into a poisoned buffer, summed per token) on the case matrix, with direct and split
+    reverse-index lists."""
+    kw, B, T = CASES[case]
+    spec = make_spec(**kw)
+    gen = torch.Generator().manual_seed(hash(case) % 2**31 + 2)
+    xs = make_inputs(spec, B, T, gen)
+    do = torch.randn(B, T, spec.attention.heads, spec.attention.head_dim_v, generator=gen)
+    want = ref_grads(spec, xs, do)
+    for chunk in (8, 3):
+        cfg = {"bwd_slc": {"DQ_LAYOUT": "blocks", "CHUNK": chunk}}
+        assert_close(kernel_grads(spec, xs, do, config=cfg), want)
+
+
+def test_slc_dq_blocks_layout_varlen_and_checks():
+    spec = make_spec(G=2, hkv=2, n=2)
+    cu = torch.tensor([0, 5, 26, 47], dtype=torch.int32)
+    gen = torch.Generator().manual_seed(31)
+    tc = int(R.compressed_cu_seqlens(cu, spec)[-1])
+    xs = make_inputs(spec, 1, 47, gen, tc=tc)
+    do = torch.randn(1, 47, spec.attention.heads, spec.attention.head_dim_v, generator=gen)
+    cfg = {"bwd_slc": {"DQ_LAYOUT": "blocks"}}
+    want = ref_grads(spec, xs, do, cu_seqlens=cu)
+    assert_close(kernel_grads(spec, xs, do, cu_seqlens=cu, config=cfg), want)
+    from nsa_dsl.codegen.plan import get_kernel
+
+    kdef = get_kernel("bwd_slc")
+    lim = DeviceLimits.interpreter_limits()
+    base = kdef.default(spec, lim)
+    assert kdef.check(spec, {**base, "DQ_LAYOUT": "blocks"}, lim) is None
+    assert "KEY_SPLIT" in kdef.check(spec, {**base, "DQ_LAYOUT": "blocks", "KEY_SPLIT": 2}, lim)
+    assert "blocks" in kdef.space(spec, lim)["DQ_LAYOUT"]
+    assert "blocks" not in kdef.space(make_spec(G=16, hkv=1), lim)["DQ_LAYOUT"]
+
+
 def test_deterministic_interpreter():
     spec = make_spec(G=2, hkv=2)
     gen = torch.Generator().manual_seed(3)
