@@ -433,9 +433,9 @@ VARIANTS = {
     "bwd_slc.dkdv": [_skv(8, 2, 8, 1), _skv(4, 1, 8, 2), _skv(4, 1, 8, 3), _skv(2, 1, 4, 2),
                      _skv(4, 1, 8, 2, 512), _skv(4, 1, 8, 2, 2048)],
     # third sweep (session 4): one-pass 128-key tiles with narrow query tiles, 3 stages, 4 warps
-    "bwd_cmp.dkdv": [_kv(64, 64, 8, 1, 1), _kv(64, 128, 8, 2, 2), _kv(32, 128, 8, 2, 1), _kv(64, 128, 8, 2, 1),
-                     _kv(64, 128, 8, 3, 2), _kv(64, 128, 4, 2, 2), _kv(16, 128, 8, 2, 1), _kv(32, 128, 8, 3, 1),
-                     _kv(128, 128, 8, 2, 2)],
+    "bwd_cmp.dkdv": [_kv(64, 64, 8, 1, 1), _kv(64, 128, 8, 2, 2), _kv(32, 128, 8, 2, 1),
+                     _kv(64, 128, 8, 2, 1), _kv(64, 128, 8, 3, 2), _kv(64, 128, 4, 2, 2),
+                     _kv(16, 128, 8, 2, 1), _kv(32, 128, 8, 3, 1), _kv(128, 128, 8, 2, 2)],
     "bwd_cmp.dq": [_dq(64, 64, 4, 2), _dq(128, 64, 8, 2), _dq(128, 64, 8, 3), _dq(128, 32, 8, 2),
                    _dq(128, 64, 8, 1)],
     "bwd_win.dkdv": [_kv(32, 64, 4, 2, 2), _kv(32, 64, 4, 2, 2), _kv(64, 128, 8, 2, 2), _kv(32, 128, 8, 2, 1),
@@ -583,6 +583,53 @@ def run_e2e(spec_name: str, Ts: list[int], configs: dict[str, dict[str, dict]]) 
     return rows
 
 
+#: Selection dQ layouts compared by --slc-layouts (the spec's default first).
+SLC_LAYOUTS = {
+    "default": {},
+    "blocks": {"bwd_slc": {"DQ_LAYOUT": "blocks", "DQ_TOKENS": 1, "KEY_SPLIT": 1}},
+    "keys": {"bwd_slc": {"DQ_LAYOUT": "keys", "DQ_TOKENS": 1, "dq_stages": 2}},
+}
+
+
+def run_slc_layouts(spec_name: str, Ts: list[int]) -> list[dict]:  # noqa: N803
+    """Per layout of the selection dQ: the backward's per-kernel times (CUDA events, mean of 3 after a
+    warm-up), its gradients' largest relative difference from the default layout's (same inputs, same saved
+    forward), and forward+backward through the custom op."""
+    spec = load_spec(spec_name)
+    base = nsa_dsl.compile(spec)
+    rows = []
+    for T in Ts:  # noqa: N806
+        xs, do = nsa_inputs(spec, T, grad=False)
+        with torch.no_grad():
+            _, saved = base.forward_train(*xs)
+        ref = None
+        for name, cand in SLC_LAYOUTS.items():
+            row = {"spec": spec_name, "T": T, "layout": name}
+            try:
+                ops = with_candidate(base, cand)
+                row["bwd_slc"] = ops.config_for("bwd_slc", T=T)
+                grads = nsa_backward(ops, *xs, do, saved)
+                if ref is None:
+                    ref = grads
+                else:
+                    row["max_rel_diff_vs_default"] = max(
+                        float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-9))
+                        for a, b in zip(grads, ref, strict=True))
+                prof: dict = {}
+                for _ in range(3):
+                    nsa_backward(ops, *xs, do, saved, profile=prof)
+                row.update({k: round(v / 3, 3) for k, v in prof.items() if k not in ("_events", "start")})
+            except Exception as e:  # noqa: BLE001
+                row["error"] = str(e)[:300]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        del xs, do, saved, ref
+        torch.cuda.empty_cache()
+    for r in run_e2e(spec_name, Ts, SLC_LAYOUTS):
+        rows.append({**r, "layout": r.pop("config")})
+    return rows
+
+
 def variants_table(rows: list[dict]) -> str:
     """Markdown: per part and T, old (variant 0) vs the best variant."""
     lines = ["| spec | T | part | old ms | best ms | best variant |", "|---|---|---|---|---|---|"]
@@ -615,7 +662,16 @@ def main() -> int:
     ap.add_argument("--e2e", action="store_true",
                     help="with --variants: then time fwd+bwd (old, best per part, default configs)")
     ap.add_argument("--e2e-compat", action="store_true", help="with --e2e: fla_compat old vs default too")
+    ap.add_argument("--slc-layouts", nargs="+", metavar="SPEC",
+                    help="compare the selection dQ layouts (SLC_LAYOUTS) on these specs and exit")
     args = ap.parse_args()
+    if args.slc_layouts:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        rows = [r for sp in args.slc_layouts for r in run_slc_layouts(sp, args.T)]
+        doc = {"meta": common.env_info(), "rows": rows}
+        (out / "bwd_slc_layouts.json").write_text(json.dumps(doc, indent=1))
+        return 0
     if args.warm:
         warm(args.warm[0], int(args.warm[1]))
         return 0
