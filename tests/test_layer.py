@@ -247,17 +247,18 @@ def test_varlen_max_seqlen_equals_synchronising_path_and_separate_sequences(
     max_seqlen and as each sequence run on its own; with the triton backend neither forward nor backward
     reads a tensor value on the host. The pack holds a sequence shorter than the compression block (3 < l
     = 4) and an empty one."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(8)
-    layer = NSAttention(16, small_spec(function), separate_kv=separate_kv, backend=backend)
+    layer = NSAttention(16, small_spec(function), separate_kv=separate_kv, backend=backend).to(dev)
     with torch.no_grad():  # non-trivial compressor biases / position embeddings
         for name, p in layer.named_parameters():
             if "compressor" in name:
                 p.add_(torch.randn_like(p) * 0.1)
     lens = [13, 3, 0, 20]
-    cu = torch.tensor([0, 13, 16, 16, 36], dtype=torch.int32)
+    cu = torch.tensor([0, 13, 16, 16, 36], dtype=torch.int32, device=dev)
     gen = torch.Generator().manual_seed(9)
-    x = torch.randn(1, 36, 16, generator=gen)
-    w = torch.randn(1, 36, 16, generator=gen)  # upstream gradient
+    x = torch.randn(1, 36, 16, generator=gen).to(dev)
+    w = torch.randn(1, 36, 16, generator=gen).to(dev)  # upstream gradient
     names, params = zip(*layer.named_parameters(), strict=True)
 
     def run(xx, ww, **kw):
