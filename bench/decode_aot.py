@@ -72,6 +72,7 @@ def check(spec_name: str, config: dict) -> list[tuple[str, str]]:
     ]
     out = []
     for name, fn, consts in variants:
+        consts = {**consts, "PDL": bool(mod.PDL_MODE)}  # as run() passes it (config PDL)
         src = ASTSource(fn=fn, signature=_signature(fn, consts), constexprs=consts)
         warps = {"top-n (split)": mod.TOPK_WARPS, "combine rows": mod.COMBINE_WARPS}.get(name, mod.NUM_WARPS)
         try:
@@ -89,6 +90,8 @@ def check(spec_name: str, config: dict) -> list[tuple[str, str]]:
         spill = re.search(r"(\d+) bytes spill stores", txt)
         ptx_txt = c.asm["ptx"]
         out.append((name, f"cp.async {ptx_txt.count('cp.async')} ld.global {ptx_txt.count('ld.global')} "
+                          f"griddepcontrol {ptx_txt.count('griddepcontrol.wait')}/"
+                          f"{ptx_txt.count('griddepcontrol.launch_dependents')} "
                           f"{regs.group(1) if regs else '?'} registers, "
                           f"{spill.group(1) if spill else '?'} bytes spilled, smem {c.metadata.shared} B"))
     return out

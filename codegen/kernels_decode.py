@@ -32,6 +32,15 @@ Config parameters:
               SM: latency-bound; the prefetch doubles the loop's registers);
   SKIP        1: merge a top-n chunk only when one of its keys beats the running n-th best (shared
               ``_select.j2`` schedule; most chunks of a long context are skipped);
+  PDL         programmatic dependent launch (compute capability >= 9, not the interpreter): 0 off; 1 every
+              kernel of the step lets the next one be scheduled on entry (``gdc_launch_dependents``); the
+              first (compressed attention) is launched normally (it must see the cache appends), the later
+              ones with ``launch_pdl`` and call ``gdc_wait`` before reading anything an earlier kernel of the
+              step wrote (each waits for its predecessor, which waited for its own: the chain is
+              transitive); the selected + window kernel attends to its window tiles (independent of the
+              top-n) before that wait; 2 the same launches with the wait before any tile (a control for
+              timing the early window). Selected and window keep separate softmax states: 0, 1 and 2 give
+              bitwise the same results;
   topk_warps  warps of the split top-n kernel (0 = num_warps);
   combine_warps  warps of the row combine kernel (COMBINE = "rows");
   num_warps, num_stages.
@@ -84,6 +93,11 @@ def _decode_constants(spec: NSASpec, cfg: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def pdl_supported(limits: DeviceLimits) -> bool:
+    """Programmatic dependent launch: compute capability >= 9.0 and a real device (not the interpreter)."""
+    return not limits.interpreter and limits.capability[0] >= 9
+
+
 def _decode_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
     np_, rp = next_pow2(spec.selection.top_n), _rp(spec)
     top_k = max(16, min(128, next_pow2(spec.selection.block)))
@@ -102,6 +116,7 @@ def _decode_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
         "PREFETCH": [0, 1],
         "SW_PREFETCH": [0, 1, 2],
         "CMP_PREFETCH": [0, 1, 2],
+        "PDL": [0, 1, 2] if pdl_supported(limits) else [0],
         "topk_warps": [0, 2, 4, 8],
         "combine_warps": [1, 2, 4, 8],
         "num_warps": [2, 4, 8],
@@ -140,6 +155,11 @@ def _decode_check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) -
         return f"SW_PREFETCH: must be 0, 1 or 2, got {cfg.get('SW_PREFETCH')!r}"
     if cfg.get("CMP_PREFETCH", 0) not in (0, 1, 2):
         return f"CMP_PREFETCH: must be 0, 1 or 2, got {cfg.get('CMP_PREFETCH')!r}"
+    pdl = cfg.get("PDL", 0)
+    if pdl not in (0, 1, 2) or isinstance(pdl, bool):
+        return f"PDL: must be 0, 1 or 2, got {pdl!r}"
+    if pdl and not pdl_supported(limits):
+        return f"PDL: programmatic dependent launch needs compute capability >= 9.0, not {limits.name}: use 0"
     if cfg.get("topk_warps", 0) not in (0, 1, 2, 4, 8, 16):
         return f"topk_warps: must be 0 (= num_warps) or one of 1, 2, 4, 8, 16, got {cfg.get('topk_warps')!r}"
     if cfg.get("combine_warps", 4) not in (1, 2, 4, 8, 16):
@@ -169,7 +189,7 @@ def _decode_check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) -
 #: the schedule before issue 5's second pass (serial split merges, combine per (token, KV head), top-n loads
 #: not prefetched): ``ops.with_config("decode", LEGACY)`` selects it for a same-run comparison
 LEGACY: dict[str, Any] = {
-    "COMBINE": "kernel", "LSE_MERGE": "loop", "PREFETCH": 0, "SW_PREFETCH": 0, "CMP_PREFETCH": 0,
+    "COMBINE": "kernel", "LSE_MERGE": "loop", "PREFETCH": 0, "SW_PREFETCH": 0, "CMP_PREFETCH": 0, "PDL": 0,
 }
 
 
@@ -183,7 +203,7 @@ def _decode_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
         return {
             "tokens": 1, "BLOCK_N": 16, "BLOCK_S": bs, "BLOCK_K": 16, "BLOCK_W": 16,
             "split_cmp": 0, "split_sw": 0, "split_topk": 0, "SKIP": 1, "COMBINE": "rows", "LSE_MERGE": "tile",
-            "PREFETCH": 1, "SW_PREFETCH": 1, "CMP_PREFETCH": 1, "topk_warps": 0, "combine_warps": 4,
+            "PREFETCH": 1, "SW_PREFETCH": 1, "CMP_PREFETCH": 1, "PDL": 0, "topk_warps": 0, "combine_warps": 4,
             "num_warps": 4, "num_stages": 1,
         }
     while bs * 2 * rp <= 256:  # one program scores the blocks of one step: wide chunks, few sorts
@@ -216,6 +236,9 @@ def _decode_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
         "PREFETCH": 1,
         "SW_PREFETCH": 2,
         "CMP_PREFETCH": 0,
+        # PDL: the step's 2-4 dependent launches overlap their launch latency (B = 1, 64k: ~26 us of kernel
+        # time in a 32.8 us step before it); not measured yet (bench_decode.py --compare times PDL 0 / 1 / 2)
+        "PDL": 1 if pdl_supported(limits) else 0,
         "topk_warps": 0,
         "combine_warps": 4,
         "num_warps": 8,

@@ -9,6 +9,7 @@ GPU (marked): bf16 at T = 8k against the reference decode, and a CUDA-graph repl
 
 from __future__ import annotations
 
+import ast
 import sys
 from pathlib import Path
 
@@ -16,6 +17,9 @@ import pytest
 import torch
 from nsa_dsl.codegen.decode import CapturedDecodeStep, decode
 from nsa_dsl.codegen.kernels_decode import LEGACY
+from nsa_dsl.codegen.loader import load_path
+from nsa_dsl.codegen.plan import DeviceLimits, get_kernel, make_plan
+from nsa_dsl.codegen.render import render
 
 import nsa_dsl
 from nsa_dsl.cache import NSACache, decode_reference
@@ -139,6 +143,139 @@ def test_auto_splits_and_emitted_source():
     assert "def _cmp_kernel" in src and "def _topk_kernel" in src and "def _sw_kernel" in src
     with pytest.raises(ValueError, match="BLOCK_S"):
         make_plan(spec, "decode", {"BLOCK_S": 4}, h100)
+
+
+# ------------------------------------------------------------------------------------------------
+# PDL (programmatic dependent launch)
+# ------------------------------------------------------------------------------------------------
+
+H100 = DeviceLimits("H100", (9, 0), 132, 227 * 1024)
+A100 = DeviceLimits("A100", (8, 0), 108, 163 * 1024)
+
+
+def test_pdl_config_validation():
+    spec = nsa_dsl.load_spec("nsa_paper")
+    interp = DeviceLimits.interpreter_limits()
+    assert make_plan(spec, "decode", None, interp).config["PDL"] == 0
+    assert make_plan(spec, "decode", None, A100).config["PDL"] == 0
+    assert make_plan(spec, "decode", None, H100).config["PDL"] == 1
+    assert make_plan(spec, "decode", LEGACY, H100).config["PDL"] == 0  # the old path stays comparable
+    kdef = get_kernel("decode")
+    assert kdef.space(spec, interp)["PDL"] == [0] and kdef.space(spec, A100)["PDL"] == [0]
+    assert {0, 1} <= set(kdef.space(spec, H100)["PDL"])
+    for p in (1, 2):
+        assert make_plan(spec, "decode", {"PDL": p}, H100).config["PDL"] == p
+        for lim in (interp, A100):
+            with pytest.raises(ValueError, match="PDL") as e:
+                make_plan(spec, "decode", {"PDL": p}, lim)
+            assert "\n" not in str(e.value)
+    for bad in (3, -1, "1", True):
+        with pytest.raises(ValueError, match="PDL"):
+            make_plan(spec, "decode", {"PDL": bad}, H100)
+
+
+def _functions(src: str) -> dict[str, str]:
+    tree = ast.parse(src)
+    return {n.name: ast.get_source_segment(src, n) for n in tree.body if isinstance(n, ast.FunctionDef)}
+
+
+def _first(text: str, *needles: str) -> int:
+    pos = [text.find(x) for x in needles if x in text]
+    assert pos, needles
+    return min(pos)
+
+
+@pytest.mark.parametrize("name", ["nsa_paper", "small_group"])
+def test_pdl_emitted_source(name):
+    spec = nsa_dsl.load_spec(name)
+    interp_src = render(make_plan(spec, "decode", None, DeviceLimits.interpreter_limits()))
+    off_src = render(make_plan(spec, "decode", {"PDL": 0}, H100))
+    for src in (interp_src, off_src):
+        assert "tl.extra.cuda" not in src  # no grid dependency control emitted at all
+        assert "PDL_MODE = 0" in src
+    for pdl in (1, 2):
+        src = render(make_plan(spec, "decode", {"PDL": pdl}, H100))
+        fns = _functions(src)
+        assert f"PDL_MODE = {pdl}" in src
+        # every gdc call sits under the kernel's PDL constexpr (the fused step calls _sw_body with PDL=False)
+        lines = src.splitlines()
+        for i, line in enumerate(lines):
+            if "tl.extra.cuda.gdc_" in line:
+                assert lines[i - 1].strip().startswith("if PDL:"), lines[i - 1]
+        # the first kernel only releases its dependents; it never waits (launched normally)
+        assert "gdc_wait" not in fns["_cmp_kernel"] and "gdc_launch_dependents" in fns["_cmp_kernel"]
+        assert "_sw_body(" in fns["_cmp_kernel"] and "PDL=False" in fns["_cmp_kernel"]
+        # the dependent kernels wait before their first read of anything an earlier kernel of the step wrote
+        step_data = {
+            "_topk_kernel": ("tl.load(PM", "tl.load(PL", "tl.load(PACC", "LOGITS +"),
+            "_sw_body": ("CAND +", "IDX +", "tl.load(OC", "CNT +"),
+            "_combine_kernel": ("_combine_body(",),
+            "_combine_rows_kernel": ("tl.load(PM", "tl.load(PL", "tl.load(OC", "tl.load(PACC"),
+        }
+        for fn, reads in step_data.items():
+            body = fns[fn][fns[fn].index("):\n"):]  # after the signature
+            assert body.count("tl.extra.cuda.gdc_wait()") == 1, fn
+            assert body.index("gdc_wait()") < _first(body, *reads), fn
+        for fn in ("_topk_kernel", "_sw_kernel"):  # released on entry
+            assert fns[fn].index("gdc_launch_dependents()") < fns[fn].index("tl.program_id")
+        # the window tiles (KW/VW) before the wait with PDL = 1, after it with PDL = 2
+        sw = fns["_sw_body"]
+        if spec.window_size:
+            assert (sw.index("KW +") < sw.index("gdc_wait()")) == (pdl == 1)
+        # host: the first launch is an ordinary one, every later launch of the step a dependent one
+        calls = [n for n in ast.walk(ast.parse(fns["run"])) if isinstance(n, ast.Call)
+                 and isinstance(n.func, ast.Subscript) and isinstance(n.func.value, ast.Name)]
+        pdl_kw = {n.func.value.id: any(k.arg is None and getattr(k.value, "id", "") == "_PDL_LAUNCH"
+                                       for k in n.keywords) for n in calls}
+        assert pdl_kw == {"_cmp_kernel": False, "_topk_kernel": True, "_sw_kernel": True,
+                          "_combine_rows_kernel": True, "_combine_kernel": True}
+
+
+def _run_module(mod, q, cache, g, splits, ws=None):  # noqa: N803
+    B, S = q.shape[:2]  # noqa: N806
+    ws = ws or mod.workspace(B, S, cache.k_cmp_buf.shape[1], *splits, q.device)
+    out = _poisoned(B, S, cache.spec)
+    idx = mod.run(q.contiguous(), cache.k, cache.v, cache.k_cmp_buf, cache.v_cmp_buf, cache.lengths,
+                  g.contiguous(), out, ws, k_win=cache.k_win, v_win=cache.v_win)
+    return out, idx.clone(), ws
+
+
+@pytest.mark.parametrize("option", ["last_rows", "sm90"])
+def test_pdl_window_first_matches_interpreter(option, tmp_path):
+    """PDL = 1's order in the selected + window body (window tiles first, then the wait, then the selected
+    blocks) gives bitwise the outputs and indices of PDL = 0 in every launch schedule. The PDL = 1 module is
+    rendered for an sm90 device and run in the interpreter with its PDL launches switched off (PDL_MODE = 0:
+    no launch_pdl, the gdc calls skipped by their constexpr)."""
+    spec = SPECS["tiny"]  # float32
+    base = dict(make_plan(spec, "decode", None, DeviceLimits.interpreter_limits()).config)
+    base.update(OPTIONS[option], tokens=2)
+    mods = {}
+    for pdl in (0, 1):
+        plan = make_plan(spec, "decode", {**base, "PDL": pdl}, H100)
+        path = tmp_path / f"decode_pdl{pdl}.py"
+        path.write_text(render(plan))
+        mods[pdl] = load_path(path, f"test_decode_pdl{pdl}_{option}_{plan.key}")
+    assert "gdc_wait" in path.read_text()
+    mods[1].PDL_MODE, mods[1]._PDL_LAUNCH = 0, {}
+    B, T = 2, 64  # noqa: N806
+    q, k, v, g = inputs(spec, B, T, dtype=torch.float32, seed=31)
+    ck, cv = compressors(spec, seed=32)
+    pre = [55, 41]
+    cache = NSACache(spec, B, capacity=T, dtype=torch.float32, compress_k=ck, compress_v=cv)
+    cache.prefill(k[:, :55], v[:, :55], lengths=pre)
+    bi = torch.arange(B)[:, None]
+    for S in (1, 2):  # noqa: N806
+        sel = torch.stack([torch.arange(n, n + S) for n in cache.host_lengths])
+        cache.append(k[bi, sel], v[bi, sel])
+        qs, gs = q[bi, sel], g[bi, sel]
+        want = decode_reference(qs, cache, gs)
+        for sp in ((2, 3, 2), (1, 2, 1), (2, 1, 2), (1, 1, 1)):
+            o0, i0, _ = _run_module(mods[0], qs, cache, gs, sp)
+            ws = None
+            for _ in range(2):  # twice on one workspace: the "last program" tickets are reset after a step
+                o1, i1, ws = _run_module(mods[1], qs, cache, gs, sp, ws)
+                assert torch.equal(o1, o0) and torch.equal(i1, i0), (S, sp)
+            torch.testing.assert_close(o1, want, rtol=1e-4, atol=1e-5, msg=f"S={S} splits {sp}")
 
 
 # ------------------------------------------------------------------------------------------------
