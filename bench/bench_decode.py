@@ -13,8 +13,10 @@ and subtracted (cold-L2 numbers, the honest ones for a serving step).
 
 Usage: ``python bench/bench_decode.py [--quick] [--out DIR]``; writes ``decode.json`` and ``decode.md``.
 ``--compare``: the decode plan's old (``kernels_decode.LEGACY``) and new schedule options, a few variants and
-splits, timed in one process against dense SDPA (``decode_compare.json`` / ``.md``); ``--warm I`` compiles
-those of shape I first (bench/gpu_decode.sh).
+splits, timed in one process against dense SDPA (``decode_compare.json`` / ``.md``); at every shape also the
+default plan with programmatic dependent launch off / with the plain wait (``pdl0`` / ``pdl2``; ``new`` is PDL
+= 1 on sm90+), checked bitwise against ``new``; ``--warm I`` compiles those of shape I first
+(bench/gpu_decode.sh).
 """
 
 from __future__ import annotations
@@ -254,11 +256,22 @@ def variants() -> dict[str, dict]:
         "rows_cmp_auto": {"CMP_PREFETCH": 2},
         "last_rows_cmp_auto": {"COMBINE": "last_rows", "CMP_PREFETCH": 2},
         "last_rows_cmp_auto_topk_w4": {"COMBINE": "last_rows", "CMP_PREFETCH": 2, "topk_warps": 4},
+        # programmatic dependent launch (the default "new" has PDL = 1 on sm90+: window tiles before the wait)
+        "pdl0": {"PDL": 0},
+        "pdl2": {"PDL": 2},  # PDL with the plain wait in the selected + window kernel
     }
 
 
+PDL_VARIANTS = ("pdl0", "pdl2")
+
+
+def _pdl_ok() -> bool:
+    """Programmatic dependent launch needs compute capability >= 9 (the PDL variants are skipped below)."""
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+
+
 # timed at every shape (candidates for the default); the rest of variants() only at EXTRA_VARIANTS
-EVERYWHERE = ("legacy", "new", "rows_cmp_auto", "last_rows_cmp_auto")
+EVERYWHERE = ("legacy", "new", "rows_cmp_auto", "last_rows_cmp_auto", *PDL_VARIANTS)
 
 
 # (spec, B, T) in timing order; the extra variants / splits only where listed
@@ -279,6 +292,8 @@ EXTRA_SPLITS = {
 def _shape_variants(key) -> list[tuple[str, tuple | None]]:
     """(variant, splits) pairs timed at a shape: legacy and new with automatic splits, more where listed."""
     names = list(variants()) if key in EXTRA_VARIANTS else list(EVERYWHERE)
+    if not _pdl_ok():  # PDL = 1 / 2 are rejected below sm90 ("new" is PDL = 0 there)
+        names = [n for n in names if n not in PDL_VARIANTS]
     out = [(n, None) for n in names]
     out += [("new", sp) for sp in EXTRA_SPLITS.get(key, [])]
     out += [("legacy", sp) for sp in EXTRA_SPLITS.get(key, [])[:1]]
@@ -336,6 +351,7 @@ def compare(outdir: Path, tmax: int) -> None:
         g = torch.rand(B, 1, a.heads, 3, device=DEVICE, dtype=torch.bfloat16)
         out = torch.empty(B, 1, a.heads, a.head_dim_v, device=DEVICE, dtype=torch.bfloat16)
         ref = None
+        auto_out = {}  # variant -> output with automatic splits (PDL variants checked bitwise against "new")
         for name, sp in _shape_variants(key):
             ops = base.with_config("decode", variants()[name]) if variants()[name] else base
             splits = sp or _splits(ops, decode_plan(ops, B=B, S=1, T=T), B, 1, T)
@@ -347,15 +363,20 @@ def compare(outdir: Path, tmax: int) -> None:
                 diff = 0.0 if ref is None else float((out.float() - ref).abs().max())
                 if ref is None:
                     ref = out.float().clone()
+                if sp is None:
+                    auto_out[name] = out.clone()
                 us = abs(graph_us(step))
                 row["nsa"][label] = {"us": us, "splits": list(splits), "max_diff_vs_first": diff}
-                if T == 65536 and B in (1, 16) and spec_name == "nsa_paper" and name in ("legacy", "new") \
-                        and sp is None:
+                if T == 65536 and B in (1, 16) and spec_name == "nsa_paper" \
+                        and name in ("legacy", "new", "pdl0") and sp is None:
                     row["nsa"][label]["kernels_us"] = kernel_breakdown(step)
             except Exception as e:  # a variant that does not compile or fit: recorded, not fatal
                 row["nsa"][label] = {"error": str(e).splitlines()[0][:160] if str(e) else type(e).__name__}
                 torch.cuda.synchronize()
-        del cache, step
+        for name in PDL_VARIANTS:
+            if name in auto_out and "new" in auto_out and "us" in row["nsa"].get(name, {}):
+                row["nsa"][name]["bitwise_equal_new"] = bool(torch.equal(auto_out[name], auto_out["new"]))
+        del cache, step, auto_out
         torch.cuda.empty_cache()
         row["dense"] = run_dense(spec, B, T)
         must, moved = nsa_bytes(spec, T, B)
@@ -365,12 +386,22 @@ def compare(outdir: Path, tmax: int) -> None:
         timed = {k: v["us"] for k, v in row["nsa"].items() if "us" in v}
         best_lbl = min(timed, key=timed.get) if timed else None
         print(f"{spec_name:11s} B={B:2d} T={T:6d} legacy {timed.get('legacy')} new {timed.get('new')} best "
-              f"{best_lbl} {timed.get(best_lbl)} | dense {row['dense_best_us']} us", flush=True)
+              f"{best_lbl} {timed.get(best_lbl)} | PDL 0 {timed.get('pdl0')} 1 (new) {timed.get('new')} "
+              f"2 {timed.get('pdl2')} | dense {row['dense_best_us']} us", flush=True)
         for k, v in row["nsa"].items():
-            print(f"    {k}: {v.get('us', v.get('error'))} diff {v.get('max_diff_vs_first', '')}", flush=True)
+            eq = f" bitwise = new: {v['bitwise_equal_new']}" if "bitwise_equal_new" in v else ""
+            print(f"    {k}: {v.get('us', v.get('error'))} diff {v.get('max_diff_vs_first', '')}{eq}",
+                  flush=True)
             for kk, x in v.get("kernels_us", {}).items():
                 print(f"        kernel {kk}: {x:.1f} us", flush=True)
         _write_compare(outdir, meta, rows)
+
+
+def _us(nsa: dict, name: str) -> str:
+    v = nsa.get(name, {})
+    if "us" not in v:
+        return "-"
+    return f"{v['us']:.1f}" + ("" if v.get("bitwise_equal_new", True) else " (differs!)")
 
 
 def _write_compare(outdir: Path, meta: dict, rows: list[dict]) -> None:
@@ -383,8 +414,8 @@ def _write_compare(outdir: Path, meta: dict, rows: list[dict]) -> None:
         "before the second pass (kernels_decode.LEGACY), new = the default now; both with automatic splits.",
         "",
         "| spec | B | T | legacy µs | new µs | new / legacy | best variant µs | dense µs "
-        "| speedup new (best) | new TB/s (% copy) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| speedup new (best) | new TB/s (% copy) | PDL 0 / 1 (new) / 2 µs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         n = r["nsa"]
@@ -398,7 +429,7 @@ def _write_compare(outdir: Path, meta: dict, rows: list[dict]) -> None:
         lines.append(
             f"| {r['spec']} | {r['B']} | {r['T']} | {old:.1f} | {new:.1f} | {new / old:.2f} | "
             f"{ok[bl]:.1f} ({bl}) | {d:.1f} | {d / new:.2f}× ({d / ok[bl]:.2f}×) | "
-            f"{tb:.2f} ({100 * tb / cb:.0f}%) |"
+            f"{tb:.2f} ({100 * tb / cb:.0f}%) | {_us(n, 'pdl0')} / {new:.1f} / {_us(n, 'pdl2')} |"
         )
     (outdir / "decode_compare.md").write_text("\n".join(lines) + "\n")
 

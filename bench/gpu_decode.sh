@@ -8,13 +8,15 @@ set -u
 OUT=${OUT:-/tmp/nsa_decode_out}
 source "$(dirname "${BASH_SOURCE[0]}")/gpu_common.sh"
 run_gpu_tests "${TEST_LIMIT:-180}" tests/codegen/test_decode.py tests/codegen/test_decode.py \
-  test_gpu_bf16_decode_8k_matches_reference test_gpu_cuda_graph_replay_equals_eager &
-# "I P/N" jobs: the shapes with many variants are split over 4 processes (one compile process per core)
+  test_gpu_bf16_decode_8k_matches_reference test_gpu_cuda_graph_replay_equals_eager \
+  test_gpu_pdl_equals_no_pdl_eager_and_graph &
+# "I P/N" jobs: the shapes with many variants are split over 4 processes, those with 5-6 (the PDL variants) over 2
 JOBS=$($PY -c "
 import sys; sys.path.insert(0, 'bench'); import bench_decode as b
 for i, s in enumerate(b.COMPARE_SHAPES):
     if s[2] > 65536: continue
-    n = 4 if len(b._shape_variants(s)) > 4 else 1
+    nv = len(b._shape_variants(s))
+    n = 4 if nv > 6 else 2 if nv > 4 else 1
     for p in range(n): print(f'{i}:{p}/{n}')
 ")
 for j in $JOBS; do

@@ -368,6 +368,45 @@ def test_gpu_cuda_graph_replay_equals_eager():
     assert torch.equal(graphed.k_cmp, eager.k_cmp)
 
 
+@pytest.mark.gpu
+def test_gpu_pdl_equals_no_pdl_eager_and_graph():
+    """PDL = 1 / 2 (dependent launches, window before the wait / plain wait) give bitwise the outputs and
+    indices of PDL = 0: paper spec, bf16, T = 8k, B = 2 of mixed lengths, eager and replayed from a captured
+    step, in the default schedule with automatic splits (4 launches: split compressed attention, top-n,
+    selected/window, row combine) and with the top-n fused into the first kernel + 2 selected/window splits
+    merged by the last one (COMBINE = "last_rows": 2 launches, tickets reset across replays)."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("PDL needs compute capability >= 9.0")
+    spec = nsa_dsl.load_spec("nsa_paper")
+    ops = nsa_dsl.compile(spec, device="cuda")
+    assert ops.plan("decode", T=8192, B=2).config["PDL"] == 1  # the sm90 default
+    B, T = 2, 8192  # noqa: N806
+    cache = _gpu_cache(spec, B, T, "cuda", seed=3)
+    a = spec.attention
+    for extra, splits in (({}, None), ({"COMBINE": "last_rows"}, (1, 2, 1))):
+        steps = {}
+        for pdl in (0, 1, 2):
+            op = ops.with_config("decode", {**extra, "PDL": pdl})
+            steps[pdl] = (op, CapturedDecodeStep(op, cache, S=1, append=False, splits=splits))
+        for rep in range(3):
+            q = torch.randn(B, 1, a.heads, a.head_dim_qk, device="cuda", dtype=torch.bfloat16)
+            g = torch.rand(B, 1, a.heads, 3, device="cuda", dtype=torch.bfloat16)
+            got = {}
+            for pdl, (op, step) in steps.items():
+                o, idx = decode(op, q, cache, g, splits=step.splits, plan_length=step.plan_length,
+                                return_indices=True)
+                got[pdl] = (o.clone(), idx.clone(), step(q, g).clone())
+            o0, i0, go0 = got[0]
+            assert torch.isfinite(o0).all()
+            torch.testing.assert_close(go0, o0, rtol=0, atol=0)  # graph = eager without PDL
+            for pdl in (1, 2):
+                o, idx, go = got[pdl]
+                msg = f"PDL {pdl} {extra} splits {steps[pdl][1].splits} rep {rep}"
+                assert torch.equal(idx, i0), msg
+                torch.testing.assert_close(o, o0, rtol=0, atol=0, msg=msg)
+                torch.testing.assert_close(go, o0, rtol=0, atol=0, msg=msg + " (graph)")
+
+
 @pytest.mark.parametrize("separate_kv", [False, True])
 def test_layer_triton_backend_decode(separate_kv):
     """NSAttention(backend="triton") with a cache: prefill + decode steps through ops.decode equal the
