@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..spec import NSASpec
-from .ops import NSAOps
+from .ops import NSAOps, ops_by_key
 from .ops import compile as _compile
 
 __all__ = [
@@ -43,15 +43,20 @@ BACKWARD_KERNELS = ("bwd_pre", "bwd_cmp", "bwd_slc", "bwd_win")
 _OPS: dict[str, NSAOps] = {}
 
 
-@torch.compiler.assume_constant_result
 def register_ops(ops: NSAOps) -> str:
-    """Key under which the custom ops find ``ops`` (kept alive for the process). Run eagerly even while
-    torch.compile traces a caller, so the custom ops' fake implementations find ``ops`` on a first, compiled
-    call (a traced dict update would only happen after the trace)."""
-    key = f"nsa_ops_{id(ops):x}"
+    """Key under which the custom ops find ``ops`` (``ops.op_key``), which is then kept alive for the
+    process. Traceable: under torch.compile the key is a constant attribute read, the fake implementations
+    find ``ops`` through the weak registry of live ops (``ops_by_key``) during the trace, and the strong
+    reference taken here is replayed after it."""
+    key = ops.op_key
     if key not in _OPS:
         _OPS[key] = ops
     return key
+
+
+def _ops(key: str) -> NSAOps:
+    ops = _OPS.get(key)
+    return ops if ops is not None else ops_by_key(key)
 
 
 _SPEC_OPS: dict[Any, NSAOps] = {}
@@ -257,7 +262,7 @@ def _nsa_fwd(
     v_win: Tensor | None = None,
     max_seqlen: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    ops = _OPS[ops_key]
+    ops = _ops(ops_key)
     o, saved = ops.forward_train(
         q, k, v, k_cmp, v_cmp, g, cu_seqlens=cu_seqlens, k_win=k_win, v_win=v_win, max_seqlen=max_seqlen
     )
@@ -277,7 +282,7 @@ def _nsa_fwd(
 @_nsa_fwd.register_fake
 def _nsa_fwd_fake(q, k, v, k_cmp, v_cmp, g, cu_seqlens, ops_key, deterministic, k_win=None, v_win=None,
                   max_seqlen=None):
-    spec = _OPS[ops_key].spec
+    spec = _ops(ops_key).spec
     B, T, Hq, _ = q.shape  # noqa: N806
     dv = spec.attention.head_dim_v
     o = q.new_empty((B, T, Hq, dv))
@@ -330,7 +335,7 @@ def _nsa_bwd(
         "indices": indices,
     }
     grads = nsa_backward(
-        _OPS[ops_key], q, k, v, k_cmp, v_cmp, g, do, saved, cu_seqlens=cu_seqlens,
+        _ops(ops_key), q, k, v, k_cmp, v_cmp, g, do, saved, cu_seqlens=cu_seqlens,
         deterministic=deterministic, k_win=k_win, v_win=v_win, max_seqlen=max_seqlen,
     )
     if k_win is None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import weakref
 from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -79,6 +80,15 @@ def _bucket(T: int) -> int:  # noqa: N803
     return 1 << max(0, int(T - 1).bit_length())
 
 
+#: Every live NSAOps by ``op_key`` (weak: an ops object no one holds is not kept alive by this).
+_LIVE_OPS: weakref.WeakValueDictionary[str, NSAOps] = weakref.WeakValueDictionary()
+
+
+def ops_by_key(key: str) -> NSAOps:
+    """The live ``NSAOps`` whose ``op_key`` is ``key`` (KeyError if it was garbage-collected)."""
+    return _LIVE_OPS[key]
+
+
 @dataclasses.dataclass
 class NSAOps:
     """Generated NSA forward for one spec on one device. Build with ``nsa_dsl.compile(spec)``.
@@ -99,6 +109,13 @@ class NSAOps:
     schedule: dict[str, str] = dataclasses.field(default_factory=dict)
     _resolved: dict[tuple, KernelPlan] = dataclasses.field(default_factory=dict, repr=False)
     _schedules: dict[tuple, str] = dataclasses.field(default_factory=dict, repr=False)
+    #: Key under which the differentiable op's custom ops find this object (``ops_by_key``); a plain string
+    #: attribute, so that torch.compile reads it as a constant while tracing a first call.
+    op_key: str = dataclasses.field(default="", init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.op_key = f"nsa_ops_{id(self):x}"
+        _LIVE_OPS[self.op_key] = self
 
     # ---- plans and modules --------------------------------------------------------------------------
     def has_kernel(self, kernel: str) -> bool:

@@ -121,11 +121,13 @@ def compressed_positions(
 
 
 def _slots(
-    T: int, spec: NSASpec, cu_seqlens: Tensor | None, max_seqlen: int | None  # noqa: N803
+    T: int, spec: NSASpec, cu_seqlens: Tensor | None, max_seqlen: int | None, device=None  # noqa: N803
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """``_block_tokens`` on cu_seqlens' device; static-size (``compressed_capacity``) with ``max_seqlen``."""
+    """``_block_tokens`` on cu_seqlens' device (else on ``device``: built there, no host-to-device copy, so
+    that a CUDA-graph capture of the decode step's compression works); static-size (``compressed_capacity``)
+    with ``max_seqlen``."""
     if cu_seqlens is None:
-        return _block_tokens(T, spec, None, None)
+        return _block_tokens(T, spec, None, device)
     cap = None if max_seqlen is None else compressed_capacity(T, spec)
     return _block_tokens(T, spec, cu_seqlens, cu_seqlens.device, cap)
 
@@ -219,7 +221,7 @@ def compress(
         raise ValueError(
             f"k: expected head dim D = {params.dim} (the Compressor's dim), got shape {tuple(k.shape)}"
         )
-    starts, _, valid = _slots(T, spec, cu_seqlens, max_seqlen)
+    starts, _, valid = _slots(T, spec, cu_seqlens, max_seqlen, k.device)
     starts = starts.to(k.device)
     l = spec.compression.block  # noqa: E741
     idx = starts[:, None] + torch.arange(l, device=k.device)  # [Tc, l]
