@@ -132,10 +132,14 @@ def _dense_default(branch: str):
             # nsa-tune (16 TPE trials per T, H200, 2026-11-29): 32-key dQ tiles, 3.0-3.1% faster at 8k / 32k /
             # 64k (3.34 -> 3.24, 13.45 -> 13.06, 26.88 -> 26.13 ms for the window backward)
             dq = {**dq, "DQ_BLOCK_N": 32}
+        # dK/dV at dk = 192, one pass over narrow query tiles (H200, bench_backward --variants, 2026-11-29
+        # 05:35 UTC, paper spec): compressed 128 keys x 32 queries, 8 warps: 58.7 -> 42.7 ms at 64k, 18.4
+        # -> 13.6 at 32k (two-pass 128 x 64 before); window 64 keys x 32 queries, 4 warps: 16.9 -> 11.1 ms
+        # at 64k, 8.6 -> 5.6 at 32k (two-pass before)
         if wide and branch == "cmp":
-            kv = {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2, "KV_PASSES": 2}
+            kv = {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2, "KV_PASSES": 1}
         elif wide:
-            kv = {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "KV_PASSES": 2}
+            kv = {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "KV_PASSES": 1}
         else:
             kv = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "KV_PASSES": 1}
         return {**kv, "Q_CHUNK": q_chunk, **dq}
@@ -231,12 +235,15 @@ def _slc_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
     # G >= 8: 20.5 -> 17.2 ms at 32k (4.2 vs 4.4 ms at 8k); below, several tokens fill the 16-row MMA tile.
     # G >= 16: the transposed one-token dQ (DQ_LAYOUT "keys": the block's 64 keys are the wgmma M side),
     # 4 warps, 2 stages: 17.2 -> 12.7 ms at 32k, 34.9 -> 25.8 ms at 64k (H200, 2026-11-29 02:42 UTC run)
+    # G <= 4: the block-outer dQ (DQ_LAYOUT "blocks", partials written by the dK/dV kernel): small_group
+    # (G = 2) selection backward 9.9 -> 2.8 ms at 8k, 49.1 -> 10.7 at 32k, 104.4 -> 22.0 at 64k (H200,
+    # bench_backward --slc-layouts, 2026-11-29 05:35 UTC); costs T x Hq x n x dk x 4 bytes of fp32 partials
     if G >= 16:
         dq = {"DQ_TOKENS": 1, "dq_warps": 4, "dq_stages": 2, "DQ_LAYOUT": "keys"}
     elif G >= 8:
         dq = {"DQ_TOKENS": 1, "dq_warps": 2, "dq_stages": 2, "DQ_LAYOUT": "rows"}
     else:
-        dq = {"DQ_TOKENS": max(1, min(4, 64 // G)), "dq_warps": 4, "dq_stages": 1, "DQ_LAYOUT": "rows"}
+        dq = {"DQ_TOKENS": 1, "dq_warps": 4, "dq_stages": 1, "DQ_LAYOUT": "blocks"}
     return {"BLOCK_T": max(1, 32 // G), "CHUNK": 1024, "KEY_SPLIT": 1, "num_warps": 4, "num_stages": 2, **dq}
 
 
