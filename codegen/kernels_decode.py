@@ -39,7 +39,8 @@ Config parameters:
               step wrote (each waits for its predecessor, which waited for its own: the chain is
               transitive); the selected + window kernel attends to its window tiles (independent of the
               top-n) before that wait; 2 the same launches with the wait before any tile (a control for
-              timing the early window). Selected and window keep separate softmax states: 0, 1 and 2 give
+              timing the early window); 3 as 1 for steps of at most 4 (sequence, KV head) groups, else
+              off (chosen per call). Selected and window keep separate softmax states: every value gives
               bitwise the same results;
   topk_warps  warps of the split top-n kernel (0 = num_warps);
   combine_warps  warps of the row combine kernel (COMBINE = "rows");
@@ -116,7 +117,7 @@ def _decode_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
         "PREFETCH": [0, 1],
         "SW_PREFETCH": [0, 1, 2],
         "CMP_PREFETCH": [0, 1, 2],
-        "PDL": [0, 1, 2] if pdl_supported(limits) else [0],
+        "PDL": [0, 1, 2, 3] if pdl_supported(limits) else [0],
         "topk_warps": [0, 2, 4, 8],
         "combine_warps": [1, 2, 4, 8],
         "num_warps": [2, 4, 8],
@@ -156,8 +157,8 @@ def _decode_check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) -
     if cfg.get("CMP_PREFETCH", 0) not in (0, 1, 2):
         return f"CMP_PREFETCH: must be 0, 1 or 2, got {cfg.get('CMP_PREFETCH')!r}"
     pdl = cfg.get("PDL", 0)
-    if pdl not in (0, 1, 2) or isinstance(pdl, bool):
-        return f"PDL: must be 0, 1 or 2, got {pdl!r}"
+    if pdl not in (0, 1, 2, 3) or isinstance(pdl, bool):
+        return f"PDL: must be 0, 1, 2 or 3, got {pdl!r}"
     if pdl and not pdl_supported(limits):
         return f"PDL: programmatic dependent launch needs compute capability >= 9.0, not {limits.name}: use 0"
     if cfg.get("topk_warps", 0) not in (0, 1, 2, 4, 8, 16):
@@ -236,9 +237,10 @@ def _decode_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
         "PREFETCH": 1,
         "SW_PREFETCH": 2,
         "CMP_PREFETCH": 0,
-        # PDL: the step's 2-4 dependent launches overlap their launch latency (B = 1, 64k: ~26 us of kernel
-        # time in a 32.8 us step before it); not measured yet (bench_decode.py --compare times PDL 0 / 1 / 2)
-        "PDL": 1 if pdl_supported(limits) else 0,
+        # PDL (H200, bench_decode.py --compare, 2026-11-29 05:37 UTC, PDL 0 / 1 in us): paper B = 1 64k
+        # 31.8 / 29.9, 8k 30.4 / 27.4 (faster: 4 groups); small_group B = 1 64k 39.4 / 39.8 (16 groups),
+        # paper B = 16 64k 118.8 / 126.3, 8k 64.0 / 67.3 (slower): so 3 = on for at most 4 groups
+        "PDL": 3 if pdl_supported(limits) else 0,
         "topk_warps": 0,
         "combine_warps": 4,
         "num_warps": 8,

@@ -158,18 +158,18 @@ def test_pdl_config_validation():
     interp = DeviceLimits.interpreter_limits()
     assert make_plan(spec, "decode", None, interp).config["PDL"] == 0
     assert make_plan(spec, "decode", None, A100).config["PDL"] == 0
-    assert make_plan(spec, "decode", None, H100).config["PDL"] == 1
+    assert make_plan(spec, "decode", None, H100).config["PDL"] == 3
     assert make_plan(spec, "decode", LEGACY, H100).config["PDL"] == 0  # the old path stays comparable
     kdef = get_kernel("decode")
     assert kdef.space(spec, interp)["PDL"] == [0] and kdef.space(spec, A100)["PDL"] == [0]
     assert {0, 1} <= set(kdef.space(spec, H100)["PDL"])
-    for p in (1, 2):
+    for p in (1, 2, 3):
         assert make_plan(spec, "decode", {"PDL": p}, H100).config["PDL"] == p
         for lim in (interp, A100):
             with pytest.raises(ValueError, match="PDL") as e:
                 make_plan(spec, "decode", {"PDL": p}, lim)
             assert "\n" not in str(e.value)
-    for bad in (3, -1, "1", True):
+    for bad in (4, -1, "1", True):
         with pytest.raises(ValueError, match="PDL"):
             make_plan(spec, "decode", {"PDL": bad}, H100)
 
@@ -193,7 +193,7 @@ def test_pdl_emitted_source(name):
     for src in (interp_src, off_src):
         assert "tl.extra.cuda" not in src  # no grid dependency control emitted at all
         assert "PDL_MODE = 0" in src
-    for pdl in (1, 2):
+    for pdl in (1, 2, 3):
         src = render(make_plan(spec, "decode", {"PDL": pdl}, H100))
         fns = _functions(src)
         assert f"PDL_MODE = {pdl}" in src
@@ -218,17 +218,56 @@ def test_pdl_emitted_source(name):
             assert body.index("gdc_wait()") < _first(body, *reads), fn
         for fn in ("_topk_kernel", "_sw_kernel"):  # released on entry
             assert fns[fn].index("gdc_launch_dependents()") < fns[fn].index("tl.program_id")
-        # the window tiles (KW/VW) before the wait with PDL = 1, after it with PDL = 2
+        # the window tiles (KW/VW) before the wait with PDL = 1 (and 3), after it with PDL = 2
         sw = fns["_sw_body"]
         if spec.window_size:
-            assert (sw.index("KW +") < sw.index("gdc_wait()")) == (pdl == 1)
+            assert (sw.index("KW +") < sw.index("gdc_wait()")) == (pdl != 2)
         # host: the first launch is an ordinary one, every later launch of the step a dependent one
         calls = [n for n in ast.walk(ast.parse(fns["run"])) if isinstance(n, ast.Call)
                  and isinstance(n.func, ast.Subscript) and isinstance(n.func.value, ast.Name)]
-        pdl_kw = {n.func.value.id: any(k.arg is None and getattr(k.value, "id", "") == "_PDL_LAUNCH"
+        pdl_kw = {n.func.value.id: any(k.arg is None and getattr(k.value, "id", "") == "pdl_launch"
                                        for k in n.keywords) for n in calls}
         assert pdl_kw == {"_cmp_kernel": False, "_topk_kernel": True, "_sw_kernel": True,
                           "_combine_rows_kernel": True, "_combine_kernel": True}
+
+
+class _LaunchRecorder:
+    """Stands in for a jitted kernel: records the launch keywords instead of running."""
+
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def __getitem__(self, grid):
+        return lambda *args, **kw: self.log.append((self.name, kw.get("launch_pdl", False), kw.get("PDL")))
+
+
+@pytest.mark.parametrize("name", ["nsa_paper", "small_group"])
+def test_pdl_auto_launches_dependents_for_small_steps_only(name, tmp_path):
+    """PDL = 3 decides per call: dependent launches (and the kernels' PDL constexpr) when the step has at most
+    PDL_MAX_GROUPS (sequence, KV head) groups, ordinary launches above; PDL = 1 always."""
+    spec = nsa_dsl.load_spec(name)
+    a = spec.attention
+    for pdl in (3, 1):
+        plan = make_plan(spec, "decode", {"PDL": pdl, "COMBINE": "kernel"}, H100)
+        path = tmp_path / f"decode_auto{pdl}.py"
+        path.write_text(render(plan))
+        mod = load_path(path, f"test_decode_auto{pdl}_{name}_{plan.key}")
+        for B in (1, 2, 16):  # noqa: N806
+            log = []
+            for kn in ("_cmp_kernel", "_topk_kernel", "_sw_kernel", "_combine_kernel",
+                       "_combine_rows_kernel"):
+                setattr(mod, kn, _LaunchRecorder(kn, log))
+            cap, capc, hkv, dk, dv = 256, 16, a.kv_heads, a.head_dim_qk, a.head_dim_v
+            q = torch.randn(B, 1, a.heads, dk)
+            k, kc = torch.randn(B, cap, hkv, dk), torch.randn(B, capc, hkv, dk)
+            v, vc = torch.randn(B, cap, hkv, dv), torch.randn(B, capc, hkv, dv)
+            ws = mod.workspace(B, 1, capc, 2, 2, 2, "cpu")
+            mod.run(q, k, v, kc, vc, torch.full((B,), cap, dtype=torch.int32), torch.rand(B, 1, a.heads, 3),
+                    torch.empty(B, 1, a.heads, a.head_dim_v), ws)
+            on = pdl == 1 or B * a.kv_heads <= mod.PDL_MAX_GROUPS
+            assert [n for n, _, _ in log] == ["_cmp_kernel", "_topk_kernel", "_sw_kernel", "_combine_kernel"]
+            assert log[0][1] is False and all(lp == on for _, lp, _ in log[1:]), (pdl, B, log)
+            assert all(p_ == on for _, _, p_ in log), (pdl, B, log)
 
 
 def _run_module(mod, q, cache, g, splits, ws=None):  # noqa: N803
@@ -379,13 +418,13 @@ def test_gpu_pdl_equals_no_pdl_eager_and_graph():
         pytest.skip("PDL needs compute capability >= 9.0")
     spec = nsa_dsl.load_spec("nsa_paper")
     ops = nsa_dsl.compile(spec, device="cuda")
-    assert ops.plan("decode", T=8192, B=2).config["PDL"] == 1  # the sm90 default
+    assert ops.plan("decode", T=8192, B=2).config["PDL"] == 3  # the sm90 default
     B, T = 2, 8192  # noqa: N806
     cache = _gpu_cache(spec, B, T, "cuda", seed=3)
     a = spec.attention
     for extra, splits in (({}, None), ({"COMBINE": "last_rows"}, (1, 2, 1))):
         steps = {}
-        for pdl in (0, 1, 2):
+        for pdl in (0, 1, 2, 3):
             op = ops.with_config("decode", {**extra, "PDL": pdl})
             steps[pdl] = (op, CapturedDecodeStep(op, cache, S=1, append=False, splits=splits))
         for rep in range(3):
