@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .reference import check_cu_seqlens_static
 from .spec import NSASpec
 
 __all__ = [
@@ -57,21 +58,6 @@ def check_max_seqlen(max_seqlen: object, T: int) -> int:  # noqa: N803
     return max_seqlen
 
 
-def check_cu_seqlens_static(cu_seqlens: object, x: Tensor, name: str) -> None:
-    """The checks of ``reference._check_cu_seqlens`` that need no device read (type, shape, dtype, B = 1);
-    the offsets' values are trusted (used with ``max_seqlen``: no host sync)."""
-    if not isinstance(cu_seqlens, torch.Tensor):
-        raise ValueError(f"cu_seqlens: expected an int32 torch.Tensor [N+1], got {type(cu_seqlens).__name__}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens: expected shape [N+1] with N >= 1, got {tuple(cu_seqlens.shape)}")
-    if cu_seqlens.dtype != torch.int32:
-        raise ValueError(
-            f"cu_seqlens: expected dtype torch.int32 (flash-attn convention), got {cu_seqlens.dtype}"
-        )
-    if x.shape[0] != 1:
-        raise ValueError(
-            f"{name}: expected batch B = 1 with cu_seqlens (packed sequences), got B = {x.shape[0]}"
-        )
 
 
 def _block_tokens(

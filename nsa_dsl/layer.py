@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from . import reference as ref
-from .compression import Compressor, check_cu_seqlens_static, check_max_seqlen, compressed_positions
+from .compression import Compressor, check_max_seqlen, compressed_positions
 from .rope import apply_rope, rope_cos_sin, sequence_positions
 from .spec import NSASpec
 
@@ -213,7 +213,7 @@ class NSAttention(nn.Module):
         elif max_seqlen is None:
             ref._check_cu_seqlens(cu_seqlens, x, "x")
         else:
-            check_cu_seqlens_static(cu_seqlens, x, "x")
+            ref.check_cu_seqlens_static(cu_seqlens, x, "x")
             check_max_seqlen(max_seqlen, T)
         positions = sequence_positions(T, cu_seqlens, device=x.device)
         p = self.project(x, positions)

@@ -157,8 +157,9 @@ def _check_cmp(
         _check_dim(name, t, 3, hd, f"attention.head_dim_{'qk' if hdn == 'dk' else 'v'} ({hdn})")
 
 
-def _check_cu_seqlens(cu_seqlens: Any, q: Tensor, name: str = "q") -> list[int]:
-    """Validate flash-attn style offsets; returns them as a Python list."""
+def check_cu_seqlens_static(cu_seqlens: object, x: Tensor, name: str) -> None:
+    """The checks of ``_check_cu_seqlens`` that need no device read (type, shape, dtype, B = 1);
+    the offsets' values are trusted (used with ``max_seqlen``: no host sync)."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise ValueError(f"cu_seqlens: expected an int32 torch.Tensor [N+1], got {type(cu_seqlens).__name__}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
@@ -167,10 +168,15 @@ def _check_cu_seqlens(cu_seqlens: Any, q: Tensor, name: str = "q") -> list[int]:
         raise ValueError(
             f"cu_seqlens: expected dtype torch.int32 (flash-attn convention), got {cu_seqlens.dtype}"
         )
-    if q.shape[0] != 1:
+    if x.shape[0] != 1:
         raise ValueError(
-            f"{name}: expected batch B = 1 with cu_seqlens (packed sequences), got B = {q.shape[0]}"
+            f"{name}: expected batch B = 1 with cu_seqlens (packed sequences), got B = {x.shape[0]}"
         )
+
+
+def _check_cu_seqlens(cu_seqlens: Any, q: Tensor, name: str = "q") -> list[int]:
+    """Validate flash-attn style offsets; returns them as a Python list."""
+    check_cu_seqlens_static(cu_seqlens, q, name)
     offs = [int(x) for x in cu_seqlens.tolist()]
     if offs[0] != 0:
         raise ValueError(f"cu_seqlens: must start at 0, got {offs[0]}")

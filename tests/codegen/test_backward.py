@@ -203,56 +203,40 @@ def test_slc_dq_multi_token(G, tokens):  # noqa: N803
     assert_close(kernel_grads(spec, xs, do, config=cfg), ref_grads(spec, xs, do))
 
 
+@pytest.mark.parametrize("layout", ["keys", "blocks"])
 @pytest.mark.parametrize("case", ["G1", "G2-B2", "G4-l=d", "G16-dk48"])
-def test_slc_dq_keys_layout(case):
-    """The transposed one-token selection dQ (DQ_LAYOUT = "keys": dQ^T += K^T dS^T) on the case matrix."""
+def test_slc_dq_layouts(case, layout):
+    """The other selection dQ layouts on the case matrix: "keys" (transposed one-token dQ, dQ^T += K^T dS^T)
+    and "blocks" (block-outer: per-(token, slot) fp32 partials written by the dK/dV kernel into a poisoned
+    buffer, summed per token), the latter with direct and split reverse-index lists."""
     kw, B, T = CASES[case]
     spec = make_spec(**kw)
-    gen = torch.Generator().manual_seed(hash(case) % 2**31 + 1)
-    xs = make_inputs(spec, B, T, gen)
-    do = torch.randn(B, T, spec.attention.heads, spec.attention.head_dim_v, generator=gen)
-    cfg = {"bwd_slc": {"DQ_LAYOUT": "keys", "dq_stages": 2}}
-    assert_close(kernel_grads(spec, xs, do, config=cfg), ref_grads(spec, xs, do))
-
-
-def test_slc_dq_keys_layout_varlen():
-    spec = make_spec(G=4, hkv=1, n=2)
-    cu = torch.tensor([0, 13, 13, 44], dtype=torch.int32)
-    gen = torch.Generator().manual_seed(29)
-    tc = int(R.compressed_cu_seqlens(cu, spec)[-1])
-    xs = make_inputs(spec, 1, 44, gen, tc=tc)
-    do = torch.randn(1, 44, spec.attention.heads, spec.attention.head_dim_v, generator=gen)
-    cfg = {"bwd_slc": {"DQ_LAYOUT": "keys"}}
-    want = ref_grads(spec, xs, do, cu_seqlens=cu)
-    assert_close(kernel_grads(spec, xs, do, cu_seqlens=cu, config=cfg), want)
-
-
-@pytest.mark.parametrize("case", ["G1", "G2-B2", "G4-l=d", "G16-dk48"])
-def test_slc_dq_blocks_layout(case):
-    """The block-outer selection dQ (DQ_LAYOUT = "blocks": per-(token, slot) fp32 partials written by the
-    dK/dV kernel into a poisoned buffer, summed per token) on the case matrix, with direct and split
-    reverse-index lists."""
-    kw, B, T = CASES[case]
-    spec = make_spec(**kw)
-    gen = torch.Generator().manual_seed(hash(case) % 2**31 + 2)
+    gen = torch.Generator().manual_seed(hash((case, layout)) % 2**31)
     xs = make_inputs(spec, B, T, gen)
     do = torch.randn(B, T, spec.attention.heads, spec.attention.head_dim_v, generator=gen)
     want = ref_grads(spec, xs, do)
-    for chunk in (8, 3):
-        cfg = {"bwd_slc": {"DQ_LAYOUT": "blocks", "CHUNK": chunk}}
-        assert_close(kernel_grads(spec, xs, do, config=cfg), want)
+    cfgs = ([{"DQ_LAYOUT": "keys", "dq_stages": 2}] if layout == "keys"
+            else [{"DQ_LAYOUT": "blocks", "CHUNK": chunk} for chunk in (8, 3)])
+    for cfg in cfgs:
+        assert_close(kernel_grads(spec, xs, do, config={"bwd_slc": cfg}), want)
 
 
-def test_slc_dq_blocks_layout_varlen_and_checks():
-    spec = make_spec(G=2, hkv=2, n=2)
-    cu = torch.tensor([0, 5, 26, 47], dtype=torch.int32)
-    gen = torch.Generator().manual_seed(31)
+@pytest.mark.parametrize("layout,G,cu", [("keys", 4, [0, 13, 13, 44]), ("blocks", 2, [0, 5, 26, 47])])
+def test_slc_dq_layouts_varlen(layout, G, cu):  # noqa: N803
+    spec = make_spec(G=G, hkv=4 // G, n=2)
+    cu = torch.tensor(cu, dtype=torch.int32)
+    T = int(cu[-1])  # noqa: N806
+    gen = torch.Generator().manual_seed(29 + G)
     tc = int(R.compressed_cu_seqlens(cu, spec)[-1])
-    xs = make_inputs(spec, 1, 47, gen, tc=tc)
-    do = torch.randn(1, 47, spec.attention.heads, spec.attention.head_dim_v, generator=gen)
-    cfg = {"bwd_slc": {"DQ_LAYOUT": "blocks"}}
+    xs = make_inputs(spec, 1, T, gen, tc=tc)
+    do = torch.randn(1, T, spec.attention.heads, spec.attention.head_dim_v, generator=gen)
+    cfg = {"bwd_slc": {"DQ_LAYOUT": layout}}
     want = ref_grads(spec, xs, do, cu_seqlens=cu)
     assert_close(kernel_grads(spec, xs, do, cu_seqlens=cu, config=cfg), want)
+
+
+def test_slc_dq_blocks_layout_checks():
+    spec = make_spec(G=2, hkv=2, n=2)
     from nsa_dsl.codegen.plan import get_kernel
 
     kdef = get_kernel("bwd_slc")
