@@ -31,6 +31,7 @@ __all__ = [
     "nsa_attention",
     "nsa_backward",
     "activation_bytes_per_token",
+    "selection_dq_scratch_bytes",
     "register_ops",
     "BACKWARD_KERNELS",
 ]
@@ -240,6 +241,19 @@ def activation_bytes_per_token(spec: NSASpec | str, dtype: torch.dtype | str | N
         a.heads * a.head_dim_qk * e + kv_tok + a.heads * 3 * e + kv_tok // spec.compression.stride
     )
     return out
+
+
+def selection_dq_scratch_bytes(ops_or_spec: Any, T: int, B: int = 1) -> int:  # noqa: N803
+    """Temporary bytes the selection backward allocates for its dQ at this shape: with the block-outer layout
+    (``bwd_slc`` config ``DQ_LAYOUT = "blocks"``, the GPU default for G <= 4) one fp32 partial per (token,
+    query head, selected slot) of dk values, B x T x Hq x n x dk x 4; 0 with the other layouts. Released
+    when the backward returns; ``DQ_LAYOUT = "rows"`` avoids it at the cost of reading each block once per
+    token."""
+    ops = _as_ops(ops_or_spec)
+    if ops.config_for("bwd_slc", T=T, B=B).get("DQ_LAYOUT") != "blocks":
+        return 0
+    a = ops.spec.attention
+    return B * T * a.heads * ops.spec.selection.top_n * a.head_dim_qk * 4
 
 
 # ------------------------------------------------------------------------------------------------

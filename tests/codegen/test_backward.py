@@ -378,6 +378,21 @@ def test_layer_triton_backend_grads_match_reference():
         )
 
 
+def test_selection_dq_scratch_bytes():
+    """The block-outer selection dQ's partial buffer (GPU default for G <= 4) is reported per shape; the
+    other layouts need none."""
+    from nsa_dsl.codegen.autograd import selection_dq_scratch_bytes
+
+    h100 = DeviceLimits(name="NVIDIA H100", capability=(9, 0), sm_count=132, smem_per_block=227 * 1024)
+    small = NSAOps(spec=load_spec("small_group"), limits=h100)
+    # 32 query heads x 16 slots x dk 128 x fp32 per token
+    assert selection_dq_scratch_bytes(small, 65536) == 65536 * 32 * 16 * 128 * 4
+    assert selection_dq_scratch_bytes(small, 1000, B=3) == 3 * 1000 * 32 * 16 * 128 * 4
+    rows = NSAOps(spec=load_spec("small_group"), limits=h100, config={"bwd_slc": {"DQ_LAYOUT": "rows"}})
+    assert selection_dq_scratch_bytes(rows, 65536) == 0
+    assert selection_dq_scratch_bytes(NSAOps(spec=load_spec("nsa_paper"), limits=h100), 65536) == 0
+
+
 def test_activation_memory_paper():
     m = activation_bytes_per_token(load_spec("nsa_paper"))
     # 3 branch outputs x 64 heads x 128 x bf16, 3 fp32 LSEs x 64 heads, 4 KV heads x 16 int32 indices
