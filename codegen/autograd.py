@@ -24,8 +24,10 @@ import torch
 from torch import Tensor
 
 from ..spec import NSASpec
+from .loader import load
 from .ops import NSAOps, ops_by_key
 from .ops import compile as _compile
+from .plan import make_plan
 
 __all__ = [
     "nsa_attention",
@@ -180,7 +182,7 @@ def nsa_backward(
                        cu_seqlens=cu_seqlens, cu_cmp=cu_cmp, max_len=max_len, profile=kprof)
     mark("bwd_cmp")
     # selection branch: dq += ; dk/dv written per selected block through the reverse index
-    slc = mod("bwd_slc")
+    slc = _slc_module(ops, q, max_len, nseq)
     indices = saved["indices"].to(torch.int32).contiguous()
     rev = slc.build_reverse_index(indices.view(B * T, hkv, n), cu_packed, spec.selection.block, slc.CHUNK)
     mark("reverse_index")
@@ -243,12 +245,47 @@ def activation_bytes_per_token(spec: NSASpec | str, dtype: torch.dtype | str | N
     return out
 
 
+def _scratch_budget(device: torch.device) -> int | None:
+    """Bytes a temporary of the backward may take on ``device``: half of what is free (driver-free plus
+    memory PyTorch's allocator holds unused); None (no limit) off CUDA."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return (free + cached) // 2
+
+
+def _slc_module(ops: NSAOps, q: Tensor, max_len: int, nseq: int) -> Any:
+    """The selection backward's module; when the plan's block-outer dQ (``DQ_LAYOUT = "blocks"``) would need
+    more scratch than ``_scratch_budget`` allows, the same config with the group-centric dQ instead (logged
+    once per shape): the gradients are the same, only slower for small groups."""
+    plan = ops.plan("bwd_slc", T=max_len, B=nseq)
+    if plan.config.get("DQ_LAYOUT") != "blocks":
+        return load(plan)
+    a, n = ops.spec.attention, ops.spec.selection.top_n
+    need = q.shape[0] * q.shape[1] * a.heads * n * a.head_dim_qk * 4
+    budget = _scratch_budget(q.device)
+    if budget is None or need <= budget:
+        return load(plan)
+    rows = {**plan.config, "DQ_LAYOUT": "rows", "DQ_TOKENS": max(1, min(4, 64 // ops.spec.G))}
+    key = (ops.op_key, max_len, nseq)
+    if key not in _WARNED_SCRATCH:
+        _WARNED_SCRATCH.add(key)
+        log.warning("bwd_slc: the block-outer dQ would need %.1f GB of scratch (budget %.1f GB): using "
+                    "DQ_LAYOUT 'rows' for T = %d", need / 1e9, budget / 1e9, max_len)
+    return load(make_plan(ops.spec, "bwd_slc", rows, ops.limits))
+
+
+_WARNED_SCRATCH: set[tuple] = set()
+
+
 def selection_dq_scratch_bytes(ops_or_spec: Any, T: int, B: int = 1) -> int:  # noqa: N803
     """Temporary bytes the selection backward allocates for its dQ at this shape: with the block-outer layout
     (``bwd_slc`` config ``DQ_LAYOUT = "blocks"``, the GPU default for G <= 4) one fp32 partial per (token,
     query head, selected slot) of dk values, B x T x Hq x n x dk x 4; 0 with the other layouts. Released
     when the backward returns; ``DQ_LAYOUT = "rows"`` avoids it at the cost of reading each block once per
-    token."""
+    token, and the backward switches to that by itself when the partials would take more than half of the
+    device's free memory (logged)."""
     ops = _as_ops(ops_or_spec)
     if ops.config_for("bwd_slc", T=T, B=B).get("DQ_LAYOUT") != "blocks":
         return 0

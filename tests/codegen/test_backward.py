@@ -393,6 +393,34 @@ def test_selection_dq_scratch_bytes():
     assert selection_dq_scratch_bytes(NSAOps(spec=load_spec("nsa_paper"), limits=h100), 65536) == 0
 
 
+def test_blocks_dq_falls_back_to_rows_without_memory(monkeypatch, caplog):
+    """When the block-outer dQ's partials would not fit the scratch budget, the backward runs the same config
+    with the group-centric dQ instead (logged): same gradients."""
+    import logging
+
+    from nsa_dsl.codegen import autograd
+
+    spec = make_spec(G=2, hkv=2, n=2)
+    gen = torch.Generator().manual_seed(37)
+    xs = make_inputs(spec, 1, 33, gen)
+    do = torch.randn(1, 33, spec.attention.heads, spec.attention.head_dim_v, generator=gen)
+    want = ref_grads(spec, xs, do)
+    used = []
+    real_load = autograd.load
+    monkeypatch.setattr(autograd, "load", lambda plan: used.append(dict(plan.config)) or real_load(plan))
+    monkeypatch.setattr(autograd, "_scratch_budget", lambda device: 1024)  # bytes: far too little
+    lim = DeviceLimits.detect(xs[0].device)
+    ops = NSAOps(spec=spec, limits=lim, config={"bwd_slc": {"DQ_LAYOUT": "blocks"}})
+    with caplog.at_level(logging.WARNING, logger="nsa_dsl.codegen.autograd"):
+        assert_close(kernel_grads(spec, xs, do, ops=ops), want)
+    assert [c["DQ_LAYOUT"] for c in used] == ["rows"]
+    assert "DQ_LAYOUT 'rows'" in caplog.text
+    used.clear()
+    monkeypatch.setattr(autograd, "_scratch_budget", lambda device: None)  # no limit: the plan's own layout
+    assert_close(kernel_grads(spec, xs, do, ops=ops), want)
+    assert [c["DQ_LAYOUT"] for c in used] == ["blocks"]
+
+
 def test_activation_memory_paper():
     m = activation_bytes_per_token(load_spec("nsa_paper"))
     # 3 branch outputs x 64 heads x 128 x bf16, 3 fp32 LSEs x 64 heads, 4 KV heads x 16 int32 indices
