@@ -262,8 +262,7 @@ def _slc_module(ops: NSAOps, q: Tensor, max_len: int, nseq: int) -> Any:
     plan = ops.plan("bwd_slc", T=max_len, B=nseq)
     if plan.config.get("DQ_LAYOUT") != "blocks":
         return load(plan)
-    a, n = ops.spec.attention, ops.spec.selection.top_n
-    need = q.shape[0] * q.shape[1] * a.heads * n * a.head_dim_qk * 4
+    need = _dq_partial_bytes(ops.spec, q.shape[0] * q.shape[1])
     budget = _scratch_budget(q.device)
     if budget is None or need <= budget:
         return load(plan)
@@ -279,6 +278,12 @@ def _slc_module(ops: NSAOps, q: Tensor, max_len: int, nseq: int) -> Any:
 _WARNED_SCRATCH: set[tuple] = set()
 
 
+def _dq_partial_bytes(spec: NSASpec, tokens: int) -> int:
+    """fp32 dQ partials of the block-outer selection dQ: one dk row per (token, query head, slot)."""
+    a = spec.attention
+    return tokens * a.heads * spec.selection.top_n * a.head_dim_qk * 4
+
+
 def selection_dq_scratch_bytes(ops_or_spec: Any, T: int, B: int = 1) -> int:  # noqa: N803
     """Temporary bytes the selection backward allocates for its dQ at this shape: with the block-outer layout
     (``bwd_slc`` config ``DQ_LAYOUT = "blocks"``, the GPU default for G <= 4) one fp32 partial per (token,
@@ -289,8 +294,7 @@ def selection_dq_scratch_bytes(ops_or_spec: Any, T: int, B: int = 1) -> int:  # 
     ops = _as_ops(ops_or_spec)
     if ops.config_for("bwd_slc", T=T, B=B).get("DQ_LAYOUT") != "blocks":
         return 0
-    a = ops.spec.attention
-    return B * T * a.heads * ops.spec.selection.top_n * a.head_dim_qk * 4
+    return _dq_partial_bytes(ops.spec, B * T)
 
 
 # ------------------------------------------------------------------------------------------------
