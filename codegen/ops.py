@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from ..reference import check_max_seqlen
 from ..spec import NSASpec
 from .loader import load
 from .plan import DeviceLimits, KernelPlan, all_kernels, make_plan
@@ -502,8 +503,7 @@ def _check_inputs(spec: NSASpec, q, k, v, k_cmp, v_cmp, g, cu_seqlens, max_seqle
         if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
             raise ValueError("cu_seqlens: expected a 1-D int32 tensor [N+1]")
         if max_seqlen is not None:
-            if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or not 0 <= max_seqlen <= T:
-                raise ValueError(f"max_seqlen: must be an int in 0..T = {T}, got {max_seqlen!r}")
+            check_max_seqlen(max_seqlen, T)
             tc = k_cmp.shape[1]  # trusted: reading the offsets would synchronise
         elif int(cu_seqlens[-1]) != T or int(cu_seqlens[0]) != 0:
             raise ValueError(f"cu_seqlens: must start at 0 and end at T = {T}")

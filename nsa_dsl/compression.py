@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .reference import check_cu_seqlens_static
+from .reference import _check_cu_seqlens, check_cu_seqlens_static, check_max_seqlen
 from .spec import NSASpec
 
 __all__ = [
@@ -46,18 +46,6 @@ def compressed_capacity(T: int, spec: NSASpec) -> int:  # noqa: N803
     """Static number of compressed slots of a pack of T tokens: T // d, an upper bound of the packed count
     sum_s Tc_s for any ``cu_seqlens`` (Tc_s = floor((L_s - l)/d) + 1 <= L_s // d, as d divides l)."""
     return int(T) // spec.compression.stride
-
-
-def check_max_seqlen(max_seqlen: object, T: int) -> int:  # noqa: N803
-    """Validate ``max_seqlen`` (an int in 0..T) without reading anything from the device; returns it.
-
-    A value smaller than the longest sequence is not detected (that would need the offsets on the host):
-    as for ``NSAOps.forward``, the offsets are then trusted and the result is undefined."""
-    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or not 0 <= max_seqlen <= T:
-        raise ValueError(f"max_seqlen: must be an int in 0..T = {T}, got {max_seqlen!r}")
-    return max_seqlen
-
-
 
 
 def _block_tokens(
@@ -197,8 +185,6 @@ def compress(
     if cu_seqlens is None:
         max_seqlen = None
     elif max_seqlen is None:
-        from .reference import _check_cu_seqlens
-
         _check_cu_seqlens(cu_seqlens, k, "k")
     else:
         check_cu_seqlens_static(cu_seqlens, k, "k")

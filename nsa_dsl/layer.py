@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from . import reference as ref
-from .compression import Compressor, check_max_seqlen, compressed_positions
+from .compression import Compressor, compressed_positions
 from .rope import apply_rope, rope_cos_sin, sequence_positions
 from .spec import NSASpec
 
@@ -214,7 +214,7 @@ class NSAttention(nn.Module):
             ref._check_cu_seqlens(cu_seqlens, x, "x")
         else:
             ref.check_cu_seqlens_static(cu_seqlens, x, "x")
-            check_max_seqlen(max_seqlen, T)
+            ref.check_max_seqlen(max_seqlen, T)
         positions = sequence_positions(T, cu_seqlens, device=x.device)
         p = self.project(x, positions)
         k_cmp, v_cmp = self.compress_kv(p["k_raw"], p["v_raw"], cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)

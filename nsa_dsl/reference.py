@@ -174,6 +174,17 @@ def check_cu_seqlens_static(cu_seqlens: object, x: Tensor, name: str) -> None:
         )
 
 
+def check_max_seqlen(max_seqlen: object, T: int) -> int:  # noqa: N803
+    """Validate ``max_seqlen`` (an int in 0..T) without reading anything from the device; returns it. Used
+    by ``NSAOps.forward``, ``nsa_dsl.compression.compress`` and ``NSAttention``.
+
+    A value smaller than the longest sequence is not detected (that would need the offsets on the host): the
+    offsets are then trusted and the result is undefined."""
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or not 0 <= max_seqlen <= T:
+        raise ValueError(f"max_seqlen: must be an int in 0..T = {T}, got {max_seqlen!r}")
+    return max_seqlen
+
+
 def _check_cu_seqlens(cu_seqlens: Any, q: Tensor, name: str = "q") -> list[int]:
     """Validate flash-attn style offsets; returns them as a Python list."""
     check_cu_seqlens_static(cu_seqlens, q, name)
