@@ -424,35 +424,43 @@ def _skv(bt, ks, w, s, chunk=1024):
     return {"BLOCK_T": bt, "KEY_SPLIT": ks, "num_warps": w, "num_stages": s, "CHUNK": chunk}
 
 
-#: Per kernel part, the variants tried (index 0 = the old default, 1 = the new default; the rest explore
-#: around the winners of the first sweep); candidate i takes variant i of every part that has one (parts
-#: are timed separately, so one sweep covers them all).
+def _q(cfg, q_chunk):
+    return {**cfg, "Q_CHUNK": q_chunk}
+
+
+#: Per kernel part, the variants tried; candidate i takes variant i of every part that has one (parts are
+#: timed separately, so one sweep covers them all). Fourth sweep (session 5): variant 0 of each part is the
+#: sm90 default of session 4; the rest explore around it. "slc_fwd.fwd" is the forward selection kernel
+#: (timed on its own with the candidate's config), "rows" vs the transposed "keys" tile.
 VARIANTS = {
-    "bwd_slc.dq": [_sdq(4, 4, 1), _sdq(1, 2, 2), _sdq(1, 1, 2), _sdq(1, 2, 1), _sdq(1, 2, 3), _sdq(2, 2, 2),
-                   _sdq(1, 4, 2, "keys"), _sdq(1, 8, 2, "keys"), _sdq(1, 4, 3, "keys")],
-    "bwd_slc.dkdv": [_skv(8, 2, 8, 1), _skv(4, 1, 8, 2), _skv(4, 1, 8, 3), _skv(2, 1, 4, 2),
-                     _skv(4, 1, 8, 2, 512), _skv(4, 1, 8, 2, 2048)],
-    # third sweep (session 4): one-pass 128-key tiles with narrow query tiles, 3 stages, 4 warps
-    "bwd_cmp.dkdv": [_kv(64, 64, 8, 1, 1), _kv(64, 128, 8, 2, 2), _kv(32, 128, 8, 2, 1),
-                     _kv(64, 128, 8, 2, 1), _kv(64, 128, 8, 3, 2), _kv(64, 128, 4, 2, 2),
-                     _kv(16, 128, 8, 2, 1), _kv(32, 128, 8, 3, 1), _kv(128, 128, 8, 2, 2)],
-    "bwd_cmp.dq": [_dq(64, 64, 4, 2), _dq(128, 64, 8, 2), _dq(128, 64, 8, 3), _dq(128, 32, 8, 2),
-                   _dq(128, 64, 8, 1)],
-    "bwd_win.dkdv": [_kv(32, 64, 4, 2, 2), _kv(32, 64, 4, 2, 2), _kv(64, 128, 8, 2, 2), _kv(32, 128, 8, 2, 1),
-                     _kv(64, 64, 4, 2, 1), _kv(32, 64, 4, 2, 1), _kv(32, 64, 4, 3, 2), _kv(64, 64, 4, 2, 2),
-                     _kv(64, 128, 8, 2, 1)],
-    "bwd_win.dq": [_dq(64, 64, 4, 2), _dq(128, 64, 8, 2), _dq(128, 64, 8, 3), _dq(128, 32, 8, 2),
-                   _dq(128, 64, 8, 1)],
+    "bwd_cmp.dkdv": [_q(_kv(32, 128, 8, 2, 1), 4096), _kv(32, 64, 4, 2, 1), _kv(32, 64, 8, 2, 1),
+                     _kv(64, 64, 8, 2, 1), _q(_kv(32, 128, 8, 2, 1), 16384), _q(_kv(32, 128, 8, 2, 1), 1024),
+                     _kv(16, 64, 4, 2, 1), _kv(64, 64, 4, 2, 1), _kv(32, 64, 4, 3, 1)],
+    "bwd_cmp.dq": [_dq(128, 64, 8, 3), _dq(128, 32, 8, 3), _dq(64, 64, 4, 3), _dq(128, 64, 8, 4),
+                   _dq(64, 32, 4, 3)],
+    "bwd_slc.dkdv": [_skv(2, 1, 4, 2), _skv(2, 1, 4, 3), _skv(4, 1, 4, 2), _skv(4, 1, 8, 2), _skv(2, 1, 8, 2),
+                     _skv(1, 1, 4, 2), _skv(2, 1, 4, 2, 256), _skv(2, 1, 4, 2, 4096), _skv(1, 1, 4, 3)],
+    "bwd_slc.dq": [_sdq(1, 4, 2, "keys"), _sdq(1, 2, 2, "keys"), _sdq(1, 4, 3, "keys"), _sdq(1, 4, 4, "keys"),
+                   _sdq(1, 8, 3, "keys")],
+    "slc_fwd.fwd": [{"LAYOUT": "rows", "num_warps": 2, "num_stages": 2, "BLOCK_N": 64},
+                    {"LAYOUT": "keys", "num_warps": 4, "num_stages": 2, "BLOCK_N": 64},
+                    {"LAYOUT": "keys", "num_warps": 4, "num_stages": 3, "BLOCK_N": 64},
+                    {"LAYOUT": "keys", "num_warps": 8, "num_stages": 2, "BLOCK_N": 64},
+                    {"LAYOUT": "keys", "num_warps": 4, "num_stages": 3, "BLOCK_N": 32},
+                    {"LAYOUT": "keys", "num_warps": 2, "num_stages": 2, "BLOCK_N": 64},
+                    {"LAYOUT": "keys", "num_warps": 4, "num_stages": 4, "BLOCK_N": 32},
+                    {"LAYOUT": "keys", "num_warps": 4, "num_stages": 2, "BLOCK_N": 64, "TPP": 2}],
 }
 OLD_COMPAT = {"bwd_slc": OLD_SLC, "bwd_cmp": {**OLD_CMP, **_kv(32, 32, 4, 2, 1)}}
-_OLD = {"bwd_slc": OLD_SLC, "bwd_cmp": OLD_CMP, "bwd_win": OLD_WIN}
+#: What every variant candidate starts from: the current defaults (each candidate overrides its parts).
+_BASE: dict[str, dict] = {"bwd_slc": {}, "bwd_cmp": {}, "bwd_win": {}, "slc_fwd": {}}
 
 
 def variant_candidates() -> list[dict[str, dict]]:
     n = max(len(v) for v in VARIANTS.values())
     out = []
     for i in range(n):
-        cand = {k: dict(v) for k, v in _OLD.items()}
+        cand = {k: dict(v) for k, v in _BASE.items()}
         for part, lst in VARIANTS.items():
             if i < len(lst):
                 cand[part.split(".")[0]].update(lst[i])
@@ -461,7 +469,8 @@ def variant_candidates() -> list[dict[str, dict]]:
 
 
 def warm_variant(spec_name: str, idx: int, T: int = 2048) -> None:  # noqa: N803
-    """Compile (Triton cache) the backward kernels of one variant candidate."""
+    """Compile (Triton cache) the forward and backward kernels of one variant candidate (and the stand-alone
+    selection kernel that ``run_variants`` times)."""
     spec = load_spec(spec_name)
     cand = variant_candidates()[idx] if spec_name != "fla_compat" else (OLD_COMPAT, {})[idx]
     ops = with_candidate(nsa_dsl.compile(spec), cand)
@@ -469,6 +478,7 @@ def warm_variant(spec_name: str, idx: int, T: int = 2048) -> None:  # noqa: N803
     with torch.no_grad():
         _, saved = ops.forward_train(*xs)
         nsa_backward(ops, *xs, do, saved)
+        ops.module("slc_fwd", T=T).run(xs[0], xs[1], xs[2], saved["indices"].to(torch.int32).contiguous())
     torch.cuda.synchronize()
 
 
@@ -494,6 +504,18 @@ def _event_ms(fn, reps: int = 10, busy: bool = False) -> tuple[float, float]:
         ev.append(s.elapsed_time(e))
         wall.append((t1 - t0) * 1e3)
     return statistics.median(ev), statistics.median(wall)
+
+
+def _slc_fwd_ms(ops, xs, saved, T: int) -> float:  # noqa: N803
+    """CUDA-event ms (median of 5 after a warm-up) of the forward selection kernel alone (saved top-n)."""
+    q, k, v = xs[0], xs[1], xs[2]
+    mod = ops.module("slc_fwd", T=T)
+    idx = saved["indices"].to(torch.int32).contiguous()
+
+    def fn():
+        mod.run(q, k, v, idx)
+
+    return _event_ms(fn, reps=5)[0]
 
 
 def run_variants(spec_name: str, Ts: list[int], out: Path, only: list[int] | None = None) -> list[dict]:  # noqa: N803
@@ -532,6 +554,8 @@ def run_variants(spec_name: str, Ts: list[int], out: Path, only: list[int] | Non
                 rows.append({"spec": spec_name, "T": T, "candidate": i, "error": str(e)[:300]})
                 print(json.dumps(rows[-1]), flush=True)
                 continue
+            if "slc_fwd.fwd" in VARIANTS and i < len(VARIANTS["slc_fwd.fwd"]):
+                prof["slc_fwd.fwd"] = reps * _slc_fwd_ms(trial, xs, saved, T)
             for part, lst in VARIANTS.items():
                 if i < len(lst) and part in prof:
                     rows.append({"spec": spec_name, "T": T, "part": part, "variant": i, "config": lst[i],
@@ -547,8 +571,8 @@ def run_variants(spec_name: str, Ts: list[int], out: Path, only: list[int] | Non
 
 
 def pick_best(rows: list[dict], T: int) -> dict[str, dict]:  # noqa: N803
-    """Kernel -> params: the fastest variant of every part at T (old defaults where nothing ran)."""
-    best = {k: dict(v) for k, v in _OLD.items()}
+    """Kernel -> params: the fastest variant of every part at T (current defaults where nothing ran)."""
+    best = {k: dict(v) for k, v in _BASE.items()}
     for part in VARIANTS:
         rs = [r for r in rows if r.get("part") == part and r["T"] == T and isinstance(r.get("variant"), int)]
         if rs:
@@ -690,7 +714,8 @@ def main() -> int:
             meta.setdefault("best", {})[sp] = best
             print("best", sp, json.dumps(best), flush=True)
             if args.e2e:
-                e2e += run_e2e(sp, args.T, {"old": variant_candidates()[0], "best": best, "default": {}})
+                named = {"variant 0": variant_candidates()[0], "best": best, "default": {}}
+                e2e += run_e2e(sp, args.T, named)
         if args.e2e and args.e2e_compat:
             e2e += run_e2e("fla_compat", args.T, {"old": OLD_COMPAT, "default": {}})
         meta["e2e"] = e2e

@@ -63,6 +63,9 @@ def _slc_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
         "schedule": ["group", "kvouter"],
         # group-centric only: consecutive tokens per program (shared blocks re-read from L1)
         "TPP": [1, 2, 4, 8],
+        # group-centric only: "rows" (the G heads are the MMA rows, padded to 16) or "keys" (transposed: the
+        # block's keys are the M side, so the tiles are wgmma-sized for any G)
+        "LAYOUT": ["rows", "keys"],
         # KV-outer schedule only: MMA rows (tokens x heads of the group), entries per program, merge rows,
         # whether the block's K/V stay loaded across the program's entries
         "BLOCK_M": [16, 32, 64, 128],
@@ -82,6 +85,8 @@ def _slc_check(spec: NSASpec, config: Mapping[str, Any], limits: DeviceLimits) -
         return f"schedule: must be one of {known}, got {config.get('schedule')!r}"
     if config.get("TPP") not in (1, 2, 4, 8, 16):
         return f"TPP: must be 1, 2, 4, 8 or 16 tokens per program, got {config.get('TPP')!r}"
+    if config.get("LAYOUT", "rows") not in ("rows", "keys"):
+        return f"LAYOUT: must be 'rows' or 'keys', got {config.get('LAYOUT')!r}"
     if config["schedule"] == "kvouter":
         why = _kvouter_check(spec, config)
         if why:

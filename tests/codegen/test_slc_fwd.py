@@ -82,7 +82,12 @@ def check(o, lse, ro, rlse, tol):
     torch.testing.assert_close(lse.double()[fin], rlse.double()[fin], atol=tol, rtol=tol)
 
 
-SCHEDULES = ["group", "kvouter"]
+SCHEDULES = ["group", "kvouter", "keys"]
+
+
+def sched(name: str) -> dict:
+    """Config of a schedule name: "keys" is the group-centric schedule with the transposed tile."""
+    return {"schedule": "group", "LAYOUT": "keys"} if name == "keys" else {"schedule": name}
 
 # (G, Hkv, dk, dv, l', n, force_initial, force_local, T, B, BLOCK_N)
 CASES = [
@@ -101,14 +106,16 @@ def test_slc_fwd_matches_reference(case, schedule):
     G, hkv, dk, dv, blk, n, fi, fl, T, B, bn = case
     if schedule == "kvouter" and not any(case is c for c in (CASES[0], CASES[2], CASES[3])):
         pytest.skip("KV-outer runs a subset (interpreter time)")
+    if schedule == "keys" and not any(case is c for c in (CASES[0], CASES[3], CASES[4], CASES[5])):
+        pytest.skip("the transposed tile runs a subset (interpreter time)")
     spec = make_spec(G, hkv, dk, dv, blk, n, fi, fl)
     gen = torch.Generator().manual_seed(hash(case) % 2**31)
     q, k, v = inputs(spec, B, T, torch.float32, gen)
     idx = random_indices(spec, B, T, gen)
-    cfg = {"BLOCK_N": bn, "schedule": schedule}
+    cfg = {"BLOCK_N": bn, **sched(schedule)}
     if schedule == "kvouter" and case is CASES[0]:  # several steps per work item, K/V reloaded per step
         cfg.update({"BLOCK_M": 16, "CHUNK": 32, "KV_RESIDENT": False})
-    if schedule == "group" and (case is CASES[0] or case is CASES[3]):  # tokens per program; B*T % 4 != 0
+    if schedule != "kvouter" and (case is CASES[0] or case is CASES[3]):  # tokens per program; B*T % 4 != 0
         cfg["TPP"] = 4
     mod = kernel(spec, cfg)
     with poisoned_empty():
@@ -126,7 +133,7 @@ def test_slc_fwd_unused_slots_and_fp16(schedule):
     q, k, v = inputs(spec, B, T, torch.float16, gen)
     idx = random_indices(spec, B, T, gen)
     idx[0, 40:, 1, 1] = -1  # a hole in the middle of a full row: the slot is skipped
-    mod = kernel(spec, {"schedule": schedule})
+    mod = kernel(spec, sched(schedule))
     with poisoned_empty():
         o, lse = mod.run(q, k, v, idx)
     ro, rlse = selected_attention(q.double(), k.double(), v.double(), idx, spec)
@@ -142,15 +149,16 @@ def test_slc_fwd_varlen(schedule):
     cu = torch.tensor([0, 19, 26, 66], dtype=torch.int32)
     q, k, v = inputs(spec, 1, sum(lens), torch.float32, gen)
     idx = torch.cat([random_indices(spec, 1, n, gen) for n in lens], 1)
-    mod = kernel(spec, {"schedule": schedule, "TPP": 2})
+    mod = kernel(spec, {**sched(schedule), "TPP": 2})
     with poisoned_empty():
         o, lse = mod.run(q, k, v, idx, cu_seqlens=cu)
     ro, rlse = ref_varlen(q, k, v, idx, spec, cu)
     check(o, lse, ro, rlse, 2e-5)
 
 
+@pytest.mark.parametrize("layout", ["rows", "keys"])
 @pytest.mark.parametrize("with_win", [False, True])
-def test_slc_fwd_gated_epilogue(with_win):
+def test_slc_fwd_gated_epilogue(with_win, layout):
     """The fused gated sum o = g_cmp*o_cmp + g_slc*o_slc (+ g_win*o_win)."""
     spec = make_spec(2, 2, 16, 16, 16, 3, 1, 1, w=16 if with_win else 0)
     gen = torch.Generator().manual_seed(3)
@@ -160,7 +168,7 @@ def test_slc_fwd_gated_epilogue(with_win):
     g = torch.rand(B, T, spec.attention.heads, 3, generator=gen)
     o_cmp = torch.randn(B, T, spec.attention.heads, 16, generator=gen)
     o_win = torch.randn(B, T, spec.attention.heads, 16, generator=gen) if with_win else None
-    mod = kernel(spec)
+    mod = kernel(spec, {"LAYOUT": layout})
     with poisoned_empty():
         o_slc, lse, o = mod.run(q, k, v, idx, gate=g, o_cmp=o_cmp, o_win=o_win)
     ro, _ = selected_attention(q.double(), k.double(), v.double(), idx, spec)
@@ -196,6 +204,7 @@ GPU_CONFIGS = [
     {"schedule": "group"},
     {"schedule": "kvouter"},
     {"schedule": "group", "TPP": 2, "BLOCK_N": 32, "num_stages": 3},
+    {"schedule": "group", "LAYOUT": "keys", "num_warps": 4},
     {"schedule": "kvouter", "BLOCK_M": 128, "KV_RESIDENT": False, "KV_WARPS": 8, "BLOCK_R": 32},
 ]
 
