@@ -424,44 +424,49 @@ def _skv(bt, ks, w, s, chunk=1024):
     return {"BLOCK_T": bt, "KEY_SPLIT": ks, "num_warps": w, "num_stages": s, "CHUNK": chunk}
 
 
-def _q(cfg, q_chunk):
-    return {**cfg, "Q_CHUNK": q_chunk}
+def _q(cfg, q_chunk, order="tiles"):
+    return {**cfg, "Q_CHUNK": q_chunk, "ORDER": order}
 
 
-#: Per kernel part, the variants tried; candidate i takes variant i of every part that has one (parts are
-#: timed separately, so one sweep covers them all). Fourth sweep (session 5): variant 0 of each part is the
-#: sm90 default of session 4; the rest explore around it. "slc_fwd.fwd" is the forward selection kernel
-#: (timed on its own with the candidate's config), "rows" vs the transposed "keys" tile.
+#: Per spec and kernel part, the variants tried; candidate i takes variant i of every part that has one
+#: (parts are timed separately, so one sweep covers them all; "bwd_cmp.dq" and "bwd_cmp.dkdv" share the
+#: launch ORDER, so variant i of both names the same one). Fifth sweep (session 5), around the defaults
+#: after the fourth (variant 0 of each part = the default): the query split of the compressed dK/dV, the
+#: longest-first launch order, 64 x 32 dQ tiles for the window. "slc_fwd.fwd" (the forward selection kernel,
+#: timed alone) is also understood. The fourth sweep's lists are in git history (session 5, first commit).
+_CMP_KV = _kv(32, 128, 8, 2, 1)
+_CMP_KV4 = _kv(32, 64, 4, 2, 1)
 VARIANTS = {
-    "bwd_cmp.dkdv": [_q(_kv(32, 128, 8, 2, 1), 4096), _kv(32, 64, 4, 2, 1), _kv(32, 64, 8, 2, 1),
-                     _kv(64, 64, 8, 2, 1), _q(_kv(32, 128, 8, 2, 1), 16384), _q(_kv(32, 128, 8, 2, 1), 1024),
-                     _kv(16, 64, 4, 2, 1), _kv(64, 64, 4, 2, 1), _kv(32, 64, 4, 3, 1)],
-    "bwd_cmp.dq": [_dq(128, 64, 8, 3), _dq(128, 32, 8, 3), _dq(64, 64, 4, 3), _dq(128, 64, 8, 4),
-                   _dq(64, 32, 4, 3)],
-    "bwd_slc.dkdv": [_skv(2, 1, 4, 2), _skv(2, 1, 4, 3), _skv(4, 1, 4, 2), _skv(4, 1, 8, 2), _skv(2, 1, 8, 2),
-                     _skv(1, 1, 4, 2), _skv(2, 1, 4, 2, 256), _skv(2, 1, 4, 2, 4096), _skv(1, 1, 4, 3)],
-    "bwd_slc.dq": [_sdq(1, 4, 2, "keys"), _sdq(1, 2, 2, "keys"), _sdq(1, 4, 3, "keys"), _sdq(1, 4, 4, "keys"),
-                   _sdq(1, 8, 3, "keys")],
-    "slc_fwd.fwd": [{"LAYOUT": "rows", "num_warps": 2, "num_stages": 2, "BLOCK_N": 64},
-                    {"LAYOUT": "keys", "num_warps": 4, "num_stages": 2, "BLOCK_N": 64},
-                    {"LAYOUT": "keys", "num_warps": 4, "num_stages": 3, "BLOCK_N": 64},
-                    {"LAYOUT": "keys", "num_warps": 8, "num_stages": 2, "BLOCK_N": 64},
-                    {"LAYOUT": "keys", "num_warps": 4, "num_stages": 3, "BLOCK_N": 32},
-                    {"LAYOUT": "keys", "num_warps": 2, "num_stages": 2, "BLOCK_N": 64},
-                    {"LAYOUT": "keys", "num_warps": 4, "num_stages": 4, "BLOCK_N": 32},
-                    {"LAYOUT": "keys", "num_warps": 4, "num_stages": 2, "BLOCK_N": 64, "TPP": 2}],
+    "nsa_paper": {
+        "bwd_cmp.dkdv": [_q(_CMP_KV, 1024), _q(_CMP_KV, 1024, "lpt"), _q(_CMP_KV, 4096, "lpt"),
+                         _q(_CMP_KV4, 1024), _q(_CMP_KV4, 1024, "lpt"), _q(_CMP_KV, 2048),
+                         _q(_CMP_KV, 2048, "lpt"), _q(_CMP_KV, 512), _q(_CMP_KV4, 512, "lpt")],
+        "bwd_cmp.dq": [_dq(64, 32, 4, 3), _dq(64, 32, 4, 3), _dq(64, 32, 4, 3), _dq(64, 32, 4, 2),
+                       _dq(64, 32, 4, 2), _dq(64, 64, 4, 3), _dq(64, 64, 4, 3), _dq(32, 32, 4, 3),
+                       _dq(128, 32, 8, 3)],
+        "bwd_win.dq": [_dq(128, 32, 8, 3), _dq(64, 32, 4, 3), _dq(64, 32, 4, 2), _dq(64, 64, 4, 3)],
+        "bwd_win.dkdv": [{"ORDER": "tiles"}, {"ORDER": "tiles"}, {"ORDER": "tiles"}, {"ORDER": "lpt"}],
+    },
+    "fla_compat": {
+        "bwd_cmp.dkdv": [_q(_kv(32, 32, 4, 2, 1), 4096), _q(_kv(32, 32, 4, 2, 1), 1024),
+                         _q(_kv(32, 32, 4, 2, 1), 1024, "lpt"), _q(_CMP_KV, 1024), _q(_CMP_KV4, 1024),
+                         _q(_kv(32, 64, 8, 2, 1), 1024), _q(_kv(64, 64, 8, 2, 1), 1024)],
+        "bwd_cmp.dq": [_dq(64, 64, 4, 2), _dq(64, 64, 4, 2), _dq(64, 64, 4, 2), _dq(64, 32, 4, 3),
+                       _dq(128, 64, 8, 3), _dq(64, 64, 4, 3), _dq(128, 32, 8, 2)],
+    },
 }
 OLD_COMPAT = {"bwd_slc": OLD_SLC, "bwd_cmp": {**OLD_CMP, **_kv(32, 32, 4, 2, 1)}}
 #: What every variant candidate starts from: the current defaults (each candidate overrides its parts).
 _BASE: dict[str, dict] = {"bwd_slc": {}, "bwd_cmp": {}, "bwd_win": {}, "slc_fwd": {}}
 
 
-def variant_candidates() -> list[dict[str, dict]]:
-    n = max(len(v) for v in VARIANTS.values())
+def variant_candidates(spec_name: str = "nsa_paper") -> list[dict[str, dict]]:
+    parts = VARIANTS[spec_name]
+    n = max(len(v) for v in parts.values())
     out = []
     for i in range(n):
         cand = {k: dict(v) for k, v in _BASE.items()}
-        for part, lst in VARIANTS.items():
+        for part, lst in parts.items():
             if i < len(lst):
                 cand[part.split(".")[0]].update(lst[i])
         out.append(cand)
@@ -472,7 +477,7 @@ def warm_variant(spec_name: str, idx: int, T: int = 2048) -> None:  # noqa: N803
     """Compile (Triton cache) the forward and backward kernels of one variant candidate (and the stand-alone
     selection kernel that ``run_variants`` times)."""
     spec = load_spec(spec_name)
-    cand = variant_candidates()[idx] if spec_name != "fla_compat" else (OLD_COMPAT, {})[idx]
+    cand = variant_candidates(spec_name)[idx]
     ops = with_candidate(nsa_dsl.compile(spec), cand)
     xs, do = nsa_inputs(spec, T, grad=False)
     with torch.no_grad():
@@ -524,7 +529,8 @@ def run_variants(spec_name: str, Ts: list[int], out: Path, only: list[int] | Non
 
     spec = load_spec(spec_name)
     base = nsa_dsl.compile(spec)
-    cands = variant_candidates()
+    cands = variant_candidates(spec_name)
+    parts = VARIANTS[spec_name]
     rows = []
     for T in Ts:  # noqa: N806
         xs, do = nsa_inputs(spec, T, grad=False)
@@ -554,9 +560,9 @@ def run_variants(spec_name: str, Ts: list[int], out: Path, only: list[int] | Non
                 rows.append({"spec": spec_name, "T": T, "candidate": i, "error": str(e)[:300]})
                 print(json.dumps(rows[-1]), flush=True)
                 continue
-            if "slc_fwd.fwd" in VARIANTS and i < len(VARIANTS["slc_fwd.fwd"]):
+            if i < len(parts.get("slc_fwd.fwd", [])):
                 prof["slc_fwd.fwd"] = reps * _slc_fwd_ms(trial, xs, saved, T)
-            for part, lst in VARIANTS.items():
+            for part, lst in parts.items():
                 if i < len(lst) and part in prof:
                     rows.append({"spec": spec_name, "T": T, "part": part, "variant": i, "config": lst[i],
                                  "ms": prof[part] / reps})
@@ -573,7 +579,7 @@ def run_variants(spec_name: str, Ts: list[int], out: Path, only: list[int] | Non
 def pick_best(rows: list[dict], T: int) -> dict[str, dict]:  # noqa: N803
     """Kernel -> params: the fastest variant of every part at T (current defaults where nothing ran)."""
     best = {k: dict(v) for k, v in _BASE.items()}
-    for part in VARIANTS:
+    for part in VARIANTS[rows[0]["spec"]] if rows else ():
         rs = [r for r in rows if r.get("part") == part and r["T"] == T and isinstance(r.get("variant"), int)]
         if rs:
             best[part.split(".")[0]].update(min(rs, key=lambda r: r["ms"])["config"])
@@ -714,7 +720,7 @@ def main() -> int:
             meta.setdefault("best", {})[sp] = best
             print("best", sp, json.dumps(best), flush=True)
             if args.e2e:
-                named = {"variant 0": variant_candidates()[0], "best": best, "default": {}}
+                named = {"variant 0": variant_candidates(sp)[0], "best": best, "default": {}}
                 e2e += run_e2e(sp, args.T, named)
         if args.e2e and args.e2e_compat:
             e2e += run_e2e("fla_compat", args.T, {"old": OLD_COMPAT, "default": {}})

@@ -13,6 +13,9 @@ Config parameters (constexprs baked into the emitted source):
                     accumulator live at a time (+30% FLOPs, far fewer registers -> larger MMA tiles);
   Q_CHUNK           query tokens per dK/dV program before the query range is split over more programs
                     (fp32 partials summed in order; 0 = never split);
+  ORDER             launch order of bwd_cmp / bwd_win: "tiles" (key / query tile the fastest grid axis, so
+                    concurrent programs share query / key tiles in L2) or "lpt" (the longest programs first:
+                    key tiles ascending, query tiles descending; shorter tail under causal imbalance);
   BLOCK_T           tokens per dK/dV tile of bwd_slc (rows = BLOCK_T x G);
   CHUNK             most tokens per bwd_slc work item (longer reverse-index lists are split);
   KEY_SPLIT         programs sharing one bwd_slc work item, each with l'/KEY_SPLIT keys (fewer registers);
@@ -128,6 +131,10 @@ def _dense_default(branch: str):
         dq = {"DQ_BLOCK_M": 64, "DQ_BLOCK_N": 64, "dq_warps": 4, "dq_stages": 2}
         if wide:
             dq = {"DQ_BLOCK_M": 128, "DQ_BLOCK_N": 64, "dq_warps": 8, "dq_stages": 3}
+        if wide and branch == "cmp":
+            # H200, bench_backward --variants (fourth sweep, 2026-11-29 07:09 UTC, paper spec): 64 x 32 dQ
+            # tiles, 4 warps: 18.42 -> 17.03 ms at 64k, 0.59 -> 0.49 at 8k
+            dq = {"DQ_BLOCK_M": 64, "DQ_BLOCK_N": 32, "dq_warps": 4, "dq_stages": 3}
         if wide and branch == "win":
             # nsa-tune (16 TPE trials per T, H200, 2026-11-29): 32-key dQ tiles, 3.0-3.1% faster at 8k / 32k /
             # 64k (3.34 -> 3.24, 13.45 -> 13.06, 26.88 -> 26.13 ms for the window backward)
@@ -142,6 +149,10 @@ def _dense_default(branch: str):
             kv = {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "KV_PASSES": 1}
         else:
             kv = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "KV_PASSES": 1}
+        if wide and branch == "cmp":
+            # same sweep: splitting the query range 64 ways instead of 16 (1,024-token chunks) shortens the
+            # tail of the causally unbalanced key tiles: 43.16 -> 38.88 ms at 64k (8k unchanged, 1.08 ms)
+            q_chunk = 1024
         return {**kv, "Q_CHUNK": q_chunk, **dq}
 
     return default
@@ -159,6 +170,7 @@ def _dense_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
         "DQ_BLOCK_N": [16, 32, 64, 128],
         "dq_warps": [4, 8],
         "dq_stages": [1, 2, 3],
+        "ORDER": ["tiles", "lpt"],
     }
 
 
@@ -177,6 +189,8 @@ def _dense_check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) ->
             return f"{key}: must be a power of two in 16..256, got {cfg[key]}"
     if cfg.get("KV_PASSES") not in (1, 2):
         return f"KV_PASSES: must be 1 or 2, got {cfg.get('KV_PASSES')}"
+    if cfg.get("ORDER", "tiles") not in ("tiles", "lpt"):
+        return f"ORDER: must be 'tiles' or 'lpt', got {cfg.get('ORDER')!r}"
     if not isinstance(cfg["Q_CHUNK"], int) or cfg["Q_CHUNK"] < 0:
         return f"Q_CHUNK: must be an integer >= 0, got {cfg['Q_CHUNK']}"
     why = _common_check(cfg) or _common_check({"num_warps": cfg["dq_warps"], "num_stages": cfg["dq_stages"]})

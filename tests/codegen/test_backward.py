@@ -169,6 +169,9 @@ def test_grads_varlen():
     # query-split dK/dV (partials in an uninitialised buffer: every row must be written) on the pack
     qsplit = {"bwd_cmp": {"Q_CHUNK": 8}, "bwd_win": {"Q_CHUNK": 8}}
     assert_close(kernel_grads(spec, xs, do, cu_seqlens=cu, config=qsplit), want)
+    # longest-first launch order of the dense branches (grid axes swapped) with the query split
+    lpt = {k: {**v, "ORDER": "lpt"} for k, v in qsplit.items()}
+    assert_close(kernel_grads(spec, xs, do, cu_seqlens=cu, config=lpt), want)
 
 
 def test_schedule_variants_agree():
@@ -182,7 +185,7 @@ def test_schedule_variants_agree():
     want = ref_grads(spec, xs, do)
     variants = [
         {"bwd_slc": {"CHUNK": 4096, "BLOCK_T": 16, "KEY_SPLIT": 1, "DQ_TOKENS": 4},
-         "bwd_cmp": {"Q_CHUNK": 16, "KV_PASSES": 2}},
+         "bwd_cmp": {"Q_CHUNK": 16, "KV_PASSES": 2, "ORDER": "lpt"}},
         {"bwd_slc": {"CHUNK": 5, "BLOCK_T": 8, "KEY_SPLIT": 2, "DQ_TOKENS": 1, "dq_stages": 2,
                      "num_stages": 2},
          "bwd_win": {"DQ_BLOCK_N": 32, "BLOCK_N": 32, "KV_PASSES": 2}},

@@ -264,7 +264,7 @@ def test_paper_128k_sampled_rows_gpu():
     rows = sorted({0, 1, 63, 64, 511, 512, 4097, 65535, 65536, T - 1, *torch.randint(0, T, (14,)).tolist()})
     rs, rw = _rows_ref_gpu(q, k, v, idx, spec, rows)
     for schedule in SCHEDULES:
-        o, lse = kernel(spec, {"schedule": schedule}).run(q, k, v, idx)
+        o, lse = kernel(spec, sched(schedule)).run(q, k, v, idx)
         assert torch.isfinite(o).all()
         torch.testing.assert_close(o[0, rows].float(), rs, atol=2e-2, rtol=2e-2)
         del o, lse
