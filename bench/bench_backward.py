@@ -430,29 +430,22 @@ def _q(cfg, q_chunk, order="tiles"):
 
 #: Per spec and kernel part, the variants tried; candidate i takes variant i of every part that has one
 #: (parts are timed separately, so one sweep covers them all; "bwd_cmp.dq" and "bwd_cmp.dkdv" share the
-#: launch ORDER, so variant i of both names the same one). Fifth sweep (session 5), around the defaults
-#: after the fourth (variant 0 of each part = the default): the query split of the compressed dK/dV, the
-#: longest-first launch order, 64 x 32 dQ tiles for the window. "slc_fwd.fwd" (the forward selection kernel,
-#: timed alone) is also understood. The fourth sweep's lists are in git history (session 5, first commit).
-_CMP_KV = _kv(32, 128, 8, 2, 1)
-_CMP_KV4 = _kv(32, 64, 4, 2, 1)
+#: launch ORDER, so variant i of both names the same one). Variant 0 of each part = the default of the time.
+#: "slc_fwd.fwd" (the forward selection kernel, timed alone) is also understood. Earlier sweeps' lists are
+#: in git history (session 5: the fourth and fifth sweeps).
+_CMP_KV = _kv(32, 64, 4, 2, 1)
 VARIANTS = {
+    # sixth sweep (session 5): around the new compressed dK/dV default (64 keys x 32 queries, 4 warps,
+    # 1,024-token query chunks)
     "nsa_paper": {
-        "bwd_cmp.dkdv": [_q(_CMP_KV, 1024), _q(_CMP_KV, 1024, "lpt"), _q(_CMP_KV, 4096, "lpt"),
-                         _q(_CMP_KV4, 1024), _q(_CMP_KV4, 1024, "lpt"), _q(_CMP_KV, 2048),
-                         _q(_CMP_KV, 2048, "lpt"), _q(_CMP_KV, 512), _q(_CMP_KV4, 512, "lpt")],
-        "bwd_cmp.dq": [_dq(64, 32, 4, 3), _dq(64, 32, 4, 3), _dq(64, 32, 4, 3), _dq(64, 32, 4, 2),
-                       _dq(64, 32, 4, 2), _dq(64, 64, 4, 3), _dq(64, 64, 4, 3), _dq(32, 32, 4, 3),
-                       _dq(128, 32, 8, 3)],
-        "bwd_win.dq": [_dq(128, 32, 8, 3), _dq(64, 32, 4, 3), _dq(64, 32, 4, 2), _dq(64, 64, 4, 3)],
-        "bwd_win.dkdv": [{"ORDER": "tiles"}, {"ORDER": "tiles"}, {"ORDER": "tiles"}, {"ORDER": "lpt"}],
+        "bwd_cmp.dkdv": [_q(_CMP_KV, 1024), _q(_kv(32, 64, 4, 3, 1), 1024), _q(_CMP_KV, 512),
+                         _q(_kv(16, 64, 4, 2, 1), 1024), _q(_CMP_KV, 2048), _q(_kv(64, 64, 8, 2, 1), 1024),
+                         _q(_kv(32, 32, 4, 2, 1), 1024), _q(_kv(32, 64, 4, 1, 1), 1024)],
+        "bwd_slc.dkdv": [_skv(2, 1, 4, 2), _skv(2, 1, 2, 2), _skv(2, 1, 4, 2, 2048)],
     },
     "fla_compat": {
-        "bwd_cmp.dkdv": [_q(_kv(32, 32, 4, 2, 1), 4096), _q(_kv(32, 32, 4, 2, 1), 1024),
-                         _q(_kv(32, 32, 4, 2, 1), 1024, "lpt"), _q(_CMP_KV, 1024), _q(_CMP_KV4, 1024),
-                         _q(_kv(32, 64, 8, 2, 1), 1024), _q(_kv(64, 64, 8, 2, 1), 1024)],
-        "bwd_cmp.dq": [_dq(64, 64, 4, 2), _dq(64, 64, 4, 2), _dq(64, 64, 4, 2), _dq(64, 32, 4, 3),
-                       _dq(128, 64, 8, 3), _dq(64, 64, 4, 3), _dq(128, 32, 8, 2)],
+        "bwd_cmp.dkdv": [_q(_CMP_KV, 1024), _q(_kv(32, 64, 4, 3, 1), 1024), _q(_CMP_KV, 512),
+                         _q(_kv(16, 64, 4, 2, 1), 1024), _q(_kv(32, 128, 8, 2, 1), 512)],
     },
 }
 OLD_COMPAT = {"bwd_slc": OLD_SLC, "bwd_cmp": {**OLD_CMP, **_kv(32, 32, 4, 2, 1)}}

@@ -120,39 +120,31 @@ def _dense_default(branch: str):
         if limits.interpreter:
             return {"BLOCK_M": 16, "BLOCK_N": 16, "Q_CHUNK": 0, "num_warps": 4, "num_stages": 1,
                     "KV_PASSES": 1, "DQ_BLOCK_M": 16, "DQ_BLOCK_N": 16, "dq_warps": 4, "dq_stages": 1}
-        # the compressed branch's key tiles see (almost) every query: split long query ranges
-        q_chunk = 4096 if branch == "cmp" else 0
         wide = _padded(spec.attention.head_dim_qk) + _padded(spec.attention.head_dim_v) > 256
-        # measured on an H200 (bench_backward sweeps, T = 8k / 32k, 2026-11-28): wgmma tiles (64+ rows) beat
-        # the spill-free 32-row mma.sync tiles despite ptxas spills. dk = 192: dQ 128x64 w8, 3 stages (cmp
-        # 6.6 -> 5.2 ms, window 5.9 -> 4.8 at 32k); compressed dK/dV 128 keys x 64 queries in two passes
-        # (19.4 -> 18.3), window dK/dV 32x64 two-pass; dk = dv = 128: 32x32 dK/dV was best for the compressed
-        # branch
+        # All measured on an H200 with bench_backward (sweeps 2026-11-28, --variants 2026-11-29; paper
+        # spec unless named). wgmma tiles (64+ rows) beat spill-free 32-row mma.sync tiles despite spills.
+        # dQ, dk = dv = 128: 64 x 64, 4 warps. dQ, dk = 192: 64 x 32 tiles, 4 warps, 3 stages: compressed
+        # 18.42 -> 17.03 ms at 64k, 0.59 -> 0.49 at 8k (fourth sweep, 07:09 UTC, against 128 x 64, 8 warps);
+        # window 9.06 -> 7.48 ms at 64k, 1.12 -> 0.92 at 8k (fifth sweep, 07:20 UTC, against the 128 x 32
+        # tiles nsa-tune had found).
         dq = {"DQ_BLOCK_M": 64, "DQ_BLOCK_N": 64, "dq_warps": 4, "dq_stages": 2}
         if wide:
-            dq = {"DQ_BLOCK_M": 128, "DQ_BLOCK_N": 64, "dq_warps": 8, "dq_stages": 3}
-        if wide and branch == "cmp":
-            # H200, bench_backward --variants (fourth sweep, 2026-11-29 07:09 UTC, paper spec): 64 x 32 dQ
-            # tiles, 4 warps: 18.42 -> 17.03 ms at 64k, 0.59 -> 0.49 at 8k
             dq = {"DQ_BLOCK_M": 64, "DQ_BLOCK_N": 32, "dq_warps": 4, "dq_stages": 3}
-        if wide and branch == "win":
-            # nsa-tune (16 TPE trials per T, H200, 2026-11-29): 32-key dQ tiles, 3.0-3.1% faster at 8k / 32k /
-            # 64k (3.34 -> 3.24, 13.45 -> 13.06, 26.88 -> 26.13 ms for the window backward)
-            dq = {**dq, "DQ_BLOCK_N": 32}
-        # dK/dV at dk = 192, one pass over narrow query tiles (H200, bench_backward --variants, 2026-11-29
-        # 05:35 UTC, paper spec): compressed 128 keys x 32 queries, 8 warps: 58.7 -> 42.7 ms at 64k, 18.4
-        # -> 13.6 at 32k (two-pass 128 x 64 before); window 64 keys x 32 queries, 4 warps: 16.9 -> 11.1 ms
-        # at 64k, 8.6 -> 5.6 at 32k (two-pass before)
-        if wide and branch == "cmp":
-            kv = {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2, "KV_PASSES": 1}
+        # dK/dV in one pass over narrow query tiles. Window at dk = 192: 64 keys x 32 queries, 4 warps: 16.9
+        # -> 11.1 ms at 64k (two-pass before; 05:35 UTC). Compressed, both widths (fifth sweep): 64 keys x
+        # 32 queries, 4 warps, with the query range split into 1,024-token chunks (64 programs per key tile:
+        # a shorter tail for the causally unbalanced key tiles): paper 43.2 -> 36.6 ms at 64k (128 x 32, 8
+        # warps, 4,096-token chunks before), fla_compat (dk = dv = 128) 17.6 -> 8.5 ms (32 x 32 before).
+        # Launching the longest key tiles first (ORDER "lpt") lost 7-13 ms at 64k (less L2 reuse of the
+        # query tiles).
+        q_chunk = 0
+        if branch == "cmp":
+            kv = {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "KV_PASSES": 1}
+            q_chunk = 1024
         elif wide:
             kv = {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "KV_PASSES": 1}
         else:
             kv = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "KV_PASSES": 1}
-        if wide and branch == "cmp":
-            # same sweep: splitting the query range 64 ways instead of 16 (1,024-token chunks) shortens the
-            # tail of the causally unbalanced key tiles: 43.16 -> 38.88 ms at 64k (8k unchanged, 1.08 ms)
-            q_chunk = 1024
         return {**kv, "Q_CHUNK": q_chunk, **dq}
 
     return default
