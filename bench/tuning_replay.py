@@ -74,6 +74,28 @@ class _Lim:
     name, capability, sm_count, smem_per_block, interpreter = "replay", (0, 0), 1, 0, True
 
 
+def _complete_default(grid: dict[str, Any]) -> dict[str, Any]:
+    """The grid's default as a point of the grid: parameters it does not name (a grid recorded before a kernel
+    default listed them) take the current registered default's value for the grid's spec."""
+    pts = grid["points"]
+    default = dict(grid.get("default") or pts[0]["config"])
+    keys = set(pts[0]["config"])
+    missing = keys - set(default)
+    if missing:
+        try:
+            from nsa_dsl.codegen.plan import DeviceLimits, get_kernel
+
+            import nsa_dsl
+
+            spec = nsa_dsl.load_spec(grid["meta"]["spec"])
+            lim = DeviceLimits("replay", (9, 0), 132, 227 * 1024)
+            cur = get_kernel(grid["kernel"]).default(spec, lim)
+            default.update({k: cur[k] for k in missing if k in cur})
+        except Exception:  # noqa: BLE001 - an unknown kernel or spec: leave the default as recorded
+            pass
+    return {k: v for k, v in default.items() if k in keys}
+
+
 def replay(grid: dict[str, Any], *, samplers: list[str], seeds: int, frac: float) -> dict[str, Any]:
     import optuna
     from nsa_dsl.tuning import search, tune_kernel
@@ -83,7 +105,7 @@ def replay(grid: dict[str, Any], *, samplers: list[str], seeds: int, frac: float
     from nsa_dsl import load_spec
 
     pts = grid["points"]
-    default = grid.get("default") or pts[0]["config"]
+    default = _complete_default(grid)
     kd = TableKernelDef(pts, default)
     ok = [p["ms"] for p in pts if p["ms"] is not None]
     best = min(ok)
@@ -96,7 +118,10 @@ def replay(grid: dict[str, Any], *, samplers: list[str], seeds: int, frac: float
         "best_ms": best,
         "default_ms": table.get(canonical(default)),
     }
-    for sampler in samplers:
+    for label in samplers:
+        # "tpe+nb0.33": TPE after a third of the budget spent on the default's one-parameter neighbours
+        sampler, _, nb = label.partition("+nb")
+        nb_frac = float(nb) if nb else 0.0
         to3, final, hit = [], [], 0
         for seed in range(seeds):
             with tempfile.TemporaryDirectory() as d:
@@ -114,6 +139,7 @@ def replay(grid: dict[str, Any], *, samplers: list[str], seeds: int, frac: float
                     target=ReplayTarget(kd),
                     registry={"replay": kd},
                     storage_path=j,
+                    neighbours=nb_frac,
                     save=False,
                     confirm=0,
                     compile_jobs=0,
@@ -135,7 +161,7 @@ def replay(grid: dict[str, Any], *, samplers: list[str], seeds: int, frac: float
                 if first is not None:
                     hit += 1
                     to3.append(first)
-        out[sampler] = {
+        out[label] = {
             "seeds": seeds,
             "within_3pct": hit,
             "median_trials_to_3pct": statistics.median(to3) if to3 else None,
@@ -150,7 +176,9 @@ def main() -> int:
     ap.add_argument("grid")
     ap.add_argument("--seeds", type=int, default=20)
     ap.add_argument("--frac", type=float, default=0.25)
-    ap.add_argument("--samplers", default="tpe,random")
+    ap.add_argument("--samplers", default="tpe,random",
+                    help="comma-separated; NAME+nbF spends the fraction F of the budget on the default's "
+                         "one-parameter neighbours first (e.g. tpe+nb0.33)")
     a = ap.parse_args()
     grid = json.loads(Path(a.grid).read_text())
     res = replay(grid, samplers=a.samplers.split(","), seeds=a.seeds, frac=a.frac)

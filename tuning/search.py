@@ -42,7 +42,7 @@ from typing import Any
 
 from ._compat import detect_limits, get_kernel_def, tuning_dir
 from .keys import canonical, key_fields, record_key
-from .space import full_config, grid_size, valid_points, why_invalid
+from .space import default_neighbours, full_config, grid_size, valid_points, why_invalid
 from .timing import Candidate, default_timer
 
 __all__ = [
@@ -63,6 +63,9 @@ __all__ = [
 log = logging.getLogger("nsa_dsl.tuning.search")
 
 DEFAULT_TIE_TOL = 0.02
+#: Share of a trial budget spent on the default's one-parameter neighbours before the sampler (see
+#: ``tune_kernel``); the value is the one chosen with ``bench/tuning_replay.py`` (bench/RESULTS.md).
+NEIGHBOUR_FRACTION = 0.0
 #: Grids up to this many points are listed and pruned up front (exhaustive search possible); larger ones
 #: are pruned point by point as the sampler proposes them.
 MAX_ENUMERATE = 20000
@@ -684,6 +687,7 @@ def tune_kernel(
     device: Any = None,
     progress: Callable[[int, int | None], None] | None = None,
     pool: WorkerPool | None = None,
+    neighbours: float = NEIGHBOUR_FRACTION,
 ) -> TuneResult:
     """Tune ``kernel`` of ``spec`` for shape (T, B) and store the record in the user cache.
 
@@ -698,6 +702,8 @@ def tune_kernel(
     with ``target_factory`` (a ``target`` object stays in this process and is not used by them).
     ``compile_jobs``: processes that compile each batch of candidates in parallel before they are timed
     (None = ``auto_compile_jobs()``, split between the workers; 0 or 1 = compile in the search process).
+    ``neighbours``: the fraction of ``trials`` spent first on the default's valid one-parameter neighbours
+    (``space.default_neighbours``, nearest first), before the sampler proposes; 0 = none.
     """
     from . import _memory_put
     from .store import user_store
@@ -768,6 +774,16 @@ def tune_kernel(
         )
         if exhaustive:
             first += [{p: c[p] for p in space} for c in good]
+        elif first and neighbours > 0:
+            # a local search around the default first: one-parameter moves are where a hand-tuned default
+            # is most often beaten, and a model-based sampler rarely proposes them in a large space
+            n_nb = int(neighbours * (trials if trials is not None else 32))
+            for nb in default_neighbours(dpoint, space):
+                if n_nb <= 0:
+                    break
+                if why_invalid(kdef, spec, full_config(kdef, spec, nb, limits), limits) is None:
+                    first.append(nb)
+                    n_nb -= 1
         seen: set[str] = set()
         for p in first:
             cp = canonical(p)

@@ -18,6 +18,7 @@ from .keys import canonical
 
 __all__ = [
     "full_config",
+    "default_neighbours",
     "device_check",
     "why_invalid",
     "iter_points",
@@ -101,6 +102,24 @@ def iter_points(space: dict[str, list[Any]]) -> Iterator[dict[str, Any]]:
     names = sorted(space)
     for combo in itertools.product(*(list(space[n]) for n in names)):
         yield dict(zip(names, combo, strict=True))
+
+
+def default_neighbours(default: dict[str, Any], space: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Points that differ from ``default`` in one parameter, nearest first: every parameter moved one step
+    down and up its declared choice list, then two steps, and so on (parameters in declared order). A
+    parameter whose default value is not among its choices contributes every choice at distance 1. Validity
+    is not checked here."""
+    base = {p: default.get(p) for p in space}
+    moves: list[tuple[int, int, dict[str, Any]]] = []
+    for i, (p, choices) in enumerate(space.items()):
+        at = choices.index(base[p]) if base[p] in choices else None
+        for j, v in enumerate(choices):
+            if j == at:
+                continue
+            dist = 1 if at is None else abs(j - at)
+            moves.append((dist, i, {**base, p: v}))
+    moves.sort(key=lambda m: (m[0], m[1]))  # stable: below before above at equal distance
+    return [m[2] for m in moves]
 
 
 def grid_size(space: dict[str, list[Any]]) -> int:

@@ -426,3 +426,43 @@ def test_sampler_names():
 def test_gp_sampler_name():
     pytest.importorskip("scipy")  # Optuna's GP sampler needs it; not a dependency of ours
     assert isinstance(search._sampler("gp", 0, 4), optuna.samplers.GPSampler)
+
+
+def test_default_neighbours_nearest_first():
+    """One-parameter moves from the default, one step in every parameter before two steps in any."""
+    from nsa_dsl.tuning.space import default_neighbours
+
+    space = {"a": [1, 2, 3, 4], "b": ["x", "y"], "c": [7]}
+    nbs = default_neighbours({"a": 2, "b": "x", "c": 7}, space)
+    assert nbs == [
+        {"a": 1, "b": "x", "c": 7}, {"a": 3, "b": "x", "c": 7}, {"a": 2, "b": "y", "c": 7},
+        {"a": 4, "b": "x", "c": 7},
+    ]
+    # a default value outside the choices: every choice is one step away
+    assert default_neighbours({"a": 9, "b": "y", "c": 7}, {"a": [1, 2], "b": ["y"]}) == [
+        {"a": 1, "b": "y"}, {"a": 2, "b": "y"}]
+
+
+def test_neighbour_seeding_evaluates_valid_neighbours_first(tmp_path):
+    """``neighbours``: after the default, the first trials are its valid one-parameter neighbours in order
+    (from BLOCK_M 128, BLOCK_N 64 breaks the fake kernel's tile rule and is skipped)."""
+    from nsa_dsl.tuning.space import default_neighbours
+
+    class Wide(FakeKernelDef):
+        def default(self, spec, limits):
+            return {**super().default(spec, limits), "BLOCK_M": 128}
+
+    kd = Wide()
+    j = tmp_path / "s.journal"
+    res = tune_kernel(SPEC, "fake_fwd", T=1000, trials=8, neighbours=0.5, timer=FakeTimer(fake_time),
+                      target=FakeTarget(), storage_path=j, save=False, confirm=0, compile_jobs=0, limits=LIM,
+                      registry={"fake_fwd": kd})
+    st, name = search.study_storage(j, res.key)
+    study = optuna.load_study(study_name=name, storage=st)
+    got = [json.loads(t.user_attrs["config"]) for t in study.get_trials(deepcopy=False)
+           if t.user_attrs.get("evaluated")]
+    default = kd.default(SPEC, LIM)
+    nbs = default_neighbours(default, kd.space(SPEC, LIM))
+    valid = [n for n in nbs if kd.check(SPEC, n, LIM) is None]
+    assert {**default, "BLOCK_N": 64} in nbs and {**default, "BLOCK_N": 64} not in valid
+    assert got[0] == default and got[1:5] == valid[:4]
