@@ -6,6 +6,7 @@ within 3% of the grid's best, the median number of trials it needed to get there
 This is how the sampler choice in ``nsa_dsl.tuning.search`` is justified with real landscapes.
 
     python bench/tuning_replay.py bench/results/tuning_grid_h100.json --seeds 20
+    python bench/tuning_replay.py synthetic --samplers tpe --tpe multivariate=false
 """
 
 from __future__ import annotations
@@ -171,16 +172,57 @@ def replay(grid: dict[str, Any], *, samplers: list[str], seeds: int, frac: float
     return out
 
 
+def synthetic_grid() -> dict[str, Any]:
+    """The structured fake landscape of the tuner's tests (``FakeKernelDef`` x ``fake_time``) as a grid."""
+    import itertools
+
+    from nsa_dsl.tuning.testing import FakeKernelDef, fake_time
+
+    kd = FakeKernelDef()
+    space = kd.space(None, None)
+    pts = []
+    for combo in itertools.product(*space.values()):
+        c = dict(zip(space, combo, strict=True))
+        if kd.check(None, c, None) is None:
+            pts.append({"config": c, "ms": fake_time(c)})
+    return {"points": pts, "default": kd.default(None, None), "kernel": "fake", "meta": {"spec": "tiny"}}
+
+
+def _tpe_overrides(text: str) -> dict[str, Any]:
+    """``multivariate=false,n_startup_trials=4`` -> TPESampler keyword arguments."""
+    out: dict[str, Any] = {}
+    for item in filter(None, text.split(",")):
+        k, _, v = item.partition("=")
+        out[k] = {"true": True, "false": False}.get(v.lower(), int(v) if v.lstrip("-").isdigit() else v)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("grid")
+    ap.add_argument("grid", help="a grid JSON from bench_tuning.py, or 'synthetic' (the tests' landscape)")
     ap.add_argument("--seeds", type=int, default=20)
     ap.add_argument("--frac", type=float, default=0.25)
     ap.add_argument("--samplers", default="tpe,random",
                     help="comma-separated; NAME+nbF spends the fraction F of the budget on the default's "
                          "one-parameter neighbours first (e.g. tpe+nb0.33)")
+    ap.add_argument("--tpe", default="", metavar="K=V,...",
+                    help="TPESampler arguments over the tuner's (e.g. multivariate=false,n_startup_trials=4)")
     a = ap.parse_args()
-    grid = json.loads(Path(a.grid).read_text())
+    grid = synthetic_grid() if a.grid == "synthetic" else json.loads(Path(a.grid).read_text())
+    if a.tpe:
+        import optuna
+        from nsa_dsl.tuning import search
+
+        kw = _tpe_overrides(a.tpe)
+        tuner_sampler = search._sampler
+
+        def sampler(name: str, seed: int, n_startup: int) -> Any:
+            if name != "tpe":
+                return tuner_sampler(name, seed, n_startup)
+            args = {"seed": seed, "multivariate": True, "n_startup_trials": n_startup, **kw}
+            return optuna.samplers.TPESampler(**args)
+
+        search._sampler = sampler
     res = replay(grid, samplers=a.samplers.split(","), seeds=a.seeds, frac=a.frac)
     print(json.dumps(res, indent=1))
     return 0
