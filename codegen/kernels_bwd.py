@@ -119,7 +119,8 @@ def _dense_default(branch: str):
     def default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
         if limits.interpreter:
             return {"BLOCK_M": 16, "BLOCK_N": 16, "Q_CHUNK": 0, "num_warps": 4, "num_stages": 1,
-                    "KV_PASSES": 1, "DQ_BLOCK_M": 16, "DQ_BLOCK_N": 16, "dq_warps": 4, "dq_stages": 1}
+                    "KV_PASSES": 1, "DQ_BLOCK_M": 16, "DQ_BLOCK_N": 16, "dq_warps": 4, "dq_stages": 1,
+                    "ORDER": "tiles"}
         wide = _padded(spec.attention.head_dim_qk) + _padded(spec.attention.head_dim_v) > 256
         # All measured on an H200 with bench_backward (sweeps 2026-11-28, --variants 2026-11-29; paper
         # spec unless named). wgmma tiles (64+ rows) beat spill-free 32-row mma.sync tiles despite spills.
@@ -145,7 +146,7 @@ def _dense_default(branch: str):
             kv = {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "KV_PASSES": 1}
         else:
             kv = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "KV_PASSES": 1}
-        return {**kv, "Q_CHUNK": q_chunk, **dq}
+        return {**kv, "Q_CHUNK": q_chunk, **dq, "ORDER": "tiles"}
 
     return default
 

@@ -136,7 +136,8 @@ def _slc_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
     return {"BLOCK_N": bn, "num_warps": 2, "num_stages": 2, "schedule": schedule, **_KV_DEFAULT}
 
 
-_KV_DEFAULT = {"BLOCK_M": 64, "CHUNK": 256, "BLOCK_R": 16, "KV_RESIDENT": True, "TPP": 1, "KV_WARPS": 4}
+_KV_DEFAULT = {"BLOCK_M": 64, "CHUNK": 256, "BLOCK_R": 16, "KV_RESIDENT": True, "TPP": 1, "KV_WARPS": 4,
+               "LAYOUT": "rows"}
 
 
 def _slc_constants(spec: NSASpec, config: Mapping[str, Any]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import nsa_dsl.tuning as tuning
 import pytest
-from nsa_dsl.codegen.plan import DeviceLimits, get_kernel
+from nsa_dsl.codegen.plan import DeviceLimits, all_kernels, get_kernel
 from nsa_dsl.tuning import store
 
 from nsa_dsl import load_spec
@@ -56,3 +56,17 @@ def test_shipped_record_is_usable(fname, key, rec):
     )
     usable = tuning._usable(dict(rec["config"]), kdef, spec, limits, "shipped", rec.get("default_config"))
     assert usable is not None, f"{key}: the current generator rejects the shipped config"
+
+
+@pytest.mark.parametrize("spec_name", ["nsa_paper", "small_group", "fla_compat"])
+def test_gpu_defaults_name_every_parameter_of_their_space(spec_name):
+    """Each kernel's sm90 default sets every parameter its search space lists, so that the tuner's study
+    starts from the default as a point of the space (a parameter that only a template fallback supplies
+    would leave the default out of the study)."""
+    spec = load_spec(spec_name)
+    h200 = DeviceLimits("NVIDIA H200", (9, 0), 132, 227 * 1024)
+    for name, kd in all_kernels().items():
+        if kd.enabled is not None and not kd.enabled(spec):
+            continue
+        missing = sorted(set(kd.space(spec, h200)) - set(kd.default(spec, h200)))
+        assert not missing, f"{name}: default lacks {missing}"
