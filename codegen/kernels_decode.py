@@ -105,7 +105,7 @@ def _decode_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
     return {
         "tokens": [1, 2, 4, 8],
         "BLOCK_N": [16, 32, 64, 128],
-        "BLOCK_S": [b for b in (8, 16, 32, 64, 128) if b >= max(np_, 2) and 16 <= b * rp <= 256],
+        "BLOCK_S": [b for b in (8, 16, 32, 64, 128, 256) if b >= max(np_, 2) and 16 <= b * rp <= 256],
         "BLOCK_K": [b for b in (16, 32, 64, 128) if b <= top_k],
         "BLOCK_W": [16, 32, 64, 128],
         "split_cmp": list(_SPLITS),
