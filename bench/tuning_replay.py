@@ -174,17 +174,12 @@ def replay(grid: dict[str, Any], *, samplers: list[str], seeds: int, frac: float
 
 def synthetic_grid() -> dict[str, Any]:
     """The structured fake landscape of the tuner's tests (``FakeKernelDef`` x ``fake_time``) as a grid."""
-    import itertools
-
+    from nsa_dsl.tuning.space import iter_points
     from nsa_dsl.tuning.testing import FakeKernelDef, fake_time
 
     kd = FakeKernelDef()
-    space = kd.space(None, None)
-    pts = []
-    for combo in itertools.product(*space.values()):
-        c = dict(zip(space, combo, strict=True))
-        if kd.check(None, c, None) is None:
-            pts.append({"config": c, "ms": fake_time(c)})
+    pts = [{"config": c, "ms": fake_time(c)} for c in iter_points(kd.space(None, None))
+           if kd.check(None, c, None) is None]
     return {"points": pts, "default": kd.default(None, None), "kernel": "fake", "meta": {"spec": "tiny"}}
 
 

@@ -132,12 +132,13 @@ def _slc_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
     bn = max(16, min(64, next_pow2(spec.selection.block)))
     schedule = "group" if spec.G >= 8 else "kvouter"
     if limits.interpreter:
-        return {"BLOCK_N": bn, "num_warps": 4, "num_stages": 1, "schedule": schedule, **_KV_DEFAULT}
-    return {"BLOCK_N": bn, "num_warps": 2, "num_stages": 2, "schedule": schedule, **_KV_DEFAULT}
+        return {"BLOCK_N": bn, "num_warps": 4, "num_stages": 1, "schedule": schedule, **_SCHEDULE_DEFAULT}
+    return {"BLOCK_N": bn, "num_warps": 2, "num_stages": 2, "schedule": schedule, **_SCHEDULE_DEFAULT}
 
 
-_KV_DEFAULT = {"BLOCK_M": 64, "CHUNK": 256, "BLOCK_R": 16, "KV_RESIDENT": True, "TPP": 1, "KV_WARPS": 4,
-               "LAYOUT": "rows"}
+#: Schedule-specific parameters (group-centric: TPP, LAYOUT; KV-outer: the rest), set for either schedule
+_SCHEDULE_DEFAULT = {"BLOCK_M": 64, "CHUNK": 256, "BLOCK_R": 16, "KV_RESIDENT": True, "TPP": 1, "KV_WARPS": 4,
+                     "LAYOUT": "rows"}
 
 
 def _slc_constants(spec: NSASpec, config: Mapping[str, Any]) -> dict[str, Any]:

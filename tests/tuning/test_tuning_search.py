@@ -459,8 +459,7 @@ def test_neighbour_seeding_evaluates_valid_neighbours_first(tmp_path):
                       registry={"fake_fwd": kd})
     st, name = search.study_storage(j, res.key)
     study = optuna.load_study(study_name=name, storage=st)
-    got = [json.loads(t.user_attrs["config"]) for t in study.get_trials(deepcopy=False)
-           if t.user_attrs.get("evaluated")]
+    got = [json.loads(t.user_attrs["config"]) for t in search.evaluated_trials(study)]
     default = kd.default(SPEC, LIM)
     nbs = default_neighbours(default, kd.space(SPEC, LIM))
     valid = [n for n in nbs if kd.check(SPEC, n, LIM) is None]
