@@ -601,6 +601,51 @@ def run_e2e(spec_name: str, Ts: list[int], configs: dict[str, dict[str, dict]]) 
     return rows
 
 
+def run_reverse_index_ab(spec_names: list[str], Ts: list[int], rounds: int = 3) -> list[dict]:  # noqa: N803
+    """Forward+backward with the selection reverse index built on a side stream (the op's way, "side") and
+    built inline on the compute stream after the compressed branch (the way before, "serial"), alternating
+    the two ``rounds`` times per shape (median of the rounds' medians), same inputs, same configs."""
+    import contextlib
+
+    import nsa_dsl.codegen.autograd as ag
+
+    side = ag._side_stream
+
+    @contextlib.contextmanager
+    def serial(device, after=None):
+        yield lambda *ts: None
+
+    rows = []
+    try:
+        for sp in spec_names:
+            spec = load_spec(sp)
+            ops = nsa_dsl.compile(spec)
+            for T in Ts:  # noqa: N806
+                xs, do = nsa_inputs(spec, T, grad=True)
+
+                def fwdbwd(ops=ops, xs=xs, do=do):
+                    nsa_attention(*xs, ops).backward(do)
+                    for x in xs:
+                        x.grad = None
+
+                got: dict[str, list[float]] = {"side": [], "serial": []}
+                for _ in range(rounds):
+                    for mode, impl in (("side", side), ("serial", serial)):
+                        ag._side_stream = impl
+                        got[mode].append(timeit(fwdbwd, budget_ms=600))
+                ag._side_stream = side
+                row = {"spec": sp, "T": T, **{f"{m}_ms": statistics.median(v) for m, v in got.items()},
+                       "rounds": got}
+                row["gain"] = row["serial_ms"] / row["side_ms"]
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                del xs, do
+                torch.cuda.empty_cache()
+    finally:
+        ag._side_stream = side
+    return rows
+
+
 #: Selection dQ layouts compared by --slc-layouts (the spec's default first).
 SLC_LAYOUTS = {
     "default": {},
@@ -682,7 +727,19 @@ def main() -> int:
     ap.add_argument("--e2e-compat", action="store_true", help="with --e2e: fla_compat old vs default too")
     ap.add_argument("--slc-layouts", nargs="+", metavar="SPEC",
                     help="compare the selection dQ layouts (SLC_LAYOUTS) on these specs and exit")
+    ap.add_argument("--reverse-index-ab", nargs="+", metavar="SPEC",
+                    help="fwd+bwd, reverse index on a side stream vs inline, on these specs, and exit")
     args = ap.parse_args()
+    if args.reverse_index_ab:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        rows = run_reverse_index_ab(args.reverse_index_ab, args.T)
+        doc = {"meta": common.env_info(), "rows": rows}
+        (out / "bwd_reverse_index_ab.json").write_text(json.dumps(doc, indent=1))
+        for r in rows:
+            print(f"{r['spec']:>10} T={r['T']:>6}: side {r['side_ms']:.2f} ms, "
+                  f"serial {r['serial_ms']:.2f} ms, gain {r['gain']:.3f}x")
+        return 0
     if args.slc_layouts:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -5,8 +5,11 @@
 # cache, so that no run reuses another's compiles; (2) unless GRID=0, the exhaustive slc_topk grid at 8k and
 # the 25%-budget Optuna/random searches on it (bench_tuning.py phases A/B). Logs under $OUT; a short table
 # (workers, exit status, wall seconds, nsa-tune's own total, jobs tuned, trials evaluated, geometric-mean
-# speedup of the tuned configs, GPUs that ran tuning processes, wall-time gain over the 1-worker row) comes last. Keep the sum of the timeouts under the device's per-call limit (600 s): with the grid
-# part, lower T_TUNE or run it with GRID=0.
+# speedup of the tuned configs, GPUs that ran tuning processes, wall-time gain over the 1-worker row) comes last,
+# then each row's "search time by phase" line. A WORKERS entry W:C runs W workers with --compile-jobs C each
+# (e.g. "1 1:16 2": one worker, one worker with 16 compile processes, two workers with the automatic 8 each).
+# Keep the sum of the timeouts under the device's per-call limit (600 s): with the grid part, lower T_TUNE or
+# run it with GRID=0.
 #   GRID=0 bash bench/gpu_tuning_x2.sh                   # the workers comparison only
 #   SPEC=tiny EXTRA=--fake GRID=0 bash bench/gpu_tuning_x2.sh   # a dry run of the script without a GPU
 set -u
@@ -20,16 +23,21 @@ WORKERS=${WORKERS:-1 2}
 EXTRA=${EXTRA:-}
 TABLE="$OUT/tuning_workers.txt"
 : > "$TABLE"
+: > "$OUT/tuning_phases.txt"
 if command -v nvidia-smi > /dev/null; then
   nvidia-smi --query-gpu=index,name,uuid,driver_version --format=csv,noheader | tee "$OUT/tuning_x2_cards.txt"
 fi
 # Warm the OS file cache for the Python packages, so that the first timed run does not pay for cold imports.
 python -c "import torch, triton, optuna, rich, nsa_dsl.tuning.search" 2> /dev/null
-for W in $WORKERS; do
-  export NSA_DSL_CACHE_DIR=/tmp/tune_w$W TRITON_CACHE_DIR=/tmp/triton_w$W
+for ROW in $WORKERS; do
+  W=${ROW%%:*}
+  CJ=
+  [ "$W" != "$ROW" ] && CJ="--compile-jobs ${ROW#*:}"
+  TAG=${ROW/:/c}
+  export NSA_DSL_CACHE_DIR=/tmp/tune_w$TAG TRITON_CACHE_DIR=/tmp/triton_w$TAG
   rm -rf "$NSA_DSL_CACHE_DIR" "$TRITON_CACHE_DIR"
   # Which GPUs run tuning processes (sampled every 2 s): evidence that each worker has its own GPU.
-  APPS="$OUT/tuning_workers${W}_gpu_apps.txt"
+  APPS="$OUT/tuning_workers${TAG}_gpu_apps.txt"
   : > "$APPS"
   if command -v nvidia-smi > /dev/null; then
     (while :; do nvidia-smi --query-compute-apps=gpu_uuid,pid --format=csv,noheader >> "$APPS" 2> /dev/null
@@ -39,9 +47,9 @@ for W in $WORKERS; do
     SAMPLER=
   fi
   t0=$(date +%s.%N)
-  # shellcheck disable=SC2086 # EXTRA is a list of words
+  # shellcheck disable=SC2086 # EXTRA and CJ are lists of words
   timeout "${T_TUNE:-240}" nsa-tune "$SPEC" --seq-lens "$SEQ_LENS" --kernels "$KERNELS" --trials "$TRIALS" \
-    --workers "$W" $EXTRA > "$OUT/tuning_workers$W.log" 2>&1
+    --workers "$W" $CJ $EXTRA > "$OUT/tuning_workers$TAG.log" 2>&1
   rc=$?
   t1=$(date +%s.%N)
   [ -n "$SAMPLER" ] && kill "$SAMPLER" 2> /dev/null && wait "$SAMPLER" 2> /dev/null
@@ -55,9 +63,9 @@ used = {l.split(",")[0].strip() for l in open(sys.argv[2]) if "," in l}
 print(",".join(sorted(idx.get(u, "?") for u in used)) or "-")
 EOF
   )
-  total=$(grep -o "total [0-9.]* s" "$OUT/tuning_workers$W.log" | tail -1 | awk '{print $2}')
+  total=$(grep -o "total [0-9.]* s" "$OUT/tuning_workers$TAG.log" | tail -1 | awk '{print $2}')
   # jobs tuned, trials evaluated over them (the same budget in every row), geometric-mean speedup
-  read -r tuned trials gm < <(python3 - "$OUT/tuning_workers$W.log" << 'EOF'
+  read -r tuned trials gm < <(python3 - "$OUT/tuning_workers$TAG.log" << 'EOF'
 import re, sys
 text = open(sys.argv[1], encoding="utf-8", errors="replace").read()
 rows = [[c.strip() for c in l.split("│")] for l in text.splitlines() if re.search(r"│ tuned +│", l)]
@@ -66,9 +74,10 @@ print(len(rows), sum(int(r[6]) for r in rows if r[6].isdigit()), gm[-1] if gm el
 EOF
   )
   wall=$(python3 -c "print(round($t1-$t0,1))")
-  echo "$W $rc $wall ${total:--} ${tuned:-0} ${trials:-0} ${gm:--} ${gpus:--}" >> "$TABLE"
-  echo "== workers $W: rc=$rc wall_s=$wall"
-  tail -25 "$OUT/tuning_workers$W.log"
+  echo "$ROW $rc $wall ${total:--} ${tuned:-0} ${trials:-0} ${gm:--} ${gpus:--}" >> "$TABLE"
+  echo "$ROW: $(grep "search time by phase" "$OUT/tuning_workers$TAG.log" | tail -1)" >> "$OUT/tuning_phases.txt"
+  echo "== workers $ROW: rc=$rc wall_s=$wall"
+  tail -25 "$OUT/tuning_workers$TAG.log"
 done
 unset TRITON_CACHE_DIR
 export NSA_DSL_CACHE_DIR=/tmp/tune_grid
@@ -88,3 +97,4 @@ for w, rc, wall, total, tuned, trials, gm, gpus in rows:
     gain = f"{base / float(wall):.2f}x" if base and float(wall) > 0 else "-"
     print(f"{w:>7} {rc:>3} {wall:>8} {total:>10} {tuned:>10} {trials:>6} {gm:>10} {gpus:>9} {gain:>6}")
 EOF
+cat "$OUT/tuning_phases.txt"

@@ -284,11 +284,30 @@ def _run_tune(args: argparse.Namespace) -> int:
     if sp:
         gm = math.exp(sum(math.log(x) for x in sp) / len(sp))
         console.print(f"geometric-mean speedup over defaults: {gm:.3f}x; total {time.monotonic() - t0:.1f} s")
+    ph = _phase_totals(results)
+    if ph:
+        # where the searches' time went: compilation is CPU work (--compile-jobs), gate and timing GPU work
+        # (--workers); trial phases are summed over workers
+        parts = ", ".join(f"{k} {v:.1f} s" for k, v in ph.items())
+        console.print(f"search time by phase: {parts} (summed over workers)")
     if failures:
         for f in failures[1:]:
             print(f"nsa-tune: failed: {f}", file=sys.stderr)
         raise CliError(f"{len(failures)} job(s) failed; first: {failures[0]}")
     return 0
+
+
+def _phase_totals(results: list[Any]) -> dict[str, float]:
+    """Seconds per search phase (``PHASES``) summed over the results that were tuned now (not cache hits)."""
+    from .search import PHASES
+
+    out: dict[str, float] = {}
+    for r in results:
+        if not r.from_cache:
+            for k in PHASES:
+                if k in r.phase_seconds:
+                    out[k] = out.get(k, 0.0) + float(r.phase_seconds[k])
+    return out
 
 
 def _run_io(cmd: str, argv: list[str]) -> int:

@@ -105,6 +105,8 @@ class TuneResult:
     seconds: float = 0.0
     from_cache: bool = False
     fields: dict[str, Any] = field(default_factory=dict)
+    #: wall seconds per phase of this search (``PHASES``; trial phases summed over workers)
+    phase_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def speedup(self) -> float | None:
@@ -126,6 +128,7 @@ class TuneResult:
             "rejected": self.rejected,
             "grid": self.grid,
             "tuning_seconds": round(self.seconds, 3),
+            "phase_seconds": self.phase_seconds,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "nsa_dsl": __version__,
         }
@@ -223,26 +226,53 @@ class _Ctx:
     timer: Callable[[Candidate], float]
 
 
-def _evaluate(ctx: _Ctx, cfg: dict[str, Any]) -> float:
-    """Compile, gate, time one config; raises on failure (message says which step)."""
+def _evaluate(ctx: _Ctx, cfg: dict[str, Any], phases: dict[str, float] | None = None) -> float:
+    """Compile, gate, time one config; raises on failure (message says which step). ``phases`` (optional)
+    receives the wall seconds of each step: ``build`` (compile or load), ``gate`` and ``timing``."""
+    clock = _PhaseClock(phases)
     try:
-        built = ctx.target.build(cfg)
+        with clock("build"):
+            built = ctx.target.build(cfg)
     except Exception as e:
         raise _TrialFailed(f"compile: {type(e).__name__}: {_first_line(e)}") from e
     try:
-        why = ctx.target.gate(built, cfg)
+        with clock("gate"):
+            why = ctx.target.gate(built, cfg)
     except Exception as e:
         raise _TrialFailed(f"run: {type(e).__name__}: {_first_line(e)}") from e
     if why:
         raise CandidateRejected(f"gate: {why}")
     cand = ctx.target.candidate(built, cfg)
     try:
-        ms = float(ctx.timer(cand))
+        with clock("timing"):
+            ms = float(ctx.timer(cand))
     except Exception as e:
         raise _TrialFailed(f"timing: {type(e).__name__}: {_first_line(e)}") from e
     if not ms == ms or ms <= 0:  # NaN or nonsense
         raise _TrialFailed(f"timing: invalid time {ms!r}")
     return ms
+
+
+class _PhaseClock:
+    """``with clock(name):`` adds the block's wall seconds to ``phases[name]`` (no-op for ``phases`` None)."""
+
+    def __init__(self, phases: dict[str, float] | None) -> None:
+        self.phases = phases
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            if self.phases is not None:
+                self.phases[name] = self.phases.get(name, 0.0) + time.monotonic() - t0
+
+
+#: The phases of a search whose wall seconds ``TuneResult.phase_seconds`` sums (trial phases over all
+#: workers, then the confirmation): where tuning time goes, e.g. whether more GPUs (``--workers``) or more
+#: compile processes would shorten it.
+PHASES = ("precompile", "build", "gate", "timing", "confirm")
 
 
 def _first_line(e: BaseException) -> str:
@@ -352,22 +382,27 @@ def _propose(study: Any, ctx: _Ctx) -> tuple[Any, dict[str, Any] | None]:
     return trial, cfg
 
 
-def _finish(study: Any, ctx: _Ctx, trial: Any, cfg: dict[str, Any]) -> None:
+def _finish(study: Any, ctx: _Ctx, trial: Any, cfg: dict[str, Any], precompile_s: float = 0.0) -> None:
     """Evaluate one proposed config and tell the study. ``evaluated`` is set only once the outcome is known:
-    an interrupted trial (Ctrl-C, killed worker) stays RUNNING, does not count, and is tried again later."""
+    an interrupted trial (Ctrl-C, killed worker) stays RUNNING, does not count, and is tried again later.
+    The trial keeps its phases' wall seconds (user attribute ``phases``; ``precompile_s``: its share of the
+    parallel precompilation of its batch)."""
     import optuna
 
     c = canonical(cfg)
     trial.set_user_attr("worker", os.getpid())
+    phases: dict[str, float] = {"precompile": precompile_s} if precompile_s else {}
     try:
-        ms = _evaluate(ctx, cfg)
+        ms = _evaluate(ctx, cfg, phases)
     except CandidateRejected as e:
+        trial.set_user_attr("phases", _rounded(phases))
         trial.set_user_attr("rejected", str(e))
         trial.set_user_attr("evaluated", True)
         log.info("candidate %s rejected: %s", c, e)
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
         return
     except _TrialFailed as e:
+        trial.set_user_attr("phases", _rounded(phases))
         trial.set_user_attr("error", str(e))
         trial.set_user_attr("evaluated", True)
         log.info("candidate %s failed: %s", c, e)
@@ -379,8 +414,13 @@ def _finish(study: Any, ctx: _Ctx, trial: Any, cfg: dict[str, Any]) -> None:
                 "stopped (it is recorded as failed: a rerun resumes without it)"
             ) from e
         return
+    trial.set_user_attr("phases", _rounded(phases))
     trial.set_user_attr("evaluated", True)
     study.tell(trial, ms)
+
+
+def _rounded(phases: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 4) for k, v in phases.items()}
 
 
 def run_search(
@@ -393,12 +433,15 @@ def run_search(
     progress: Callable[[int, int | None], None] | None = None,
     max_attempts: int | None = None,
     precompile: Any = None,
+    share: int = 1,
 ) -> None:
     """Run trials until the study holds ``trials`` evaluated candidates (counted study-wide, so several
     workers share one budget), the time budget is spent, or every valid point has been evaluated.
 
     ``precompile`` (a ``Precompiler``): proposals are taken in batches of its size and compiled in parallel
-    processes (Triton's on-disk cache) before they are evaluated one by one here."""
+    processes (Triton's on-disk cache) before they are evaluated one by one here. ``share``: the number of
+    workers searching the study at once; a batch takes at most 1/share of the trials still to run, so that
+    the first worker to ask does not take most of them while the others wait."""
     t0 = time.monotonic()
     target = min(trials, n_valid) if trials is not None else n_valid
     attempts = 0
@@ -422,7 +465,7 @@ def run_search(
             if done + busy >= target:
                 time.sleep(0.05)
                 continue
-            want = min(batch, target - done - busy)
+            want = min(batch, target - done - busy, -(-(target - done) // max(1, share)))
             todo: list[tuple[Any, dict[str, Any]]] = []
             seen: set[str] = set()
             while len(todo) < want and attempts < cap:
@@ -439,10 +482,13 @@ def run_search(
                     continue
                 seen.add(c)
                 todo.append((trial, cfg))
+            each = 0.0
             if precompile is not None and len(todo) > 1:
+                t1 = time.monotonic()
                 precompile.warm([cfg for _, cfg in todo])
+                each = (time.monotonic() - t1) / len(todo)
             for trial, cfg in todo:
-                _finish(study, ctx, trial, cfg)
+                _finish(study, ctx, trial, cfg, precompile_s=each)
                 if progress:
                     progress(len(evaluated_trials(study)), target if trials is not None else None)
 
@@ -560,13 +606,16 @@ def canonical_spec(spec: Any) -> str:
     return canonical(spec.to_dict())
 
 
-def auto_compile_jobs() -> int:
-    """Parallel compile processes: 0 on CPU / the interpreter (nothing to compile), else min(8, cores/2)."""
+def auto_compile_jobs(workers: int = 1) -> int:
+    """Parallel compile processes of each of ``workers`` search processes: 0 on CPU / the interpreter
+    (nothing to compile), else min(8, cores / (2 * workers)). Each worker gets its own share of half the
+    cores, up to 8, so that with ``--workers`` the host's compile throughput grows with the GPUs where cores
+    allow (a search is mostly compilation: ``TuneResult.phase_seconds``)."""
     import torch
 
     if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available():
         return 0
-    return max(0, min(8, (os.cpu_count() or 2) // 2))
+    return max(0, min(8, (os.cpu_count() or 2) // (2 * max(1, workers))))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -595,6 +644,18 @@ def _study_times(study: Any) -> dict[str, float]:
             c = t.user_attrs["config"]
             out[c] = min(out.get(c, float("inf")), float(t.value))
     return out
+
+
+def _study_phases(study: Any) -> dict[str, float]:
+    """Wall seconds per trial phase (``PHASES`` but ``confirm``), summed over the study's evaluated trials
+    (all workers': with N workers the sum can exceed the search's wall time)."""
+    out = {k: 0.0 for k in PHASES if k != "confirm"}
+    for t in study.get_trials(deepcopy=False):
+        if t.user_attrs.get("evaluated"):
+            for k, v in (t.user_attrs.get("phases") or {}).items():
+                if k in out:
+                    out[k] += float(v)
+    return {k: round(v, 3) for k, v in out.items()}
 
 
 def _study_counts(study: Any) -> dict[str, int]:
@@ -701,7 +762,7 @@ def tune_kernel(
     worker 0 re-times the best candidates on its GPU and this process chooses; workers build their targets
     with ``target_factory`` (a ``target`` object stays in this process and is not used by them).
     ``compile_jobs``: processes that compile each batch of candidates in parallel before they are timed
-    (None = ``auto_compile_jobs()``, split between the workers; 0 or 1 = compile in the search process).
+    (None = ``auto_compile_jobs(workers)`` per worker; 0 or 1 = compile in the search process).
     ``neighbours``: the fraction of ``trials`` spent first on the default's valid one-parameter neighbours
     (``space.default_neighbours``, nearest first), before the sampler proposes; 0 = none.
     """
@@ -815,7 +876,8 @@ def tune_kernel(
             key=key,
             n_startup=n_startup,
             n_valid=n_valid,
-            compile_jobs=(auto_compile_jobs() // n) if compile_jobs is None else int(compile_jobs),
+            compile_jobs=auto_compile_jobs(n) if compile_jobs is None else int(compile_jobs),
+            share=n,
         )
         goal = min(trials, n_valid) if trials is not None else None
 
@@ -829,7 +891,9 @@ def tune_kernel(
         with contextlib.ExitStack() as stack:
             p = pool if pool is not None else stack.enter_context(WorkerPool(workers))
             p.run_job(job, progress=poll)
+            t_confirm = time.monotonic()
             times, default_ms = p.run_job(check, ranks=[0])[0]
+            t_confirm = time.monotonic() - t_confirm
     else:
         timer = timer or default_timer()
         ctx = _Ctx(kdef=kdef, spec=spec, limits=limits, space=space, target=target, timer=timer)
@@ -844,7 +908,9 @@ def tune_kernel(
             progress=progress,
             precompile=pre,
         )
+        t_confirm = time.monotonic()
         times, default_ms = _confirm(study, ctx, default_cfg, kernel=kernel, confirm=confirm, tie_tol=tie_tol)
+        t_confirm = time.monotonic() - t_confirm
     if not times:
         errs = [
             t.user_attrs.get("error") or t.user_attrs.get("rejected")
@@ -855,6 +921,8 @@ def tune_kernel(
     dc = canonical(default_cfg)
     win = choose(times, default=dc if dc in times else None, tie_tol=tie_tol)
     counts = _study_counts(study)
+    phases = _study_phases(study)
+    phases["confirm"] = round(t_confirm, 3)
     res = TuneResult(
         kernel=kernel,
         T=T,
@@ -867,6 +935,7 @@ def tune_kernel(
         grid=n_valid,
         seconds=time.monotonic() - t_start,
         fields=fields,
+        phase_seconds=phases,
         **counts,
     )
     if save:
@@ -989,6 +1058,7 @@ def _search_job(job: dict[str, Any], rank: int, cache: dict[str, Any]) -> None:
         budget_seconds=job["budget_seconds"],
         n_valid=job["n_valid"],
         precompile=pre,
+        share=int(job.get("share") or 1),
     )
 
 

@@ -465,3 +465,51 @@ def test_neighbour_seeding_evaluates_valid_neighbours_first(tmp_path):
     valid = [n for n in nbs if kd.check(SPEC, n, LIM) is None]
     assert {**default, "BLOCK_N": 64} in nbs and {**default, "BLOCK_N": 64} not in valid
     assert got[0] == default and got[1:5] == valid[:4]
+
+
+class _RecordingPrecompiler:
+    """Stands in for ``search.Precompiler``: records the size of every batch it is asked to compile."""
+
+    def __init__(self, jobs: int) -> None:
+        self.jobs, self.batches = jobs, []
+
+    def warm(self, configs):
+        self.batches.append(len(configs))
+        return [None] * len(configs)
+
+
+@pytest.mark.parametrize("share, expected", [(1, [8, 4]), (2, [6, 3, 2]), (3, [4, 3, 2])])
+def test_batches_leave_the_other_workers_their_share(share, expected):
+    """A worker takes at most 1/share of the trials still to run per batch, so that with N workers the
+    first one to ask cannot take most of the budget (8 of 12) while the others idle (a batch of one is
+    evaluated without the precompiler, hence not recorded)."""
+    storage = optuna.storages.InMemoryStorage()
+    study = search.open_study(storage, "share", seed=0)
+    kd = FakeKernelDef()
+    space = kd.space(SPEC, LIM)
+    ctx = search._Ctx(kd, SPEC, LIM, space, FakeTarget(), FakeTimer(fake_time))
+    pre = _RecordingPrecompiler(8)
+    search.run_search(study, ctx, trials=12, budget_seconds=None, n_valid=198, precompile=pre, share=share)
+    assert len(search.evaluated_trials(study)) == 12
+    assert pre.batches == expected
+
+
+def test_phase_seconds_say_where_the_search_time_went():
+    """Each evaluated trial keeps its build / gate / timing seconds; the result sums them (plus the
+    confirmation) and the cache record carries them."""
+    import time
+
+    class SlowTimer(FakeTimer):
+        def __call__(self, cand):
+            time.sleep(0.02)
+            return super().__call__(cand)
+
+    timer = SlowTimer(fake_time)
+    res = tune_kernel(SPEC, "fake_fwd", T=1000, trials=6, timer=timer, target=FakeTarget(), **KW)
+    ph = res.phase_seconds
+    assert set(ph) == set(search.PHASES)
+    assert all(v >= 0 for v in ph.values())
+    evaluated_ok = res.trials - res.failed - res.rejected
+    assert ph["timing"] >= 0.02 * evaluated_ok > 0  # every timed trial slept in the timer
+    assert ph["confirm"] >= 0.02  # the confirmation re-times at least the best candidate
+    assert res.to_record()["phase_seconds"] == ph
