@@ -120,9 +120,13 @@ def replay(grid: dict[str, Any], *, samplers: list[str], seeds: int, frac: float
         "default_ms": table.get(canonical(default)),
     }
     for label in samplers:
-        # "tpe+nb0.33": TPE after a third of the budget spent on the default's one-parameter neighbours
-        sampler, _, nb = label.partition("+nb")
-        nb_frac = float(nb) if nb else 0.0
+        # "tpe+nb0.33": TPE after a third of the budget spent on the default's one-parameter neighbours;
+        # "tpe+ls0.25": the last quarter of the budget on the best point's one-parameter neighbours
+        sampler, *mods = label.split("+")
+        opts = {m[:2]: float(m[2:]) for m in mods}
+        if set(opts) - {"nb", "ls"}:
+            raise SystemExit(f"--samplers: unknown modifier in {label!r} (NAME+nbF, NAME+lsF)")
+        nb_frac, ls_frac = opts.get("nb", 0.0), opts.get("ls", 0.0)
         to3, final, hit = [], [], 0
         for seed in range(seeds):
             with tempfile.TemporaryDirectory() as d:
@@ -141,6 +145,7 @@ def replay(grid: dict[str, Any], *, samplers: list[str], seeds: int, frac: float
                     registry={"replay": kd},
                     storage_path=j,
                     neighbours=nb_frac,
+                    local=ls_frac,
                     save=False,
                     confirm=0,
                     compile_jobs=0,
@@ -199,7 +204,8 @@ def main() -> int:
     ap.add_argument("--frac", type=float, default=0.25)
     ap.add_argument("--samplers", default="tpe,random",
                     help="comma-separated; NAME+nbF spends the fraction F of the budget on the default's "
-                         "one-parameter neighbours first (e.g. tpe+nb0.33)")
+                         "one-parameter neighbours first (e.g. tpe+nb0.33), NAME+lsF the last fraction F "
+                         "on the best point's (e.g. tpe+ls0.25)")
     ap.add_argument("--tpe", default="", metavar="K=V,...",
                     help="TPESampler arguments over the tuner's (e.g. multivariate=false,n_startup_trials=4)")
     a = ap.parse_args()

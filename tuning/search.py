@@ -43,6 +43,7 @@ from typing import Any
 from ._compat import detect_limits, get_kernel_def, tuning_dir
 from .keys import canonical, key_fields, record_key
 from .space import default_neighbours, full_config, grid_size, valid_points, why_invalid
+from .space import neighbours as _neighbours
 from .timing import Candidate, default_timer
 
 __all__ = [
@@ -66,6 +67,13 @@ DEFAULT_TIE_TOL = 0.02
 #: Share of a trial budget spent on the default's one-parameter neighbours before the sampler (see
 #: ``tune_kernel``); the value is the one chosen with ``bench/tuning_replay.py`` (bench/RESULTS.md).
 NEIGHBOUR_FRACTION = 0.0
+#: Share of a trial budget spent last on the best point's one-parameter neighbours (a local search around
+#: the incumbent, nearest first, see ``tune_kernel``); chosen with ``bench/tuning_replay.py``
+#: (bench/RESULTS.md).
+LOCAL_FRACTION = 0.6
+#: Parameters the local phase moves at once (1 or 2): two escapes the local optima where the better point
+#: differs in two coupled parameters (num_warps and num_stages on the measured slc_topk grid).
+LOCAL_MAX_PARAMS = 2
 #: Grids up to this many points are listed and pruned up front (exhaustive search possible); larger ones
 #: are pruned point by point as the sampler proposes them.
 MAX_ENUMERATE = 20000
@@ -382,6 +390,33 @@ def _propose(study: Any, ctx: _Ctx) -> tuple[Any, dict[str, Any] | None]:
     return trial, cfg
 
 
+def _enqueue_local(study: Any, ctx: _Ctx, n: int) -> None:
+    """Queue up to ``n`` valid one-parameter neighbours of the study's best point (nearest first) that no
+    trial holds yet, so that the next ``study.ask()`` calls return them (``run_search``'s local phase)."""
+    import optuna
+
+    done = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+    if not done:
+        return
+    best = min(done, key=lambda t: (t.value, t.number))
+    taken = {t.user_attrs.get("config") for t in study.get_trials(deepcopy=False)}
+    waiting = {
+        canonical(full_config(ctx.kdef, ctx.spec, t.params, ctx.limits))
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+    }
+    for nb in _neighbours(dict(best.params), ctx.space, max_params=LOCAL_MAX_PARAMS):
+        if n <= 0:
+            break
+        c = canonical(full_config(ctx.kdef, ctx.spec, nb, ctx.limits))
+        if c in taken or c in waiting:
+            continue
+        if why_invalid(ctx.kdef, ctx.spec, full_config(ctx.kdef, ctx.spec, nb, ctx.limits), ctx.limits):
+            continue
+        study.enqueue_trial(nb)
+        waiting.add(c)
+        n -= 1
+
+
 def _finish(study: Any, ctx: _Ctx, trial: Any, cfg: dict[str, Any], precompile_s: float = 0.0) -> None:
     """Evaluate one proposed config and tell the study. ``evaluated`` is set only once the outcome is known:
     an interrupted trial (Ctrl-C, killed worker) stays RUNNING, does not count, and is tried again later.
@@ -434,6 +469,7 @@ def run_search(
     max_attempts: int | None = None,
     precompile: Any = None,
     share: int = 1,
+    local: float = 0.0,
 ) -> None:
     """Run trials until the study holds ``trials`` evaluated candidates (counted study-wide, so several
     workers share one budget), the time budget is spent, or every valid point has been evaluated.
@@ -441,7 +477,9 @@ def run_search(
     ``precompile`` (a ``Precompiler``): proposals are taken in batches of its size and compiled in parallel
     processes (Triton's on-disk cache) before they are evaluated one by one here. ``share``: the number of
     workers searching the study at once; a batch takes at most 1/share of the trials still to run, so that
-    the first worker to ask does not take most of them while the others wait."""
+    the first worker to ask does not take most of them while the others wait. ``local``: the last fraction of
+    a ``trials`` budget goes to the one-parameter neighbours of the best point so far (nearest first, each
+    once), instead of the sampler's proposals; the sampler takes over when they are exhausted."""
     t0 = time.monotonic()
     target = min(trials, n_valid) if trials is not None else n_valid
     attempts = 0
@@ -466,6 +504,8 @@ def run_search(
                 time.sleep(0.05)
                 continue
             want = min(batch, target - done - busy, -(-(target - done) // max(1, share)))
+            if trials is not None and local > 0 and done >= target - round(local * target):
+                _enqueue_local(study, ctx, want)
             todo: list[tuple[Any, dict[str, Any]]] = []
             seen: set[str] = set()
             while len(todo) < want and attempts < cap:
@@ -749,6 +789,7 @@ def tune_kernel(
     progress: Callable[[int, int | None], None] | None = None,
     pool: WorkerPool | None = None,
     neighbours: float = NEIGHBOUR_FRACTION,
+    local: float = LOCAL_FRACTION,
 ) -> TuneResult:
     """Tune ``kernel`` of ``spec`` for shape (T, B) and store the record in the user cache.
 
@@ -764,7 +805,9 @@ def tune_kernel(
     ``compile_jobs``: processes that compile each batch of candidates in parallel before they are timed
     (None = ``auto_compile_jobs(workers)`` per worker; 0 or 1 = compile in the search process).
     ``neighbours``: the fraction of ``trials`` spent first on the default's valid one-parameter neighbours
-    (``space.default_neighbours``, nearest first), before the sampler proposes; 0 = none.
+    (``space.default_neighbours``, nearest first), before the sampler proposes; 0 = none. ``local``: the
+    fraction of ``trials`` spent last on the one-parameter neighbours of the best point found so far (a local
+    search around the incumbent); 0 = none.
     """
     from . import _memory_put
     from .store import user_store
@@ -878,6 +921,7 @@ def tune_kernel(
             n_valid=n_valid,
             compile_jobs=auto_compile_jobs(n) if compile_jobs is None else int(compile_jobs),
             share=n,
+            local=local,
         )
         goal = min(trials, n_valid) if trials is not None else None
 
@@ -907,6 +951,7 @@ def tune_kernel(
             n_valid=n_valid,
             progress=progress,
             precompile=pre,
+            local=local,
         )
         t_confirm = time.monotonic()
         times, default_ms = _confirm(study, ctx, default_cfg, kernel=kernel, confirm=confirm, tie_tol=tie_tol)
@@ -1059,6 +1104,7 @@ def _search_job(job: dict[str, Any], rank: int, cache: dict[str, Any]) -> None:
         n_valid=job["n_valid"],
         precompile=pre,
         share=int(job.get("share") or 1),
+        local=float(job.get("local") or 0.0),
     )
 
 

@@ -109,17 +109,36 @@ def default_neighbours(default: dict[str, Any], space: dict[str, list[Any]]) -> 
     down and up its declared choice list, then two steps, and so on (parameters in declared order). A
     parameter whose default value is not among its choices contributes every choice at distance 1. Validity
     is not checked here."""
-    base = {p: default.get(p) for p in space}
-    moves: list[tuple[int, int, dict[str, Any]]] = []
-    for i, (p, choices) in enumerate(space.items()):
+    return neighbours(default, space, max_params=1)
+
+
+def neighbours(
+    point: dict[str, Any], space: dict[str, list[Any]], max_params: int = 1
+) -> list[dict[str, Any]]:
+    """Points that differ from ``point`` in 1..``max_params`` (1 or 2) parameters, nearest first: ordered by
+    the summed number of steps along the parameters' declared choice lists, then by the number of parameters
+    moved, then by parameter order (below before above at equal distance). A parameter whose value is not
+    among its choices contributes every choice at distance 1. Validity is not checked here."""
+    if max_params not in (1, 2):
+        raise ValueError(f"max_params: must be 1 or 2, got {max_params}")
+    base = {p: point.get(p) for p in space}
+    per: list[list[tuple[int, Any]]] = []  # per parameter: (steps, value) of every other choice
+    for p, choices in space.items():
         at = choices.index(base[p]) if base[p] in choices else None
-        for j, v in enumerate(choices):
-            if j == at:
-                continue
-            dist = 1 if at is None else abs(j - at)
-            moves.append((dist, i, {**base, p: v}))
-    moves.sort(key=lambda m: (m[0], m[1]))  # stable: below before above at equal distance
-    return [m[2] for m in moves]
+        per.append([(1 if at is None else abs(j - at), v) for j, v in enumerate(choices) if j != at])
+    names = list(space)
+    moves: list[tuple[int, int, int, int, dict[str, Any]]] = []
+    for i, mi in enumerate(per):
+        for d, v in mi:
+            moves.append((d, 1, i, -1, {**base, names[i]: v}))
+    if max_params == 2:
+        for i in range(len(per)):
+            for j in range(i + 1, len(per)):
+                for di, vi in per[i]:
+                    for dj, vj in per[j]:
+                        moves.append((di + dj, 2, i, j, {**base, names[i]: vi, names[j]: vj}))
+    moves.sort(key=lambda m: m[:4])  # stable: below before above at equal keys
+    return [m[4] for m in moves]
 
 
 def grid_size(space: dict[str, list[Any]]) -> int:

@@ -513,3 +513,43 @@ def test_phase_seconds_say_where_the_search_time_went():
     assert ph["timing"] >= 0.02 * evaluated_ok > 0  # every timed trial slept in the timer
     assert ph["confirm"] >= 0.02  # the confirmation re-times at least the best candidate
     assert res.to_record()["phase_seconds"] == ph
+
+
+def test_two_parameter_neighbours_by_distance():
+    """``neighbours(max_params=2)``: one- and two-parameter moves ordered by summed steps, then by the number
+    of parameters moved, then by parameter order."""
+    from nsa_dsl.tuning.space import neighbours
+
+    space = {"a": [1, 2, 3, 4], "b": ["x", "y"], "c": [7]}
+    p = {"a": 2, "b": "x", "c": 7}
+    assert neighbours(p, space, max_params=2) == [
+        {"a": 1, "b": "x", "c": 7}, {"a": 3, "b": "x", "c": 7}, {"a": 2, "b": "y", "c": 7},  # 1 step
+        {"a": 4, "b": "x", "c": 7},  # 2 steps, one parameter
+        {"a": 1, "b": "y", "c": 7}, {"a": 3, "b": "y", "c": 7},  # 2 steps, two parameters
+        {"a": 4, "b": "y", "c": 7},  # 3 steps
+    ]
+    assert neighbours(p, space) == neighbours(p, space, max_params=1)
+    with pytest.raises(ValueError, match="max_params"):
+        neighbours(p, space, max_params=3)
+
+
+def test_local_phase_walks_the_incumbents_neighbours(tmp_path):
+    """``local``: the last share of the budget goes to valid one- or two-parameter moves from the best point
+    found so far (here all of it: after the default, every trial is such a move of the incumbent at its
+    time), and the walk ends no worse than where it started."""
+    journal = tmp_path / "local.journal"
+    res = tune_kernel(SPEC, "fake_fwd", T=1000, trials=20, timer=FakeTimer(fake_time), target=FakeTarget(),
+                      storage_path=journal, local=1.0, confirm=0, **KW)
+    storage, name = search.study_storage(journal, res.key)
+    ev = sorted(search.evaluated_trials(optuna.load_study(study_name=name, storage=storage)),
+                key=lambda t: t.number)
+    assert len(ev) == 20 and ev[0].params == {p: res.default_config[p] for p in ev[0].params}
+    best = None
+    for t in ev:
+        if best is not None:
+            moved = [p for p in t.params if t.params[p] != best.params[p]]
+            assert 1 <= len(moved) <= 2, (t.params, best.params)
+        if t.state == optuna.trial.TrialState.COMPLETE and (best is None or t.value < best.value):
+            best = t
+    assert best.value < ev[0].value  # the fake landscape's default is not a local optimum
+    assert res.time_ms == pytest.approx(best.value)
