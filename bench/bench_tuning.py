@@ -248,12 +248,16 @@ def main() -> int:
     g = res["grid"]
     if g and g["complete"] and g["best_ms"]:
         budget = max(1, math.ceil(0.25 * g["valid_points"]))
-        for sampler in ("tpe", "random"):
+        # the tuner's search (TPE then the local phase) for three seeds, TPE alone and random search for one
+        runs = [("tpe", search.LOCAL_FRACTION, sd) for sd in (0, 1, 2)]
+        runs += [("tpe", 0.0, 0), ("random", 0.0, 0)]
+        for sampler, local, seed in runs:
+            label = f"{sampler}+ls{local:g} seed {seed}" if local else f"{sampler} seed {seed}"
             if left() < 8:
-                res["skipped"].append(f"search {sampler}: out of time")
+                res["skipped"].append(f"search {label}: out of time")
                 continue
             t0 = time.monotonic()
-            journal = cache_root / f"search_{sampler}.journal"
+            journal = cache_root / f"search_{sampler}_{local:g}_{seed}.journal"
             r = tune_kernel(
                 spec,
                 gk,
@@ -268,7 +272,8 @@ def main() -> int:
                 confirm=0,
                 storage_path=journal,
                 sampler=sampler,
-                seed=0,
+                seed=seed,
+                local=local,
             )
             st, name = search.study_storage(journal, r.key)
             import optuna
@@ -290,7 +295,7 @@ def main() -> int:
                 if first3 is None and best <= g["best_ms"] * 1.03:
                     first3 = n
             row = {
-                "sampler": sampler,
+                "sampler": label,
                 "budget": budget,
                 "found_ms": r.time_ms,
                 "found_grid_ms": best,
