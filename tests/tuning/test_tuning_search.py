@@ -553,3 +553,17 @@ def test_local_phase_walks_the_incumbents_neighbours(tmp_path):
             best = t
     assert best.value < ev[0].value  # the fake landscape's default is not a local optimum
     assert res.time_ms == pytest.approx(best.value)
+
+
+def test_each_worker_gets_its_own_compile_pool(monkeypatch):
+    """min(8, cores / (2 * workers)) compile processes per worker: with a second GPU on a 32-core host the
+    host compiles twice as many candidates at once (the 2-GPU run before this rule split one pool of 8)."""
+    import torch
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for cores, workers, each in ((32, 1, 8), (32, 2, 8), (32, 4, 4), (16, 2, 4), (64, 2, 8), (2, 2, 0)):
+        monkeypatch.setattr(search.os, "cpu_count", lambda c=cores: c)
+        assert search.auto_compile_jobs(workers) == each, (cores, workers)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert search.auto_compile_jobs(1) == 0  # nothing to compile in the interpreter
