@@ -264,9 +264,10 @@ def _side_stream(device: torch.device, after: Any = None) -> Iterator[Callable[.
     of ``dev`` that starts once ``event`` (recorded on the current stream; None: all the work queued so far)
     has passed, concurrently with what the current stream runs after it; at the end the current stream waits
     for the block's work. The block passes the tensors it made to ``join`` (allocated on the side stream,
-    used on the current one: ``record_stream`` keeps the allocator from reusing them early). Off CUDA: runs
-    inline."""
-    if device.type != "cuda":
+    used on the current one: ``record_stream`` keeps the allocator from reusing them early). Off CUDA, and
+    while the current stream is being captured into a CUDA graph, it runs inline (allocations on a side stream
+    break the capture of torch.compile's CUDA-graph trees, pytorch/pytorch#151199)."""
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         yield lambda *ts: None
         return
     main = torch.cuda.current_stream(device)
