@@ -66,6 +66,16 @@ def _positive(name: str, cast: Any) -> Any:
     return f
 
 
+def _fraction(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to 1, got {s!r}") from None
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 1, got {s!r}")
+    return v
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2
         raise CliError(message)
@@ -97,7 +107,15 @@ def _tune_parser() -> argparse.ArgumentParser:
         "--compile-jobs",
         type=int,
         default=None,
-        help="processes compiling candidates in parallel (default: min(8, cores/2) on a GPU)",
+        help="processes compiling candidates in parallel, per worker (default on a GPU: min(8, cores / "
+        "(2 x workers)))",
+    )
+    p.add_argument(
+        "--local-fraction",
+        type=_fraction,
+        default=None,
+        help="share of each job's trials spent last on the best point's one- and two-parameter neighbours "
+        "(default 0.6; 0 = the sampler only)",
     )
     p.add_argument("--force", action="store_true", help="search again even if the cache has a record")
     p.add_argument(
@@ -176,6 +194,8 @@ def _run_tune(args: argparse.Namespace) -> int:
         from .schedules import schedule_defs
 
         registry = {**get_registry(), **schedule_defs()}
+    if args.local_fraction is not None:
+        extra["local"] = args.local_fraction
     kernels, notes = _select_kernels(spec, args.kernels, registry)
     for n in notes:
         console.print(f"[yellow]note[/]: {n}")

@@ -80,6 +80,8 @@ def test_export_import(tmp_path, capsys, monkeypatch):
         (["tiny", "--fake", "--batch", "x"], "argument --batch: must be a positive integer, got 'x'"),
         (["export", "/dev/null/records.json"], "export: cannot write /dev/null/records.json"),
         (["tiny", "--bogus"], "unrecognized arguments"),
+        (["tiny", "--fake", "--local-fraction", "1.5"], "argument --local-fraction: must be from 0 to 1"),
+        (["tiny", "--fake", "--local-fraction", "x"], "--local-fraction: must be a number from 0 to 1"),
     ],
 )
 def test_errors_one_line_exit_2(argv, needle, capsys):
@@ -129,3 +131,20 @@ def test_real_kernel_through_the_interpreter(capsys):
     assert "win_fwd" in out and "tuned" in out
     assert main(argv) == 0
     assert "cache" in capsys.readouterr().out
+
+
+def test_local_fraction_reaches_the_search(monkeypatch, capsys):
+    """``--local-fraction`` is passed to every job's search (without it: the search's own LOCAL_FRACTION)."""
+    import nsa_dsl.tuning as tuning
+
+    seen, orig = [], tuning.tune_kernel
+
+    def spy(*a, **kw):
+        seen.append(kw.get("local", "default"))
+        return orig(*a, **kw)
+
+    monkeypatch.setattr(tuning, "tune_kernel", spy)
+    argv = ["tiny", "--fake", "--seq-lens", "64", "--trials", "3", "--force"]
+    assert main([*argv, "--local-fraction", "0"]) == 0
+    assert main(argv) == 0
+    assert seen and seen[0] == 0.0 and seen[-1] == "default"
