@@ -612,7 +612,7 @@ def run_reverse_index_ab(spec_names: list[str], Ts: list[int], rounds: int = 3) 
     side = ag._side_stream
 
     @contextlib.contextmanager
-    def serial(device, after=None):
+    def serial(device, after):
         yield lambda *ts: None
 
     rows = []

@@ -259,14 +259,14 @@ _SIDE_STREAMS: dict[Any, Any] = {}
 
 
 @contextlib.contextmanager
-def _side_stream(device: torch.device, after: Any = None) -> Iterator[Callable[..., None]]:
+def _side_stream(device: torch.device, after: Any) -> Iterator[Callable[..., None]]:
     """``with _side_stream(dev, after=event) as join:`` runs the block's torch work on a second CUDA stream
-    of ``dev`` that starts once ``event`` (recorded on the current stream; None: all the work queued so far)
-    has passed, concurrently with what the current stream runs after it; at the end the current stream waits
-    for the block's work. The block passes the tensors it made to ``join`` (allocated on the side stream,
-    used on the current one: ``record_stream`` keeps the allocator from reusing them early). Off CUDA, and
-    while the current stream is being captured into a CUDA graph, it runs inline (allocations on a side stream
-    break the capture of torch.compile's CUDA-graph trees, pytorch/pytorch#151199)."""
+    of ``dev`` that starts once ``event`` (recorded on the current stream) has passed, concurrently with what
+    the current stream runs after it; at the end the current stream waits for the block's work. The block
+    passes the tensors it made to ``join`` (allocated on the side stream, used on the current one:
+    ``record_stream`` keeps the allocator from reusing them early). Off CUDA, and while the current stream is
+    being captured into a CUDA graph, it runs inline (allocations on a side stream break the capture of
+    torch.compile's CUDA-graph trees, pytorch/pytorch#151199)."""
     if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         yield lambda *ts: None
         return
@@ -274,10 +274,7 @@ def _side_stream(device: torch.device, after: Any = None) -> Iterator[Callable[.
     side = _SIDE_STREAMS.get(device)
     if side is None:
         side = _SIDE_STREAMS[device] = torch.cuda.Stream(device)
-    if after is not None:
-        side.wait_event(after)
-    else:
-        side.wait_stream(main)
+    side.wait_event(after)
     made: list[Tensor] = []
     with torch.cuda.stream(side):
         yield lambda *ts: made.extend(ts)
