@@ -121,7 +121,7 @@ def replay(grid: dict[str, Any], *, samplers: list[str], seeds: int, frac: float
     }
     for label in samplers:
         # "tpe+nb0.33": TPE after a third of the budget spent on the default's one-parameter neighbours;
-        # "tpe+ls0.25": the last quarter of the budget on the best point's one-parameter neighbours
+        # "tpe+ls0.25": the last quarter of the budget on the best point's one- and two-parameter neighbours
         sampler, *mods = label.split("+")
         opts = {m[:2]: float(m[2:]) for m in mods}
         if set(opts) - {"nb", "ls"}:
