@@ -1,0 +1,93 @@
+"""Compile a generated forward / backward kernel ahead of time for sm90 on any machine (no GPU needed) and
+report ptxas' registers, spills and asynchronous copies: catches GPU-only compile errors (the interpreter
+accepts more) and unpipelined loops before a device call. ``bench/decode_aot.py`` does the same for decode.
+
+    python bench/aot_check.py slc_fwd nsa_paper --config '{"TPP": 4, "SHARE": 1, "num_warps": 4}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import decode_aot  # noqa: E402  (also drops TRITON_INTERPRET)
+import triton  # noqa: E402
+from nsa_dsl.codegen.plan import DeviceLimits, make_plan  # noqa: E402
+from nsa_dsl.codegen.render import render  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+import nsa_dsl  # noqa: E402
+
+_TYPES = {
+    **dict.fromkeys(("Q", "K", "V", "O", "GATE", "OCMP", "OWIN", "OUT"), "*bf16"),
+    **dict.fromkeys(("LSE",), "*fp32"),
+    **dict.fromkeys(("IDX", "BOS"), "*i32"),
+}
+
+#: kernel name -> [(label, function name, constexprs)]
+VARIANTS = {
+    "slc_fwd": [
+        ("slc_fwd", "_slc_fwd_kernel",
+         {"VARLEN": False, "GATED": False, "WITH_WIN": False, "DOT_PREC": "ieee"}),
+        ("slc_fwd gated + window, varlen", "_slc_fwd_kernel",
+         {"VARLEN": True, "GATED": True, "WITH_WIN": True, "DOT_PREC": "ieee"}),
+    ],
+}
+
+
+def check(kernel: str, spec_name: str, config: dict) -> list[tuple[str, str]]:
+    h100 = DeviceLimits("H100 (AOT)", (9, 0), 132, 227 * 1024)
+    plan = make_plan(nsa_dsl.load_spec(spec_name), kernel, config, h100)
+    tmp = Path(tempfile.mkdtemp())
+    path = tmp / f"{kernel}_{plan.key}.py"
+    path.write_text(render(plan))
+    spec = importlib.util.spec_from_file_location(f"aot_{kernel}_{plan.key}", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    out = []
+    for label, fname, consts in VARIANTS[kernel]:
+        fn = getattr(mod, fname)
+        sig = {n: "constexpr" if n in consts else _TYPES.get(n, "i32") for n in fn.arg_names}
+        try:
+            c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
+                               target=GPUTarget("cuda", 90, 32),
+                               options={"num_warps": plan.config["num_warps"],
+                                        "num_stages": plan.config["num_stages"]})
+        except Exception as e:
+            out.append((label, f"COMPILE ERROR {type(e).__name__}: {str(e).splitlines()[0][:300]}"))
+            continue
+        ptx = tmp / "k.ptx"
+        ptx.write_text(c.asm["ptx"])
+        cmd = [decode_aot._ptxas(), "-arch=sm_90a", "-v", str(ptx), "-o", str(tmp / "k.cubin")]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        txt = res.stderr + res.stdout
+        regs = decode_aot.re.search(r"Used (\d+) registers", txt)
+        spill = decode_aot.re.search(r"(\d+) bytes spill stores", txt)
+        out.append((label, f"{regs.group(1) if regs else '?'} registers, "
+                           f"{spill.group(1) if spill else '?'} bytes spilled, smem {c.metadata.shared} B, "
+                           f"cp.async {c.asm['ptx'].count('cp.async')}"))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("kernel", choices=sorted(VARIANTS))
+    ap.add_argument("specs", nargs="*", default=["nsa_paper"])
+    ap.add_argument("--config", default="{}", help="config overrides (JSON)")
+    args = ap.parse_args()
+    cfg = json.loads(args.config)
+    for s in args.specs:
+        for name, info in check(args.kernel, s, cfg):
+            print(f"{s:12s} {json.dumps(cfg)} {name:34s} {info}")
+
+
+if __name__ == "__main__":
+    main()
