@@ -66,9 +66,6 @@ def _slc_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
         # group-centric only: "rows" (the G heads are the MMA rows, padded to 16) or "keys" (transposed: the
         # block's keys are the M side, so the tiles are wgmma-sized for any G)
         "LAYOUT": ["rows", "keys"],
-        # group-centric, TPP > 1, LAYOUT "rows" only: blocks all TPP tokens selected are attended to once
-        # with the stacked TPP x G rows (their K/V read once per program)
-        "SHARE": [0, 1],
         # KV-outer schedule only: MMA rows (tokens x heads of the group), entries per program, merge rows,
         # whether the block's K/V stay loaded across the program's entries
         "BLOCK_M": [16, 32, 64, 128],
@@ -90,11 +87,6 @@ def _slc_check(spec: NSASpec, config: Mapping[str, Any], limits: DeviceLimits) -
         return f"TPP: must be 1, 2, 4, 8 or 16 tokens per program, got {config.get('TPP')!r}"
     if config.get("LAYOUT", "rows") not in ("rows", "keys"):
         return f"LAYOUT: must be 'rows' or 'keys', got {config.get('LAYOUT')!r}"
-    if config.get("SHARE", 0) not in (0, 1):
-        return f"SHARE: must be 0 or 1, got {config.get('SHARE')!r}"
-    if config.get("SHARE", 0) and (config["schedule"] != "group" or config.get("TPP", 1) < 2
-                                   or config.get("LAYOUT", "rows") != "rows"):
-        return "SHARE: needs the group-centric schedule with TPP >= 2 tokens per program and LAYOUT 'rows'"
     if config["schedule"] == "kvouter":
         why = _kvouter_check(spec, config)
         if why:
@@ -106,14 +98,10 @@ def _slc_check(spec: NSASpec, config: Mapping[str, Any], limits: DeviceLimits) -
         return None
     a = spec.attention
     dk, dv, esz = _padded(a.head_dim_qk), _padded(a.head_dim_v), _BYTES[a.dtype]
-    # SHARE stacks the rows of TPP tokens (and keeps that state while a token's own rows are live)
-    share = config["schedule"] == "group" and bool(config.get("SHARE", 0))
-    rows = _gpad(spec) * (int(config.get("TPP", 1)) if share else 1)
-    smem = (config["num_stages"] * bn * (dk + dv) + rows * dk) * esz
+    smem = (config["num_stages"] * bn * (dk + dv) + _gpad(spec) * dk) * esz
     if smem > limits.smem_per_block:
         return f"num_stages/BLOCK_N: ~{smem} bytes of shared memory > the device's {limits.smem_per_block}"
-    extra = _gpad(spec) * (dv + bn) if share else 0
-    regs = _regs_per_thread(rows * (dv + bn) + extra, rows * dk, config["num_warps"])
+    regs = _regs_per_thread(_gpad(spec) * (dv + bn), _gpad(spec) * dk, config["num_warps"])
     if regs > 192:
         return f"num_warps: {config['num_warps']} warps leave ~{regs:.0f} regs/thread for live tiles (> 192)"
     return None
@@ -150,7 +138,7 @@ def _slc_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
 
 #: Schedule-specific parameters (group-centric: TPP, LAYOUT; KV-outer: the rest), set for either schedule
 _SCHEDULE_DEFAULT = {"BLOCK_M": 64, "CHUNK": 256, "BLOCK_R": 16, "KV_RESIDENT": True, "TPP": 1, "KV_WARPS": 4,
-                     "LAYOUT": "rows", "SHARE": 0}
+                     "LAYOUT": "rows"}
 
 
 def _slc_constants(spec: NSASpec, config: Mapping[str, Any]) -> dict[str, Any]:

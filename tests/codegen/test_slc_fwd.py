@@ -82,17 +82,12 @@ def check(o, lse, ro, rlse, tol):
     torch.testing.assert_close(lse.double()[fin], rlse.double()[fin], atol=tol, rtol=tol)
 
 
-SCHEDULES = ["group", "kvouter", "keys", "share"]
+SCHEDULES = ["group", "kvouter", "keys"]
 
 
 def sched(name: str) -> dict:
-    """Config of a schedule name: "keys" is the group-centric schedule with the transposed tile, "share" the
-    group-centric one with 4 tokens per program sharing the blocks they all selected."""
-    if name == "keys":
-        return {"schedule": "group", "LAYOUT": "keys"}
-    if name == "share":
-        return {"schedule": "group", "TPP": 4, "SHARE": 1}
-    return {"schedule": name}
+    """Config of a schedule name: "keys" is the group-centric schedule with the transposed tile."""
+    return {"schedule": "group", "LAYOUT": "keys"} if name == "keys" else {"schedule": name}
 
 # (G, Hkv, dk, dv, l', n, force_initial, force_local, T, B, BLOCK_N)
 CASES = [
@@ -113,8 +108,6 @@ def test_slc_fwd_matches_reference(case, schedule):
         pytest.skip("KV-outer runs a subset (interpreter time)")
     if schedule == "keys" and not any(case is c for c in (CASES[0], CASES[3], CASES[4], CASES[5])):
         pytest.skip("the transposed tile runs a subset (interpreter time)")
-    if schedule == "share" and not any(case is c for c in (CASES[0], CASES[2], CASES[3], CASES[4])):
-        pytest.skip("the shared-block variant runs a subset (interpreter time)")
     spec = make_spec(G, hkv, dk, dv, blk, n, fi, fl)
     gen = torch.Generator().manual_seed(hash(case) % 2**31)
     q, k, v = inputs(spec, B, T, torch.float32, gen)
@@ -122,7 +115,7 @@ def test_slc_fwd_matches_reference(case, schedule):
     cfg = {"BLOCK_N": bn, **sched(schedule)}
     if schedule == "kvouter" and case is CASES[0]:  # several steps per work item, K/V reloaded per step
         cfg.update({"BLOCK_M": 16, "CHUNK": 32, "KV_RESIDENT": False})
-    if schedule in ("group", "keys") and (case is CASES[0] or case is CASES[3]):  # B*T % 4 != 0
+    if schedule != "kvouter" and (case is CASES[0] or case is CASES[3]):  # tokens per program; B*T % 4 != 0
         cfg["TPP"] = 4
     mod = kernel(spec, cfg)
     with poisoned_empty():
@@ -145,28 +138,6 @@ def test_slc_fwd_unused_slots_and_fp16(schedule):
         o, lse = mod.run(q, k, v, idx)
     ro, rlse = selected_attention(q.double(), k.double(), v.double(), idx, spec)
     check(o, lse, ro, rlse, 3e-3)
-
-
-@pytest.mark.parametrize("tpp", [2, 4])
-def test_slc_fwd_share_overlapping_selections(tpp):
-    """SHARE with neighbours that select mostly the same blocks (as on trained models): scores drawn once per
-    4 tokens, so a program's tokens share most blocks, yet differ where the causal limit or the current
-    block differs (l' = 12 is not a multiple of 4, B*T is not a multiple of the program)."""
-    spec = make_spec(4, 2, 24, 16, 12, 4, 1, 1)
-    gen = torch.Generator().manual_seed(23 + tpp)
-    B, T = 2, 47
-    q, k, v = inputs(spec, B, T, torch.float32, gen)
-    nslc = spec.num_selection_blocks(T)
-    scores = torch.rand(B, T // 4 + 1, spec.attention.kv_heads, nslc, generator=gen, dtype=torch.float64)
-    scores = scores.repeat_interleave(4, 1)[:, :T]
-    idx = select_blocks(scores, spec, T)
-    nb = (idx[:, 1:] == idx[:, :-1]).all(-1).float().mean()
-    assert nb > 0.5, "the test needs neighbours with identical selections"
-    mod = kernel(spec, {"schedule": "group", "TPP": tpp, "SHARE": 1, "BLOCK_N": 16})
-    with poisoned_empty():
-        o, lse = mod.run(q, k, v, idx)
-    ro, rlse = selected_attention(q.double(), k.double(), v.double(), idx, spec)
-    check(o, lse, ro, rlse, 2e-5)
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
@@ -234,7 +205,6 @@ GPU_CONFIGS = [
     {"schedule": "kvouter"},
     {"schedule": "group", "TPP": 2, "BLOCK_N": 32, "num_stages": 3},
     {"schedule": "group", "LAYOUT": "keys", "num_warps": 4},
-    {"schedule": "group", "TPP": 4, "SHARE": 1, "num_warps": 4},
     {"schedule": "kvouter", "BLOCK_M": 128, "KV_RESIDENT": False, "KV_WARPS": 8, "BLOCK_R": 32},
 ]
 
