@@ -2,7 +2,7 @@
 report ptxas' registers, spills and asynchronous copies: catches GPU-only compile errors (the interpreter
 accepts more) and unpipelined loops before a device call. ``bench/decode_aot.py`` does the same for decode.
 
-    python bench/aot_check.py slc_fwd nsa_paper --config '{"TPP": 4, "SHARE": 1, "num_warps": 4}'
+    python bench/aot_check.py slc_fwd nsa_paper --config '{"TPP": 4, "num_warps": 4}' --maxnreg 128
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ VARIANTS = {
 }
 
 
-def check(kernel: str, spec_name: str, config: dict) -> list[tuple[str, str]]:
+def check(kernel: str, spec_name: str, config: dict, maxnreg: int | None = None) -> list[tuple[str, str]]:
     h100 = DeviceLimits("H100 (AOT)", (9, 0), 132, 227 * 1024)
     plan = make_plan(nsa_dsl.load_spec(spec_name), kernel, config, h100)
     tmp = Path(tempfile.mkdtemp())
@@ -60,7 +60,8 @@ def check(kernel: str, spec_name: str, config: dict) -> list[tuple[str, str]]:
             c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
                                target=GPUTarget("cuda", 90, 32),
                                options={"num_warps": plan.config["num_warps"],
-                                        "num_stages": plan.config["num_stages"]})
+                                        "num_stages": plan.config["num_stages"],
+                                        **({"maxnreg": maxnreg} if maxnreg else {})})
         except Exception as e:
             out.append((label, f"COMPILE ERROR {type(e).__name__}: {str(e).splitlines()[0][:300]}"))
             continue
@@ -82,10 +83,11 @@ def main() -> None:
     ap.add_argument("kernel", choices=sorted(VARIANTS))
     ap.add_argument("specs", nargs="*", default=["nsa_paper"])
     ap.add_argument("--config", default="{}", help="config overrides (JSON)")
+    ap.add_argument("--maxnreg", type=int, help="register cap per thread passed to the compiler")
     args = ap.parse_args()
     cfg = json.loads(args.config)
     for s in args.specs:
-        for name, info in check(args.kernel, s, cfg):
+        for name, info in check(args.kernel, s, cfg, args.maxnreg):
             print(f"{s:12s} {json.dumps(cfg)} {name:34s} {info}")
 
 

@@ -88,19 +88,29 @@ def one(spec_name: str, T: int, small: bool, args) -> list[dict]:  # noqa: N803
     idx = select_blocks(scores, spec, T)
     flop = common.selection_flop(spec, idx)
     rows = []
-    cands = [("group", c) for c in (GROUP[:1] if small else GROUP)]
-    cands += [("kvouter", c) for c in (KVOUTER[1:2] if args.fast else KVOUTER)]
+    group = json.loads(args.group) if args.group else GROUP
+    cands = [("group", c) for c in (group[:1] if small else group)]
+    if args.group:
+        cands = [("group", c) for c in group]
+    else:
+        cands += [("kvouter", c) for c in (KVOUTER[1:2] if args.fast else KVOUTER)]
+    ref = None
     for sched, cfg in cands:
         full = {"schedule": sched, **cfg}
         try:
             mod = load(make_plan(spec, "slc_fwd", full))
+            o = mod.run(x["q"], x["k"], x["v"], idx)[0].float()
+            ref = o if ref is None else ref
+            diff = float((o - ref).abs().max())  # against the first config, same inputs
             ms = common.bench_ms(lambda mod=mod: mod.run(x["q"], x["k"], x["v"], idx))
         except Exception as e:
             rows.append({"spec": spec_name, "kernel": "slc_fwd", "config": full, "error": str(e)[:120]})
             continue
         rows.append({"spec": spec_name, "kernel": "slc_fwd", "config": full, "ms": ms,
-                     "tflops": common.tflops(flop, ms)})
+                     "tflops": common.tflops(flop, ms), "max_diff_vs_first": diff})
         print(rows[-1], flush=True)
+    if args.group:
+        return rows
     rows += kvouter_split(spec_name, spec, x, idx, T)
     if spec.window_size and not small:
         wflop = common.window_flop(spec, T)
@@ -123,9 +133,16 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=common.RESULTS_DIR)
     ap.add_argument("--fast", action="store_true", help="one KV-outer config")
     ap.add_argument("--best", type=Path, help="write {spec: {kernel: best config}} JSON here")
+    ap.add_argument("--group", help="JSON list of group-centric slc_fwd configs: only these are timed "
+                    "(no KV-outer, no window), each output compared with the first's")
+    ap.add_argument("--specs", default="nsa_paper,small_group", help="with --group: the specs to time")
+    ap.add_argument("--name", default=None, help="result file name (default sweep_slcwin_T<T>)")
     args = ap.parse_args()
     meta = common.env_info()
-    rows = one("nsa_paper", args.T, False, args) + one("small_group", args.T, True, args)
+    if args.group:
+        rows = [r for s in args.specs.split(",") for r in one(s, args.T, False, args)]
+    else:
+        rows = one("nsa_paper", args.T, False, args) + one("small_group", args.T, True, args)
     best: dict[str, dict] = {}
     for r in rows:
         if r.get("ms") is not None and r["kernel"] in ("slc_fwd", "win_fwd"):
@@ -137,8 +154,9 @@ def main() -> int:
         args.best.write_text(json.dumps(picked, indent=1))
     for r in rows:
         r["config"] = str(r["config"])
-    common.write_results(f"sweep_slcwin_T{args.T}", rows, meta, outdir=args.out)
-    print(common.markdown_table(rows, ["spec", "kernel", "config", "ms", "tflops", "error"]))
+    common.write_results(args.name or f"sweep_slcwin_T{args.T}", rows, meta, outdir=args.out)
+    cols = ["spec", "kernel", "config", "ms", "tflops", "max_diff_vs_first", "error"]
+    print(common.markdown_table(rows, cols))
     return 0
 
 
