@@ -256,6 +256,11 @@ def variants() -> dict[str, dict]:
         "rows_cmp_auto": {"CMP_PREFETCH": 2},
         "last_rows_cmp_auto": {"COMBINE": "last_rows", "CMP_PREFETCH": 2},
         "last_rows_cmp_auto_topk_w4": {"COMBINE": "last_rows", "CMP_PREFETCH": 2, "topk_warps": 4},
+        # 4 warps for the compressed and selected + window kernels (session 5: -8% at paper B = 16, 64k)
+        "w4": {"num_warps": 4},
+        "w4_topk_w4": {"num_warps": 4, "topk_warps": 4},
+        "w4_bn128": {"num_warps": 4, "BLOCK_N": 128},
+        "w4_topk_w8": {"num_warps": 4, "topk_warps": 8},
         # programmatic dependent launch (the default "new" has PDL = 1 on sm90+: window tiles before the wait)
         "pdl0": {"PDL": 0},
         "pdl2": {"PDL": 2},  # PDL with the plain wait in the selected + window kernel
@@ -289,8 +294,15 @@ EXTRA_SPLITS = {
 }
 
 
+#: --variants: only these variant names (plus "new"), at every shape; --shapes: only these shapes
+ONLY_VARIANTS: list[str] | None = None
+ONLY_SHAPES: list[tuple[str, int, int]] | None = None
+
+
 def _shape_variants(key) -> list[tuple[str, tuple | None]]:
     """(variant, splits) pairs timed at a shape: legacy and new with automatic splits, more where listed."""
+    if ONLY_VARIANTS is not None:
+        return [(n, None) for n in dict.fromkeys(["new", *ONLY_VARIANTS])]
     names = list(variants()) if key in EXTRA_VARIANTS else list(EVERYWHERE)
     if not _pdl_ok():  # PDL = 1 / 2 are rejected below sm90 ("new" is PDL = 0 there)
         names = [n for n in names if n not in PDL_VARIANTS]
@@ -334,7 +346,7 @@ def compare(outdir: Path, tmax: int) -> None:
           f"copy {meta['copy_tbps']:.2f} TB/s", flush=True)
     rows: list[dict] = []
     ops_by_spec = {}
-    for key in COMPARE_SHAPES:
+    for key in ONLY_SHAPES or COMPARE_SHAPES:
         spec_name, B, T = key  # noqa: N806
         if T > tmax:
             continue
@@ -419,7 +431,8 @@ def _write_compare(outdir: Path, meta: dict, rows: list[dict]) -> None:
     ]
     for r in rows:
         n = r["nsa"]
-        old, new = n.get("legacy", {}).get("us"), n.get("new", {}).get("us")
+        new = n.get("new", {}).get("us")
+        old = n.get("legacy", {}).get("us", new)  # --variants runs may skip legacy
         ok = {k: v["us"] for k, v in n.items() if "us" in v}
         d = r["dense_best_us"]
         if old is None or new is None or d is None:
@@ -445,7 +458,17 @@ def main() -> None:
     ap.add_argument("--compare", action="store_true", help="old vs new decode options (decode_compare.*)")
     ap.add_argument("--warm", type=int, metavar="I", help="compile the --compare variants of shape I")
     ap.add_argument("--part", default="0/1", help="with --warm: P/N, every N-th variant from the P-th")
+    ap.add_argument("--variants", help="with --compare: comma-separated variant names (\"new\" always runs)")
+    ap.add_argument("--shapes", help="with --compare: comma-separated spec:B:T shapes instead of the list")
     args = ap.parse_args()
+    global ONLY_VARIANTS, ONLY_SHAPES
+    if args.variants:
+        ONLY_VARIANTS = [v for v in args.variants.split(",") if v]
+        unknown = [v for v in ONLY_VARIANTS if v not in variants()]
+        if unknown:
+            raise SystemExit(f"--variants: unknown {unknown}; known: {sorted(variants())}")
+    if args.shapes:
+        ONLY_SHAPES = [(a, int(b), int(c)) for a, b, c in (x.split(":") for x in args.shapes.split(","))]
     outdir = Path(args.out)
     outdir.mkdir(parents=True, exist_ok=True)
     if args.warm is not None:
