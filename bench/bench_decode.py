@@ -258,6 +258,8 @@ def variants() -> dict[str, dict]:
         "last_rows_cmp_auto_topk_w4": {"COMBINE": "last_rows", "CMP_PREFETCH": 2, "topk_warps": 4},
         # 4 warps for the compressed and selected + window kernels (session 5: -8% at paper B = 16, 64k)
         "w4": {"num_warps": 4},
+        "w8": {"num_warps": 8},  # the default before 2026-11-29 12:37 UTC
+        "bn128": {"BLOCK_N": 128},
         "w4_topk_w4": {"num_warps": 4, "topk_warps": 4},
         "w4_bn128": {"num_warps": 4, "BLOCK_N": 128},
         "w4_topk_w8": {"num_warps": 4, "topk_warps": 8},
