@@ -260,6 +260,7 @@ def variants() -> dict[str, dict]:
         "w4": {"num_warps": 4},
         "w8": {"num_warps": 8},  # the default before 2026-11-29 12:37 UTC
         "combine_kernel": {"COMBINE": "kernel"},
+        "sw_prefetch": {"SW_PREFETCH": 1},
         "bn128": {"BLOCK_N": 128},
         "w4_topk_w4": {"num_warps": 4, "topk_warps": 4},
         "w4_bn128": {"num_warps": 4, "BLOCK_N": 128},
@@ -308,7 +309,7 @@ def _shape_variants(key) -> list[tuple[str, tuple | None]]:
     """(variant, splits) pairs timed at a shape: legacy and new with automatic splits, more where listed."""
     if ONLY_VARIANTS is not None:
         out = [(n, None) for n in dict.fromkeys(["new", *ONLY_VARIANTS])]
-        return out + [(n, sp) for n in dict.fromkeys(["new", *ONLY_VARIANTS]) for sp in ONLY_SPLITS]
+        return out + [("new", sp) for sp in ONLY_SPLITS]
     names = list(variants()) if key in EXTRA_VARIANTS else list(EVERYWHERE)
     if not _pdl_ok():  # PDL = 1 / 2 are rejected below sm90 ("new" is PDL = 0 there)
         names = [n for n in names if n not in PDL_VARIANTS]
@@ -466,7 +467,7 @@ def main() -> None:
     ap.add_argument("--part", default="0/1", help="with --warm: P/N, every N-th variant from the P-th")
     ap.add_argument("--variants", help="with --compare: comma-separated variant names (\"new\" always runs)")
     ap.add_argument("--shapes", help="with --compare: comma-separated spec:B:T shapes instead of the list")
-    ap.add_argument("--splits", help="with --variants: semicolon-separated split triples C,S,T also timed")
+    ap.add_argument("--splits", help="with --variants: semicolon-separated split triples C,S,T timed for new")
     args = ap.parse_args()
     global ONLY_VARIANTS, ONLY_SHAPES, ONLY_SPLITS
     if args.splits:
