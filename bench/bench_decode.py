@@ -260,6 +260,7 @@ def variants() -> dict[str, dict]:
         "w4": {"num_warps": 4},
         "w8": {"num_warps": 8},  # the default before 2026-11-29 12:37 UTC
         "combine_kernel": {"COMBINE": "kernel"},
+        "combine_rows": {"COMBINE": "rows"},  # the default before COMBINE "auto"
         "sw_prefetch": {"SW_PREFETCH": 1},
         "bn128": {"BLOCK_N": 128},
         "w4_topk_w4": {"num_warps": 4, "topk_warps": 4},

@@ -19,7 +19,9 @@ Config parameters:
               less); "rows": a last launch, one program per query row, merges every split state (selected,
               window and the compressed partials, so the top-n kernel no longer merges o_cmp) as one
               [splits, dv] tile each; "last_rows": the last split program (ticket) merges them all as
-              [G rows, splits, 32] tiles (one launch less than "rows");
+              [G rows, splits, 32] tiles (one launch less than "rows"); "auto": "rows" for steps of at
+              most 16 (sequence, token, KV head) groups, "last_rows" above (chosen per call: with few groups
+              the serial merge in the last program costs more than a launch, with many the launch costs more);
   LSE_MERGE   "loop": the top-n programs merge the split compressed (m, l) pairs in two loops over the splits;
               "tile": as one [rows, splits] tile and two reductions;
   PREFETCH    1: the top-n loop loads the next chunk's logits before scoring the current one (software
@@ -112,7 +114,7 @@ def _decode_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
         "split_sw": list(_SPLITS[:6]),
         "split_topk": list(_SPLITS[:6]),
         "SKIP": [0, 1],
-        "COMBINE": ["kernel", "last", "rows", "last_rows"],
+        "COMBINE": ["kernel", "last", "rows", "last_rows", "auto"],
         "LSE_MERGE": ["loop", "tile"],
         "PREFETCH": [0, 1],
         "SW_PREFETCH": [0, 1, 2],
@@ -146,8 +148,8 @@ def _decode_check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) -
         v = cfg.get(t)
         if not isinstance(v, int) or isinstance(v, bool) or v < 0 or v > 256:
             return f"{t}: must be an integer in 0..256 (0 = auto), got {v!r}"
-    if cfg.get("COMBINE", "kernel") not in ("kernel", "last", "rows", "last_rows"):
-        return f"COMBINE: must be 'kernel', 'last', 'rows' or 'last_rows', got {cfg.get('COMBINE')!r}"
+    if cfg.get("COMBINE", "kernel") not in ("kernel", "last", "rows", "last_rows", "auto"):
+        return f"COMBINE: must be 'kernel', 'last', 'rows', 'last_rows' or 'auto', got {cfg.get('COMBINE')!r}"
     if cfg.get("LSE_MERGE", "loop") not in ("loop", "tile"):
         return f"LSE_MERGE: must be 'loop' or 'tile', got {cfg.get('LSE_MERGE')!r}"
     if cfg.get("PREFETCH", 0) not in (0, 1):
@@ -232,7 +234,9 @@ def _decode_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
         "split_sw": 0,
         "split_topk": 0,
         "SKIP": 1,
-        "COMBINE": "rows",
+        # rows / last_rows per call (H200, 2026-11-29 12:58 UTC, paper 64k, us): B = 1 26.0 / 32.6,
+        # B = 16 107.8 / 101.9 (bench/results/decode_h200_s7_combine.md)
+        "COMBINE": "auto",
         "LSE_MERGE": "tile",
         "PREFETCH": 1,
         "SW_PREFETCH": 2,

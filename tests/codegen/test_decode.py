@@ -270,6 +270,50 @@ def test_pdl_auto_launches_dependents_for_small_steps_only(name, tmp_path):
             assert all(p_ == on for _, _, p_ in log), (pdl, B, log)
 
 
+class _KwRecorder:
+    """Stands in for a kernel: records (name, launch keyword arguments) instead of launching."""
+
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def __getitem__(self, grid):
+        return lambda *args, **kw: self.log.append((self.name, kw))
+
+
+def test_combine_auto_merges_in_the_last_program_for_large_steps_only(tmp_path):
+    """COMBINE = "auto" decides per call: the row-combine launch for steps of at most COMBINE_ROWS_MAX_GROUPS
+    (sequence, token, KV head) groups, the last split program's tile merge (no extra launch) above; the
+    fixed values do not depend on the step."""
+    spec = nsa_dsl.load_spec("nsa_paper")
+    a = spec.attention
+    for combine in ("auto", "rows", "last_rows"):
+        plan = make_plan(spec, "decode", {"COMBINE": combine, "PDL": 0}, H100)
+        path = tmp_path / f"decode_combine_{combine}.py"
+        path.write_text(render(plan))
+        mod = load_path(path, f"test_decode_combine_{combine}_{plan.key}")
+        for B in (1, 4, 5, 16):  # noqa: N806
+            log = []
+            for kn in ("_cmp_kernel", "_topk_kernel", "_sw_kernel", "_combine_kernel",
+                       "_combine_rows_kernel"):
+                setattr(mod, kn, _KwRecorder(kn, log))
+            cap, capc, hkv, dk, dv = 256, 16, a.kv_heads, a.head_dim_qk, a.head_dim_v
+            q = torch.randn(B, 1, a.heads, dk)
+            k, kc = torch.randn(B, cap, hkv, dk), torch.randn(B, capc, hkv, dk)
+            v, vc = torch.randn(B, cap, hkv, dv), torch.randn(B, capc, hkv, dv)
+            ws = mod.workspace(B, 1, capc, 2, 2, 2, "cpu")
+            mod.run(q, k, v, kc, vc, torch.full((B,), cap, dtype=torch.int32), torch.rand(B, 1, a.heads, 3),
+                    torch.empty(B, 1, a.heads, dv), ws)
+            last = combine == "last_rows" or (combine == "auto" and B * hkv > mod.COMBINE_ROWS_MAX_GROUPS)
+            names = [n for n, _ in log]
+            want = ["_cmp_kernel", "_topk_kernel", "_sw_kernel"] + ([] if last else ["_combine_rows_kernel"])
+            assert names == want, (combine, B)
+            sw = log[2][1]
+            assert sw["LAST"] is last and sw["LAST_TILE"] is last, (combine, B)
+            assert log[1][1]["OC_PROG"] == -1  # both merge o_cmp in the last step, not in the top-n kernel
+    # B = 4 (16 groups) merges in a launch, B = 5 (20 groups) in the last program
+    assert mod.COMBINE_ROWS_MAX_GROUPS == 16
+
+
 def _run_module(mod, q, cache, g, splits, ws=None):  # noqa: N803
     B, S = q.shape[:2]  # noqa: N806
     ws = ws or mod.workspace(B, S, cache.k_cmp_buf.shape[1], *splits, q.device)
