@@ -37,6 +37,7 @@ import contextlib
 import datetime as _dt
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -791,6 +792,7 @@ def tune_kernel(
     device: Any = None,
     progress: Callable[[int, int | None], None] | None = None,
     pool: WorkerPool | None = None,
+    ranks: list[int] | None = None,
     neighbours: float = NEIGHBOUR_FRACTION,
     local: float = LOCAL_FRACTION,
 ) -> TuneResult:
@@ -802,8 +804,10 @@ def tune_kernel(
     at once). ``workers`` > 1: that many processes, worker i pinned to GPU i through ``CUDA_VISIBLE_DEVICES``,
     sharing the study's journal storage (Optuna's distributed optimisation); they are started for this call
     only. ``pool``: an open ``WorkerPool`` that runs the search instead (its size decides; ``workers`` is
-    ignored), so that several calls share one set of started workers (``nsa-tune`` does this). With workers,
-    worker 0 re-times the best candidates on its GPU and this process chooses; workers build their targets
+    ignored), so that several calls share one set of started workers (``nsa-tune`` does this); ``ranks``:
+    the pool's workers that search this job (default all; several threads may tune different jobs on
+    disjoint ranks at once). With workers, the first of them re-times the best candidates on its GPU and
+    this process chooses; workers build their targets
     with ``target_factory`` (a ``target`` object stays in this process and is not used by them).
     ``compile_jobs``: processes that compile each batch of candidates in parallel before they are timed
     (None = ``auto_compile_jobs(workers)`` per worker; 0 or 1 = compile in the search process).
@@ -904,6 +908,9 @@ def tune_kernel(
     use_pool = pool is not None or workers > 1
     if use_pool:
         n = pool.n if pool is not None else workers
+        on = list(range(n)) if ranks is None else [int(r) for r in ranks]
+        if not on or any(not 0 <= r < n for r in on) or len(set(on)) != len(on):
+            raise ValueError(f"ranks: distinct worker ranks in 0..{n - 1}, got {ranks!r}")
         job = dict(
             spec=spec.to_dict(),
             kernel=kernel,
@@ -922,8 +929,9 @@ def tune_kernel(
             key=key,
             n_startup=n_startup,
             n_valid=n_valid,
+            # every worker of the pool is busy at once (with this job or another): the CPU split counts n
             compile_jobs=auto_compile_jobs(n) if compile_jobs is None else int(compile_jobs),
-            share=n,
+            share=len(on),
             local=local,
         )
         goal = min(trials, n_valid) if trials is not None else None
@@ -932,14 +940,14 @@ def tune_kernel(
             if progress:
                 progress(len(evaluated_trials(study)), goal)
 
-        # The search on every worker, then the confirmation on worker 0, whose target and kernels are loaded
-        # already (and once every worker has finished: it reads the complete study).
+        # The search on the job's workers, then the confirmation on the first of them, whose target and
+        # kernels are loaded already (and once every worker has finished: it reads the complete study).
         check = {**job, "op": "confirm", "default": default_cfg, "confirm": confirm, "tie_tol": tie_tol}
         with contextlib.ExitStack() as stack:
             p = pool if pool is not None else stack.enter_context(WorkerPool(workers))
-            p.run_job(job, progress=poll)
+            p.run_job(job, progress=poll, ranks=on)
             t_confirm = time.monotonic()
-            times, default_ms = p.run_job(check, ranks=[0])[0]
+            times, default_ms = p.run_job(check, ranks=on[:1])[on[0]]
             t_confirm = time.monotonic() - t_confirm
     else:
         timer = timer or default_timer()
@@ -1204,7 +1212,8 @@ class WorkerPool:
     afterwards); a dead worker is started again at the next job. Waits poll with short timeouts and check
     that the workers are alive: a dead worker never hangs the parent. ``close`` (also on leaving the ``with``
     block) sends each worker a sentinel, so that it shuts its compile pool down, and joins it; after an
-    exception it terminates them instead. Not thread-safe: one job at a time.
+    exception it terminates them instead. Several threads may run jobs at once on disjoint ``ranks``
+    (``nsa-tune`` gives each worker its own job); ``close`` only after they have returned.
     """
 
     def __init__(
@@ -1235,6 +1244,9 @@ class WorkerPool:
         self._closed = False
         self._why = ""  # why the pool closed itself (a worker that could not start)
         self._atexit = False
+        # run_job may be called from several threads at once for disjoint ranks (nsa-tune runs one job per
+        # worker): starting workers and numbering jobs are serialised, each rank's pipe is used by one job
+        self._lock = threading.Lock()
 
     def __enter__(self) -> WorkerPool:
         return self
@@ -1351,9 +1363,10 @@ class WorkerPool:
         confirmation's times, None for a search); ``progress()`` is called about twice a second. Raises
         ``WorkerError`` (one line) if a worker failed, died or (with ``job_timeout_s``) overran; the pool
         stays usable."""
-        self.start()
-        self._job_id += 1
-        jid = self._job_id
+        with self._lock:
+            self.start()
+            self._job_id += 1
+            jid = self._job_id
         what = f"during {job.get('kernel')} T={job.get('T')}"
         errors: list[str] = []
         answers: dict[int, Any] = {}
