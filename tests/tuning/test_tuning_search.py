@@ -567,3 +567,19 @@ def test_each_worker_gets_its_own_compile_pool(monkeypatch):
         assert search.auto_compile_jobs(workers) == each, (cores, workers)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert search.auto_compile_jobs(1) == 0  # nothing to compile in the interpreter
+
+
+@pytest.mark.parametrize("ranks", [[2], [], [0, 0], [-1]])
+def test_pool_ranks_must_name_distinct_workers(ranks, tmp_path):
+    """``tune_kernel(pool=..., ranks=...)``: a rank outside the pool, none, or one twice is a one-line error
+    raised before any worker is asked to search."""
+
+    class NoJobs:
+        n = 2
+
+        def run_job(self, *a, **k):  # pragma: no cover - reaching it is the failure
+            raise AssertionError("a job was sent to the workers")
+
+    with pytest.raises(ValueError, match=r"ranks: distinct worker ranks in 0\.\.1"):
+        tune_kernel(SPEC, "fake_fwd", T=1000, trials=4, target=FakeTarget(), pool=NoJobs(), ranks=ranks,
+                    storage_path=tmp_path / "s.journal", save=False, **KW)
