@@ -8,22 +8,16 @@ accepts more) and unpipelined loops before a device call. ``bench/decode_aot.py`
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import decode_aot  # noqa: E402  (also drops TRITON_INTERPRET)
 import triton  # noqa: E402
-from nsa_dsl.codegen.plan import DeviceLimits, make_plan  # noqa: E402
-from nsa_dsl.codegen.render import render  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
-
-import nsa_dsl  # noqa: E402
 
 _TYPES = {
     **dict.fromkeys(("Q", "K", "V", "O", "GATE", "OCMP", "OWIN", "OUT"), "*bf16"),
@@ -43,15 +37,7 @@ VARIANTS = {
 
 
 def check(kernel: str, spec_name: str, config: dict, maxnreg: int | None = None) -> list[tuple[str, str]]:
-    h100 = DeviceLimits("H100 (AOT)", (9, 0), 132, 227 * 1024)
-    plan = make_plan(nsa_dsl.load_spec(spec_name), kernel, config, h100)
-    tmp = Path(tempfile.mkdtemp())
-    path = tmp / f"{kernel}_{plan.key}.py"
-    path.write_text(render(plan))
-    spec = importlib.util.spec_from_file_location(f"aot_{kernel}_{plan.key}", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
+    plan, mod, tmp = decode_aot.load_for_sm90(spec_name, kernel, config)
     out = []
     for label, fname, consts in VARIANTS[kernel]:
         fn = getattr(mod, fname)

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 os.environ.pop("TRITON_INTERPRET", None)
 
@@ -47,16 +48,22 @@ def _ptxas() -> str:
     return compiler.get_ptxas(90).path
 
 
-def check(spec_name: str, config: dict) -> list[tuple[str, str]]:
+def load_for_sm90(spec_name: str, kernel: str, config: dict) -> tuple[Any, Any, Path]:
+    """(plan, imported emitted module, scratch folder) of ``kernel`` for an sm90 card (H100 limits)."""
     h100 = DeviceLimits("H100 (AOT)", (9, 0), 132, 227 * 1024)
-    plan = make_plan(nsa_dsl.load_spec(spec_name), "decode", config, h100)
+    plan = make_plan(nsa_dsl.load_spec(spec_name), kernel, config, h100)
     tmp = Path(tempfile.mkdtemp())
-    path = tmp / f"decode_{plan.key}.py"
+    path = tmp / f"{kernel}_{plan.key}.py"
     path.write_text(render(plan))
-    spec = importlib.util.spec_from_file_location(f"aot_decode_{plan.key}", path)
+    spec = importlib.util.spec_from_file_location(f"aot_{kernel}_{plan.key}", path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
+    return plan, mod, tmp
+
+
+def check(spec_name: str, config: dict) -> list[tuple[str, str]]:
+    _plan, mod, tmp = load_for_sm90(spec_name, "decode", config)
     variants = [
         # constexprs of one representative split schedule (16 compressed splits, 4 selected/window splits)
         ("cmp (split)", mod._cmp_kernel,

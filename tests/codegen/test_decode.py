@@ -241,6 +241,23 @@ class _LaunchRecorder:
         return lambda *args, **kw: self.log.append((self.name, kw.get("launch_pdl", False), kw.get("PDL")))
 
 
+def _record_step(mod, spec, B, recorder):  # noqa: N803
+    """Run one split decode step (S = 1, splits 2, 2, 2) of an emitted module on the CPU with its kernels
+    replaced by ``recorder(name, log)`` objects; returns the log."""
+    a = spec.attention
+    log: list = []
+    for kn in ("_cmp_kernel", "_topk_kernel", "_sw_kernel", "_combine_kernel", "_combine_rows_kernel"):
+        setattr(mod, kn, recorder(kn, log))
+    cap, capc, hkv, dk, dv = 256, 16, a.kv_heads, a.head_dim_qk, a.head_dim_v
+    q = torch.randn(B, 1, a.heads, dk)
+    k, kc = torch.randn(B, cap, hkv, dk), torch.randn(B, capc, hkv, dk)
+    v, vc = torch.randn(B, cap, hkv, dv), torch.randn(B, capc, hkv, dv)
+    ws = mod.workspace(B, 1, capc, 2, 2, 2, "cpu")
+    mod.run(q, k, v, kc, vc, torch.full((B,), cap, dtype=torch.int32), torch.rand(B, 1, a.heads, 3),
+            torch.empty(B, 1, a.heads, dv), ws)
+    return log
+
+
 @pytest.mark.parametrize("name", ["nsa_paper", "small_group"])
 def test_pdl_auto_launches_dependents_for_small_steps_only(name, tmp_path):
     """PDL = 3 decides per call: dependent launches (and the kernels' PDL constexpr) when the step has at most
@@ -253,17 +270,7 @@ def test_pdl_auto_launches_dependents_for_small_steps_only(name, tmp_path):
         path.write_text(render(plan))
         mod = load_path(path, f"test_decode_auto{pdl}_{name}_{plan.key}")
         for B in (1, 2, 16):  # noqa: N806
-            log = []
-            for kn in ("_cmp_kernel", "_topk_kernel", "_sw_kernel", "_combine_kernel",
-                       "_combine_rows_kernel"):
-                setattr(mod, kn, _LaunchRecorder(kn, log))
-            cap, capc, hkv, dk, dv = 256, 16, a.kv_heads, a.head_dim_qk, a.head_dim_v
-            q = torch.randn(B, 1, a.heads, dk)
-            k, kc = torch.randn(B, cap, hkv, dk), torch.randn(B, capc, hkv, dk)
-            v, vc = torch.randn(B, cap, hkv, dv), torch.randn(B, capc, hkv, dv)
-            ws = mod.workspace(B, 1, capc, 2, 2, 2, "cpu")
-            mod.run(q, k, v, kc, vc, torch.full((B,), cap, dtype=torch.int32), torch.rand(B, 1, a.heads, 3),
-                    torch.empty(B, 1, a.heads, a.head_dim_v), ws)
+            log = _record_step(mod, spec, B, _LaunchRecorder)
             on = pdl == 1 or B * a.kv_heads <= mod.PDL_MAX_GROUPS
             assert [n for n, _, _ in log] == ["_cmp_kernel", "_topk_kernel", "_sw_kernel", "_combine_kernel"]
             assert log[0][1] is False and all(lp == on for _, lp, _ in log[1:]), (pdl, B, log)
@@ -285,24 +292,14 @@ def test_combine_auto_merges_in_the_last_program_for_large_steps_only(tmp_path):
     (sequence, token, KV head) groups, the last split program's tile merge (no extra launch) above; the
     fixed values do not depend on the step."""
     spec = nsa_dsl.load_spec("nsa_paper")
-    a = spec.attention
+    hkv = spec.attention.kv_heads
     for combine in ("auto", "rows", "last_rows"):
         plan = make_plan(spec, "decode", {"COMBINE": combine, "PDL": 0}, H100)
         path = tmp_path / f"decode_combine_{combine}.py"
         path.write_text(render(plan))
         mod = load_path(path, f"test_decode_combine_{combine}_{plan.key}")
         for B in (1, 4, 5, 16):  # noqa: N806
-            log = []
-            for kn in ("_cmp_kernel", "_topk_kernel", "_sw_kernel", "_combine_kernel",
-                       "_combine_rows_kernel"):
-                setattr(mod, kn, _KwRecorder(kn, log))
-            cap, capc, hkv, dk, dv = 256, 16, a.kv_heads, a.head_dim_qk, a.head_dim_v
-            q = torch.randn(B, 1, a.heads, dk)
-            k, kc = torch.randn(B, cap, hkv, dk), torch.randn(B, capc, hkv, dk)
-            v, vc = torch.randn(B, cap, hkv, dv), torch.randn(B, capc, hkv, dv)
-            ws = mod.workspace(B, 1, capc, 2, 2, 2, "cpu")
-            mod.run(q, k, v, kc, vc, torch.full((B,), cap, dtype=torch.int32), torch.rand(B, 1, a.heads, 3),
-                    torch.empty(B, 1, a.heads, dv), ws)
+            log = _record_step(mod, spec, B, _KwRecorder)
             last = combine == "last_rows" or (combine == "auto" and B * hkv > mod.COMBINE_ROWS_MAX_GROUPS)
             names = [n for n, _ in log]
             want = ["_cmp_kernel", "_topk_kernel", "_sw_kernel"] + ([] if last else ["_combine_rows_kernel"])
