@@ -247,11 +247,11 @@ def _decode_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
         "PDL": 3 if pdl_supported(limits) else 0,
         "topk_warps": 0,
         "combine_warps": 4,
-        # 4 warps (H200, bench_decode.py --compare, 2026-11-29 12:37 UTC, CUDA graph, cold L2; 8 -> 4 warps,
-        # us):
-        # paper B = 1 8k 26.7 -> 25.6, 64k 28.2 -> 26.1; B = 16 8k 65.6 -> 60.5, 64k 116.6 -> 109.2 (with
-        # BLOCK_N 128); small_group B = 1 64k 40.5 -> 36.9, B = 16 64k 274.5 -> 242.5. Two programs per SM
-        # instead of one keep more K/V loads in flight; ptxas: no spills in the split kernels at 4 warps.
+        # 4 warps (H200, bench_decode.py --compare, 2026-11-29 12:37 UTC, CUDA graph, cold L2), 8 -> 4 warps
+        # in us: paper B = 1 8k 26.7 -> 25.6, 64k 28.2 -> 26.1; B = 16 8k 65.6 -> 60.5, 64k 116.6 -> 109.2
+        # (with BLOCK_N 128); small_group B = 1 64k 40.5 -> 36.9, B = 16 64k 274.5 -> 242.5; paper B = 64 64k
+        # (one fused launch) 473.4 -> 310.3. Two programs per SM instead of one keep more K/V loads in
+        # flight; ptxas: no spills in the split kernels at 4 warps.
         "num_warps": 4,
         "num_stages": 2,
     }

@@ -298,8 +298,8 @@ def _run_tune(args: argparse.Namespace) -> int:
             got = [run_one(i, None) for i in range(len(jobs))]
         else:
             # several jobs and workers: each worker takes whole jobs (its own study in the shared journal
-            # storage) as it becomes free; trial-level sharing within one short job left a second GPU idle
-            # (H200 x 2, 16 forward jobs of 12 trials: 0.96x of one worker's wall time)
+            # storage) as it becomes free. H200 x 2, 16 forward jobs of 12 trials: 1.23x less wall time than
+            # one worker; both workers on each job's study (as for a single job) gave 0.96x (bench/RESULTS.md)
             free: queue.SimpleQueue[int] = queue.SimpleQueue()
             for r in range(pool.n):
                 free.put(r)

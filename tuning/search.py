@@ -807,8 +807,8 @@ def tune_kernel(
     ignored), so that several calls share one set of started workers (``nsa-tune`` does this); ``ranks``:
     the pool's workers that search this job (default all; several threads may tune different jobs on
     disjoint ranks at once). With workers, the first of them re-times the best candidates on its GPU and
-    this process chooses; workers build their targets
-    with ``target_factory`` (a ``target`` object stays in this process and is not used by them).
+    this process chooses; workers build their targets with ``target_factory`` (a ``target`` object stays in
+    this process and is not used by them).
     ``compile_jobs``: processes that compile each batch of candidates in parallel before they are timed
     (None = ``auto_compile_jobs(workers)`` per worker; 0 or 1 = compile in the search process).
     ``neighbours``: the fraction of ``trials`` spent first on the default's valid one-parameter neighbours
@@ -1270,9 +1270,16 @@ class WorkerPool:
         how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
         return f"{self._describe(r)} died ({how}) {what}"
 
-    def start(self) -> None:
-        """Start every worker that is not running (all of them the first time) and wait until each reports
-        ready. Idempotent; ``run_job`` calls it."""
+    def start(self, ranks: list[int] | None = None) -> None:
+        """Start every worker of ``ranks`` (default all) that is not running and wait until each reports
+        ready. Idempotent; ``run_job`` calls it for its ranks. Launching is serialised between threads (it
+        sets ``CUDA_VISIBLE_DEVICES`` of this process for the child); each caller waits for its own ranks
+        only, so a worker is never replaced under a job another thread runs on it."""
+        with self._lock:
+            started = self._launch(range(self.n) if ranks is None else ranks)
+        self._await_ready(started)
+
+    def _launch(self, ranks: Any) -> list[int]:
         import atexit
         import multiprocessing as mp
 
@@ -1285,7 +1292,7 @@ class WorkerPool:
         )
         started = []
         try:
-            for r in range(self.n):
+            for r in ranks:
                 p = self._procs[r]
                 if p is not None and p.is_alive():
                     continue
@@ -1309,6 +1316,9 @@ class WorkerPool:
         if started and not self._atexit:
             atexit.register(self.close, True)
             self._atexit = True
+        return started
+
+    def _await_ready(self, started: list[int]) -> None:
         deadline = time.monotonic() + self.start_timeout_s
         waiting = set(started)
         while waiting:
@@ -1363,15 +1373,16 @@ class WorkerPool:
         confirmation's times, None for a search); ``progress()`` is called about twice a second. Raises
         ``WorkerError`` (one line) if a worker failed, died or (with ``job_timeout_s``) overran; the pool
         stays usable."""
+        on = list(range(self.n)) if ranks is None else list(ranks)
+        self.start(on)
         with self._lock:
-            self.start()
             self._job_id += 1
             jid = self._job_id
         what = f"during {job.get('kernel')} T={job.get('T')}"
         errors: list[str] = []
         answers: dict[int, Any] = {}
         pending: set[int] = set()
-        for r in range(self.n) if ranks is None else ranks:
+        for r in on:
             try:
                 self._conns[r].send({**job, "id": jid})
                 pending.add(r)

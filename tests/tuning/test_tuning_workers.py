@@ -320,6 +320,20 @@ def test_pool_arguments_and_closed_pool():
         pool.run_job({"kernel": "k", "T": 1})
 
 
+def test_start_launches_only_the_ranks_asked_for():
+    """A job's ``run_job`` starts only its own ranks, so a thread tuning on worker 0 never replaces worker 1
+    under another thread's job; starting the rest later leaves the running worker alone."""
+    from nsa_dsl.tuning.search import WorkerPool
+
+    with WorkerPool(2) as pool:
+        pool.start([1])
+        first = pool.pids
+        assert first[0] is None and first[1] is not None and pool.starts == 1
+        pool.start()
+        assert pool.pids[1] == first[1] and pool.pids[0] is not None and pool.starts == 2
+    assert all(p is not None for p in pool.pids)
+
+
 _UNREADABLE = """
 import json, sys
 from nsa_dsl.tuning.search import WorkerError, WorkerPool
