@@ -262,6 +262,8 @@ def variants() -> dict[str, dict]:
         "combine_kernel": {"COMBINE": "kernel"},
         "combine_rows": {"COMBINE": "rows"},  # the default before COMBINE "auto"
         "sw_prefetch": {"SW_PREFETCH": 1},
+        "sw_idx": {"SW_IDX": 1},  # the selected loop loads its block indices (software-pipelined)
+        "sw_idx_pf": {"SW_IDX": 1, "SW_PREFETCH": 1},
         "bn128": {"BLOCK_N": 128},
         "w4_topk_w4": {"num_warps": 4, "topk_warps": 4},
         "w4_bn128": {"num_warps": 4, "BLOCK_N": 128},

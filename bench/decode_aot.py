@@ -33,7 +33,7 @@ _TYPES = {
     **dict.fromkeys(
         ("LOGITS", "LSEB", "PM", "PL", "PACC", "OC", "PM2", "PL2", "PACC2", "PMC", "PLC", "PACCC"), "*fp32"
     ),
-    **dict.fromkeys(("LENS", "IDX", "CNT"), "*i32"),
+    **dict.fromkeys(("LENS", "IDX", "CNT", "SIDX"), "*i32"),
     "CAND": "*i64",
 }
 

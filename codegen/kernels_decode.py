@@ -30,6 +30,10 @@ Config parameters:
               (software pipelined by hand, one tile of registers more); 0: load and attend in turn; 2: only
               when split_sw == 1 or split_sw >= 8 (H200: it gained at 16 splits and in the fused step, lost
               at 4 splits);
+  SW_IDX      1: the selected-block loop loads each tile's block index from memory (the program's merged
+              list is stored to a scratch row first) instead of picking it out of registers: the CPU
+              machine's Triton 3.9 software-pipelines the loop only then (ptxas: 6 cp.async vs 0); not yet
+              timed on a GPU;
   CMP_PREFETCH  1: the same for the compressed-attention loop; 2: only when split_cmp >= 8 (few programs per
               SM: latency-bound; the prefetch doubles the loop's registers);
   SKIP        1: merge a top-n chunk only when one of its keys beats the running n-th best (shared
@@ -118,6 +122,7 @@ def _decode_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
         "LSE_MERGE": ["loop", "tile"],
         "PREFETCH": [0, 1],
         "SW_PREFETCH": [0, 1, 2],
+        "SW_IDX": [0, 1],
         "CMP_PREFETCH": [0, 1, 2],
         "PDL": [0, 1, 2, 3] if pdl_supported(limits) else [0],
         "topk_warps": [0, 2, 4, 8],
@@ -156,6 +161,8 @@ def _decode_check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) -
         return f"PREFETCH: must be 0 or 1, got {cfg.get('PREFETCH')!r}"
     if cfg.get("SW_PREFETCH", 0) not in (0, 1, 2):
         return f"SW_PREFETCH: must be 0, 1 or 2, got {cfg.get('SW_PREFETCH')!r}"
+    if cfg.get("SW_IDX", 0) not in (0, 1) or isinstance(cfg.get("SW_IDX", 0), bool):
+        return f"SW_IDX: must be 0 or 1, got {cfg.get('SW_IDX')!r}"
     if cfg.get("CMP_PREFETCH", 0) not in (0, 1, 2):
         return f"CMP_PREFETCH: must be 0, 1 or 2, got {cfg.get('CMP_PREFETCH')!r}"
     pdl = cfg.get("PDL", 0)
@@ -206,8 +213,8 @@ def _decode_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
         return {
             "tokens": 1, "BLOCK_N": 16, "BLOCK_S": bs, "BLOCK_K": 16, "BLOCK_W": 16,
             "split_cmp": 0, "split_sw": 0, "split_topk": 0, "SKIP": 1, "COMBINE": "rows", "LSE_MERGE": "tile",
-            "PREFETCH": 1, "SW_PREFETCH": 1, "CMP_PREFETCH": 1, "PDL": 0, "topk_warps": 0, "combine_warps": 4,
-            "num_warps": 4, "num_stages": 1,
+            "PREFETCH": 1, "SW_PREFETCH": 1, "SW_IDX": 0, "CMP_PREFETCH": 1, "PDL": 0, "topk_warps": 0,
+            "combine_warps": 4, "num_warps": 4, "num_stages": 1,
         }
     while bs * 2 * rp <= 256:  # one program scores the blocks of one step: wide chunks, few sorts
         bs *= 2
@@ -240,6 +247,7 @@ def _decode_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
         "LSE_MERGE": "tile",
         "PREFETCH": 1,
         "SW_PREFETCH": 2,
+        "SW_IDX": 0,  # not yet timed on a GPU (see the parameter list above)
         "CMP_PREFETCH": 0,
         # PDL (H200, bench_decode.py --compare, 2026-11-29 05:37 UTC, PDL 0 / 1 in us): paper B = 1 64k
         # 31.8 / 29.9, 8k 30.4 / 27.4 (faster: 4 groups); small_group B = 1 64k 39.4 / 39.8 (16 groups),

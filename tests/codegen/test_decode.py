@@ -43,6 +43,12 @@ OPTIONS = {
     "sm90": {"COMBINE": "rows", "LSE_MERGE": "tile", "PREFETCH": 1, "SW_PREFETCH": 2, "CMP_PREFETCH": 0},
     "last_rows": {"COMBINE": "last_rows", "LSE_MERGE": "tile", "PREFETCH": 1, "SW_PREFETCH": 1,
                   "CMP_PREFETCH": 0},
+    # the selected loop reads its block indices back from memory (a scratch row per program when it merged
+    # the split top-n lists itself), with and without the hand-written prefetch
+    "sw_idx": {"COMBINE": "auto", "LSE_MERGE": "tile", "PREFETCH": 1, "SW_PREFETCH": 1, "SW_IDX": 1,
+               "CMP_PREFETCH": 0},
+    "sw_idx_nopf": {"COMBINE": "last_rows", "LSE_MERGE": "tile", "PREFETCH": 0, "SW_PREFETCH": 0, "SW_IDX": 1,
+                    "CMP_PREFETCH": 0},
 }
 
 
@@ -67,7 +73,7 @@ def _check_indices(spec, idx, scores, ref_idx, t):
         torch.testing.assert_close(torch.tensor(sg), torch.tensor(sw), rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("option", ["legacy", "new", "sm90", "last_rows"])
+@pytest.mark.parametrize("option", ["legacy", "new", "sm90", "last_rows", "sw_idx"])
 @pytest.mark.parametrize("name", list(SPECS))
 def test_kernel_token_by_token_matches_full_forward(name, option):
     spec = SPECS[name].replace(attention={"dtype": "float32"})
@@ -94,7 +100,7 @@ def test_kernel_token_by_token_matches_full_forward(name, option):
             _check_indices(spec, idx[b, 0], scores[b, t], ref_idx[b, t], t)
 
 
-@pytest.mark.parametrize("option", ["rows_loop", "last_tile", "last_rows", "sm90"])
+@pytest.mark.parametrize("option", ["rows_loop", "last_tile", "last_rows", "sm90", "sw_idx", "sw_idx_nopf"])
 @pytest.mark.parametrize("S", [1, 3])
 def test_kernel_mixed_lengths_multi_token(S, option):  # noqa: N803
     spec = SPECS["tiny"]  # float32
