@@ -20,10 +20,11 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 _TYPES = {
-    **dict.fromkeys(("Q", "K", "V", "O", "GATE", "OCMP", "OWIN", "OUT"), "*bf16"),
-    **dict.fromkeys(("LSE",), "*fp32"),
-    **dict.fromkeys(("IDX", "BOS"), "*i32"),
+    **dict.fromkeys(("Q", "K", "V", "KC", "VC", "O", "DO", "GATE", "OCMP", "OWIN", "OSLC", "OUT"), "*bf16"),
+    **dict.fromkeys(("LSE", "DELTA", "DK_", "DV_", "DQ"), "*fp32"),
+    **dict.fromkeys(("IDX", "BOS", "CU", "CUC", "TILES"), "*i32"),
 }
+_BWD = {"VARLEN": False, "ACCUM": False, "DOT_PREC": "ieee"}
 
 #: kernel name -> [(label, function name, constexprs)]
 VARIANTS = {
@@ -33,6 +34,10 @@ VARIANTS = {
         ("slc_fwd gated + window, varlen", "_slc_fwd_kernel",
          {"VARLEN": True, "GATED": True, "WITH_WIN": True, "DOT_PREC": "ieee"}),
     ],
+    "cmp_fwd": [("cmp_fwd", "_cmp_fwd_kernel", {"VARLEN": False, "DOT_PREC": "ieee"})],
+    "win_fwd": [("win_fwd", "_win_fwd_kernel", {"VARLEN": False, "GATED": False, "DOT_PREC": "ieee"})],
+    "bwd_cmp": [("bwd_cmp dK/dV", "_bwd_cmp_dkdv", _BWD), ("bwd_cmp dQ", "_bwd_cmp_dq", _BWD)],
+    "bwd_win": [("bwd_win dK/dV", "_bwd_win_dkdv", _BWD), ("bwd_win dQ", "_bwd_win_dq", _BWD)],
 }
 
 
