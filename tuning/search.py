@@ -400,14 +400,16 @@ def _enqueue_local(study: Any, ctx: _Ctx, n: int) -> None:
     (``run_search``'s local phase)."""
     import optuna
 
-    done = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+    trials = study.get_trials(deepcopy=False)  # one read of the (shared) storage
+    done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not done:
         return
     best = min(done, key=lambda t: (t.value, t.number))
-    taken = {t.user_attrs.get("config") for t in study.get_trials(deepcopy=False)}
+    taken = {t.user_attrs.get("config") for t in trials}
     waiting = {
         canonical(full_config(ctx.kdef, ctx.spec, t.params, ctx.limits))
-        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+        for t in trials
+        if t.state == optuna.trial.TrialState.WAITING
     }
     for nb in _neighbours(dict(best.params), ctx.space, max_params=LOCAL_MAX_PARAMS):
         if n <= 0:

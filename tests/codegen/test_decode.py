@@ -237,23 +237,23 @@ def test_pdl_emitted_source(name):
                           "_combine_rows_kernel": True, "_combine_kernel": True}
 
 
-class _LaunchRecorder:
-    """Stands in for a jitted kernel: records the launch keywords instead of running."""
+class _KwRecorder:
+    """Stands in for a kernel: records (name, launch keyword arguments) instead of launching."""
 
     def __init__(self, name, log):
         self.name, self.log = name, log
 
     def __getitem__(self, grid):
-        return lambda *args, **kw: self.log.append((self.name, kw.get("launch_pdl", False), kw.get("PDL")))
+        return lambda *args, **kw: self.log.append((self.name, kw))
 
 
-def _record_step(mod, spec, B, recorder):  # noqa: N803
+def _record_step(mod, spec, B):  # noqa: N803
     """Run one split decode step (S = 1, splits 2, 2, 2) of an emitted module on the CPU with its kernels
-    replaced by ``recorder(name, log)`` objects; returns the log."""
+    replaced by ``_KwRecorder``s; returns the log of (kernel name, launch keyword arguments)."""
     a = spec.attention
     log: list = []
     for kn in ("_cmp_kernel", "_topk_kernel", "_sw_kernel", "_combine_kernel", "_combine_rows_kernel"):
-        setattr(mod, kn, recorder(kn, log))
+        setattr(mod, kn, _KwRecorder(kn, log))
     cap, capc, hkv, dk, dv = 256, 16, a.kv_heads, a.head_dim_qk, a.head_dim_v
     q = torch.randn(B, 1, a.heads, dk)
     k, kc = torch.randn(B, cap, hkv, dk), torch.randn(B, capc, hkv, dk)
@@ -276,21 +276,11 @@ def test_pdl_auto_launches_dependents_for_small_steps_only(name, tmp_path):
         path.write_text(render(plan))
         mod = load_path(path, f"test_decode_auto{pdl}_{name}_{plan.key}")
         for B in (1, 2, 16):  # noqa: N806
-            log = _record_step(mod, spec, B, _LaunchRecorder)
+            log = [(n, kw.get("launch_pdl", False), kw.get("PDL")) for n, kw in _record_step(mod, spec, B)]
             on = pdl == 1 or B * a.kv_heads <= mod.PDL_MAX_GROUPS
             assert [n for n, _, _ in log] == ["_cmp_kernel", "_topk_kernel", "_sw_kernel", "_combine_kernel"]
             assert log[0][1] is False and all(lp == on for _, lp, _ in log[1:]), (pdl, B, log)
             assert all(p_ == on for _, _, p_ in log), (pdl, B, log)
-
-
-class _KwRecorder:
-    """Stands in for a kernel: records (name, launch keyword arguments) instead of launching."""
-
-    def __init__(self, name, log):
-        self.name, self.log = name, log
-
-    def __getitem__(self, grid):
-        return lambda *args, **kw: self.log.append((self.name, kw))
 
 
 def test_combine_auto_merges_in_the_last_program_for_large_steps_only(tmp_path):
@@ -305,7 +295,7 @@ def test_combine_auto_merges_in_the_last_program_for_large_steps_only(tmp_path):
         path.write_text(render(plan))
         mod = load_path(path, f"test_decode_combine_{combine}_{plan.key}")
         for B in (1, 4, 5, 16):  # noqa: N806
-            log = _record_step(mod, spec, B, _KwRecorder)
+            log = _record_step(mod, spec, B)
             last = combine == "last_rows" or (combine == "auto" and B * hkv > mod.COMBINE_ROWS_MAX_GROUPS)
             names = [n for n, _ in log]
             want = ["_cmp_kernel", "_topk_kernel", "_sw_kernel"] + ([] if last else ["_combine_rows_kernel"])
