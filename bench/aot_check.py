@@ -48,7 +48,8 @@ def check(kernel: str, spec_name: str, config: dict, maxnreg: int | None = None)
         fn = getattr(mod, fname)
         sig = {n: "constexpr" if n in consts else _TYPES.get(n, "i32") for n in fn.arg_names}
         try:
-            c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
+            c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts,
+                                         attrs=decode_aot.aligned_pointers(fn, sig)),
                                target=GPUTarget("cuda", 90, 32),
                                options={"num_warps": plan.config["num_warps"],
                                         "num_stages": plan.config["num_stages"],

@@ -262,8 +262,6 @@ def variants() -> dict[str, dict]:
         "combine_kernel": {"COMBINE": "kernel"},
         "combine_rows": {"COMBINE": "rows"},  # the default before COMBINE "auto"
         "sw_prefetch": {"SW_PREFETCH": 1},
-        "sw_idx": {"SW_IDX": 1},  # the selected loop loads its block indices (software-pipelined)
-        "sw_idx_pf": {"SW_IDX": 1, "SW_PREFETCH": 1},
         "bn128": {"BLOCK_N": 128},
         "w4_topk_w4": {"num_warps": 4, "topk_warps": 4},
         "w4_bn128": {"num_warps": 4, "BLOCK_N": 128},
@@ -271,6 +269,10 @@ def variants() -> dict[str, dict]:
         # programmatic dependent launch (the default "new" has PDL = 1 on sm90+: window tiles before the wait)
         "pdl0": {"PDL": 0},
         "pdl2": {"PDL": 2},  # PDL with the plain wait in the selected + window kernel
+        # the whole step as one cooperative launch (phases separated by group barriers)
+        "persist": {"PERSIST": 1},
+        "persist_cmp_pf": {"PERSIST": 1, "CMP_PREFETCH": 1},
+        "persist_sw_pf": {"PERSIST": 1, "SW_PREFETCH": 1},
     }
 
 
@@ -304,7 +306,7 @@ EXTRA_SPLITS = {
 #: --variants: only these variant names (plus "new"), at every shape; --shapes: only these shapes
 ONLY_VARIANTS: list[str] | None = None
 ONLY_SHAPES: list[tuple[str, int, int]] | None = None
-#: --splits: (compressed, selected/window, top-n) split counts timed for every --variants variant
+#: --splits: (compressed, selected/window, top-n) split counts timed for "new" and every --variants variant
 ONLY_SPLITS: list[tuple[int, int, int]] = []
 
 
@@ -312,7 +314,7 @@ def _shape_variants(key) -> list[tuple[str, tuple | None]]:
     """(variant, splits) pairs timed at a shape: legacy and new with automatic splits, more where listed."""
     if ONLY_VARIANTS is not None:
         out = [(n, None) for n in dict.fromkeys(["new", *ONLY_VARIANTS])]
-        return out + [("new", sp) for sp in ONLY_SPLITS]
+        return out + [(n, sp) for n, _ in out for sp in ONLY_SPLITS]
     names = list(variants()) if key in EXTRA_VARIANTS else list(EVERYWHERE)
     if not _pdl_ok():  # PDL = 1 / 2 are rejected below sm90 ("new" is PDL = 0 there)
         names = [n for n in names if n not in PDL_VARIANTS]
@@ -470,7 +472,8 @@ def main() -> None:
     ap.add_argument("--part", default="0/1", help="with --warm: P/N, every N-th variant from the P-th")
     ap.add_argument("--variants", help="with --compare: comma-separated variant names (\"new\" always runs)")
     ap.add_argument("--shapes", help="with --compare: comma-separated spec:B:T shapes instead of the list")
-    ap.add_argument("--splits", help="with --variants: semicolon-separated split triples C,S,T timed for new")
+    ap.add_argument("--splits", help="with --variants: semicolon-separated split triples C,S,T timed for new "
+                    "and each variant")
     args = ap.parse_args()
     global ONLY_VARIANTS, ONLY_SHAPES, ONLY_SPLITS
     if args.splits:

@@ -33,13 +33,22 @@ _TYPES = {
     **dict.fromkeys(
         ("LOGITS", "LSEB", "PM", "PL", "PACC", "OC", "PM2", "PL2", "PACC2", "PMC", "PLC", "PACCC"), "*fp32"
     ),
-    **dict.fromkeys(("LENS", "IDX", "CNT", "SIDX"), "*i32"),
+    **dict.fromkeys(("LENS", "IDX", "CNT"), "*i32"),
     "CAND": "*i64",
+    "BAR": "*i64",
 }
 
 
 def _signature(fn, consts: dict) -> dict[str, str]:
     return {n: "constexpr" if n in consts else _TYPES.get(n, "i32") for n in fn.arg_names}
+
+
+def aligned_pointers(fn, signature: dict) -> dict:
+    """The attributes the JIT gives a launch whose tensors are 16-byte aligned (every torch allocation is):
+    ``tt.divisibility = 16`` on each pointer argument. Without them loads of 2-byte elements cannot be
+    vectorised, and Triton then emits no asynchronous copies at all — a false "unpipelined loop"."""
+    return {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+            if signature.get(n, "").startswith("*")}
 
 
 def _ptxas() -> str:
@@ -76,11 +85,16 @@ def check(spec_name: str, config: dict) -> list[tuple[str, str]]:
           "SC_P": 4, "SS_P": 4, "CMP_PARTS": True, "SW_PF": False}),
         ("combine", mod._combine_kernel, {}),
         ("combine rows", mod._combine_rows_kernel, {"SC_P": 16, "SS_P": 16, "CMP_PARTS": True}),
+        ("step (PERSIST, one launch)", mod._step_kernel,
+         {"CAND_P": 256, "SC_P": 32, "SS_P": 16, "DOT_PREC": "tf32",
+          "CMP_PF": False, "SW_PF": True}),
     ]
     out = []
     for name, fn, consts in variants:
-        consts = {**consts, "PDL": bool(mod.PDL_MODE)}  # as run() passes it (config PDL)
-        src = ASTSource(fn=fn, signature=_signature(fn, consts), constexprs=consts)
+        if "PDL" in fn.arg_names:
+            consts = {**consts, "PDL": bool(mod.PDL_MODE)}  # as run() passes it (config PDL)
+        sig = _signature(fn, consts)
+        src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=aligned_pointers(fn, sig))
         warps = {"top-n (split)": mod.TOPK_WARPS, "combine rows": mod.COMBINE_WARPS}.get(name, mod.NUM_WARPS)
         try:
             c = triton.compile(src, target=GPUTarget("cuda", 90, 32),
