@@ -269,10 +269,6 @@ def variants() -> dict[str, dict]:
         # programmatic dependent launch (the default "new" has PDL = 1 on sm90+: window tiles before the wait)
         "pdl0": {"PDL": 0},
         "pdl2": {"PDL": 2},  # PDL with the plain wait in the selected + window kernel
-        # the whole step as one cooperative launch (phases separated by group barriers)
-        "persist": {"PERSIST": 1},
-        "persist_cmp_pf": {"PERSIST": 1, "CMP_PREFETCH": 1},
-        "persist_sw_pf": {"PERSIST": 1, "SW_PREFETCH": 1},
     }
 
 
@@ -472,8 +468,7 @@ def main() -> None:
     ap.add_argument("--part", default="0/1", help="with --warm: P/N, every N-th variant from the P-th")
     ap.add_argument("--variants", help="with --compare: comma-separated variant names (\"new\" always runs)")
     ap.add_argument("--shapes", help="with --compare: comma-separated spec:B:T shapes instead of the list")
-    ap.add_argument("--splits", help="with --variants: semicolon-separated split triples C,S,T timed for new "
-                    "and each variant")
+    ap.add_argument("--splits", help="with --variants: semicolon-separated split triples C,S,T timed for new")
     args = ap.parse_args()
     global ONLY_VARIANTS, ONLY_SHAPES, ONLY_SPLITS
     if args.splits:

@@ -35,7 +35,6 @@ _TYPES = {
     ),
     **dict.fromkeys(("LENS", "IDX", "CNT"), "*i32"),
     "CAND": "*i64",
-    "BAR": "*i64",
 }
 
 
@@ -85,14 +84,10 @@ def check(spec_name: str, config: dict) -> list[tuple[str, str]]:
           "SC_P": 4, "SS_P": 4, "CMP_PARTS": True, "SW_PF": False}),
         ("combine", mod._combine_kernel, {}),
         ("combine rows", mod._combine_rows_kernel, {"SC_P": 16, "SS_P": 16, "CMP_PARTS": True}),
-        ("step (PERSIST, one launch)", mod._step_kernel,
-         {"CAND_P": 256, "SC_P": 32, "SS_P": 16, "DOT_PREC": "tf32",
-          "CMP_PF": False, "SW_PF": True}),
     ]
     out = []
     for name, fn, consts in variants:
-        if "PDL" in fn.arg_names:
-            consts = {**consts, "PDL": bool(mod.PDL_MODE)}  # as run() passes it (config PDL)
+        consts = {**consts, "PDL": bool(mod.PDL_MODE)}  # as run() passes it (config PDL)
         sig = _signature(fn, consts)
         src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=aligned_pointers(fn, sig))
         warps = {"top-n (split)": mod.TOPK_WARPS, "combine rows": mod.COMBINE_WARPS}.get(name, mod.NUM_WARPS)

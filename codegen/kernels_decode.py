@@ -44,11 +44,6 @@ Config parameters:
               timing the early window); 3 as 1 for steps of at most 4 (sequence, KV head) groups, else
               off (chosen per call). Selected and window keep separate softmax states: every value gives
               bitwise the same results;
-  PERSIST     0: the split launches above; 1: the whole step in one cooperative launch of P programs per
-              (sequence, KV head) (P = the largest split count, at most one program per SM in all; the
-              kernels' bodies run as phases separated by a barrier of the group's programs; needs at least 2
-              programs per group, else the split launches); 2: the same for steps of at most 4 (sequence, KV
-              head) groups (chosen per call);
   topk_warps  warps of the split top-n kernel (0 = num_warps);
   combine_warps  warps of the row combine kernel (COMBINE = "rows");
   num_warps, num_stages.
@@ -125,7 +120,6 @@ def _decode_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
         "SW_PREFETCH": [0, 1, 2],
         "CMP_PREFETCH": [0, 1, 2],
         "PDL": [0, 1, 2, 3] if pdl_supported(limits) else [0],
-        "PERSIST": [0, 1, 2],
         "topk_warps": [0, 2, 4, 8],
         "combine_warps": [1, 2, 4, 8],
         "num_warps": [2, 4, 8],
@@ -169,8 +163,6 @@ def _decode_check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) -
         return f"PDL: must be 0, 1, 2 or 3, got {pdl!r}"
     if pdl and not pdl_supported(limits):
         return f"PDL: programmatic dependent launch needs compute capability >= 9.0, not {limits.name}: use 0"
-    if cfg.get("PERSIST", 0) not in (0, 1, 2) or isinstance(cfg.get("PERSIST", 0), bool):
-        return f"PERSIST: must be 0, 1 or 2, got {cfg.get('PERSIST')!r}"
     if cfg.get("topk_warps", 0) not in (0, 1, 2, 4, 8, 16):
         return f"topk_warps: must be 0 (= num_warps) or one of 1, 2, 4, 8, 16, got {cfg.get('topk_warps')!r}"
     if cfg.get("combine_warps", 4) not in (1, 2, 4, 8, 16):
@@ -201,7 +193,6 @@ def _decode_check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) -
 #: not prefetched): ``ops.with_config("decode", LEGACY)`` selects it for a same-run comparison
 LEGACY: dict[str, Any] = {
     "COMBINE": "kernel", "LSE_MERGE": "loop", "PREFETCH": 0, "SW_PREFETCH": 0, "CMP_PREFETCH": 0, "PDL": 0,
-    "PERSIST": 0,
 }
 
 
@@ -215,8 +206,7 @@ def _decode_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
         return {
             "tokens": 1, "BLOCK_N": 16, "BLOCK_S": bs, "BLOCK_K": 16, "BLOCK_W": 16,
             "split_cmp": 0, "split_sw": 0, "split_topk": 0, "SKIP": 1, "COMBINE": "rows", "LSE_MERGE": "tile",
-            "PREFETCH": 1, "SW_PREFETCH": 1, "CMP_PREFETCH": 1, "PDL": 0, "PERSIST": 0, "topk_warps": 0,
-            "combine_warps": 4,
+            "PREFETCH": 1, "SW_PREFETCH": 1, "CMP_PREFETCH": 1, "PDL": 0, "topk_warps": 0, "combine_warps": 4,
             "num_warps": 4, "num_stages": 1,
         }
     while bs * 2 * rp <= 256:  # one program scores the blocks of one step: wide chunks, few sorts
@@ -255,7 +245,6 @@ def _decode_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
         # 31.8 / 29.9, 8k 30.4 / 27.4 (faster: 4 groups); small_group B = 1 64k 39.4 / 39.8 (16 groups),
         # paper B = 16 64k 118.8 / 126.3, 8k 64.0 / 67.3 (slower): so 3 = on for at most 4 groups
         "PDL": 3 if pdl_supported(limits) else 0,
-        "PERSIST": 0,
         "topk_warps": 0,
         "combine_warps": 4,
         # 4 warps (H200, bench_decode.py --compare, 2026-11-29 12:37 UTC, CUDA graph, cold L2), 8 -> 4 warps

@@ -43,10 +43,6 @@ OPTIONS = {
     "sm90": {"COMBINE": "rows", "LSE_MERGE": "tile", "PREFETCH": 1, "SW_PREFETCH": 2, "CMP_PREFETCH": 0},
     "last_rows": {"COMBINE": "last_rows", "LSE_MERGE": "tile", "PREFETCH": 1, "SW_PREFETCH": 1,
                   "CMP_PREFETCH": 0},
-    # the whole split step in one launch (phases and group barriers; one program per group under the
-    # interpreter, so each program runs every share of every phase in turn)
-    "persist": {"COMBINE": "rows", "LSE_MERGE": "tile", "PREFETCH": 1, "SW_PREFETCH": 1, "CMP_PREFETCH": 2,
-                "PERSIST": 1},
 }
 
 
@@ -71,7 +67,7 @@ def _check_indices(spec, idx, scores, ref_idx, t):
         torch.testing.assert_close(torch.tensor(sg), torch.tensor(sw), rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("option", ["legacy", "new", "sm90", "last_rows", "persist"])
+@pytest.mark.parametrize("option", ["legacy", "new", "sm90", "last_rows"])
 @pytest.mark.parametrize("name", list(SPECS))
 def test_kernel_token_by_token_matches_full_forward(name, option):
     spec = SPECS[name].replace(attention={"dtype": "float32"})
@@ -98,7 +94,7 @@ def test_kernel_token_by_token_matches_full_forward(name, option):
             _check_indices(spec, idx[b, 0], scores[b, t], ref_idx[b, t], t)
 
 
-@pytest.mark.parametrize("option", ["rows_loop", "last_tile", "last_rows", "sm90", "persist"])
+@pytest.mark.parametrize("option", ["rows_loop", "last_tile", "last_rows", "sm90"])
 @pytest.mark.parametrize("S", [1, 3])
 def test_kernel_mixed_lengths_multi_token(S, option):  # noqa: N803
     spec = SPECS["tiny"]  # float32
@@ -242,7 +238,7 @@ class _KwRecorder:
         self.name, self.log = name, log
 
     def __getitem__(self, grid):
-        return lambda *args, **kw: self.log.append((self.name, {**kw, "grid": grid}))
+        return lambda *args, **kw: self.log.append((self.name, kw))
 
 
 def _record_step(mod, spec, B):  # noqa: N803
@@ -250,8 +246,7 @@ def _record_step(mod, spec, B):  # noqa: N803
     replaced by ``_KwRecorder``s; returns the log of (kernel name, launch keyword arguments)."""
     a = spec.attention
     log: list = []
-    for kn in ("_cmp_kernel", "_topk_kernel", "_sw_kernel", "_combine_kernel", "_combine_rows_kernel",
-               "_step_kernel"):
+    for kn in ("_cmp_kernel", "_topk_kernel", "_sw_kernel", "_combine_kernel", "_combine_rows_kernel"):
         setattr(mod, kn, _KwRecorder(kn, log))
     cap, capc, hkv, dk, dv = 256, 16, a.kv_heads, a.head_dim_qk, a.head_dim_v
     q = torch.randn(B, 1, a.heads, dk)
@@ -304,32 +299,6 @@ def test_combine_auto_merges_in_the_last_program_for_large_steps_only(tmp_path):
             assert log[1][1]["OC_PROG"] == -1  # both merge o_cmp in the last step, not in the top-n kernel
     # B = 4 (16 groups) merges in a launch, B = 5 (20 groups) in the last program
     assert mod.COMBINE_ROWS_MAX_GROUPS == 16
-
-
-def test_persist_is_one_launch_for_small_steps_only(tmp_path):
-    """PERSIST = 2 decides per call: the one-launch step for at most PERSIST_MAX_GROUPS (sequence, KV head)
-    groups, the split launches above; PERSIST = 1 always (on the CPU with one program per group); the split
-    counts of the phases are passed through unchanged."""
-    spec = nsa_dsl.load_spec("nsa_paper")
-    hkv = spec.attention.kv_heads
-    for persist in (0, 1, 2):
-        plan = make_plan(spec, "decode", {"PERSIST": persist, "PDL": 0, "COMBINE": "rows"}, H100)
-        path = tmp_path / f"decode_persist_{persist}.py"
-        path.write_text(render(plan))
-        mod = load_path(path, f"test_decode_persist_{persist}_{plan.key}")
-        for B in (1, 2):  # noqa: N806
-            log = _record_step(mod, spec, B)
-            one = persist == 1 or (persist == 2 and B * hkv <= mod.PERSIST_MAX_GROUPS)
-            names = [n for n, _ in log]
-            if one:
-                assert names == ["_step_kernel"], (persist, B)
-                assert log[0][1]["grid"] == (B * hkv, 1)  # CPU: one program per group runs every share
-                assert "launch_cooperative_grid" not in log[0][1]
-            else:
-                want = ["_cmp_kernel", "_topk_kernel", "_sw_kernel", "_combine_rows_kernel"]
-                assert names == want, (persist, B)
-    assert mod.PERSIST_MAX_GROUPS == 4
-    assert mod.persist_programs(1, 1, torch.device("cpu"), 32) == 1
 
 
 def _run_module(mod, q, cache, g, splits, ws=None):  # noqa: N803
@@ -506,34 +475,6 @@ def test_gpu_pdl_equals_no_pdl_eager_and_graph():
                 assert torch.equal(idx, i0), msg
                 torch.testing.assert_close(o, o0, rtol=0, atol=0, msg=msg)
                 torch.testing.assert_close(go, o0, rtol=0, atol=0, msg=msg + " (graph)")
-
-
-@pytest.mark.gpu
-def test_gpu_persist_equals_split_launches_eager_and_graph():
-    """PERSIST = 1 (the step as one cooperative launch, phases separated by group barriers) gives bitwise the
-    outputs and indices of the split launches with the same split counts and the row combine: paper spec,
-    bf16, T = 8k, B = 1 (32 programs per group) and B = 2 of mixed lengths, eager and replayed from a
-    captured step three times (the barrier counters carry over between steps and replays)."""
-    spec = nsa_dsl.load_spec("nsa_paper")
-    ops = nsa_dsl.compile(spec, device="cuda")
-    a = spec.attention
-    for B, splits in ((1, (32, 16, 16)), (2, (8, 4, 8))):  # noqa: N806
-        cache = _gpu_cache(spec, B, 8192, "cuda", seed=4)
-        split_op = ops.with_config("decode", {"PERSIST": 0, "COMBINE": "rows"})
-        op = ops.with_config("decode", {"PERSIST": 1, "COMBINE": "rows"})
-        step = CapturedDecodeStep(op, cache, S=1, append=False, splits=splits)
-        for rep in range(3):
-            q = torch.randn(B, 1, a.heads, a.head_dim_qk, device="cuda", dtype=torch.bfloat16)
-            g = torch.rand(B, 1, a.heads, 3, device="cuda", dtype=torch.bfloat16)
-            o0, i0 = decode(split_op, q, cache, g, splits=splits, plan_length=step.plan_length,
-                            return_indices=True)
-            o0, i0 = o0.clone(), i0.clone()
-            o1, i1 = decode(op, q, cache, g, splits=splits, plan_length=step.plan_length, return_indices=True)
-            msg = f"B {B} rep {rep}"
-            assert torch.isfinite(o0).all(), msg
-            assert torch.equal(i1, i0), msg
-            torch.testing.assert_close(o1, o0, rtol=0, atol=0, msg=msg)
-            torch.testing.assert_close(step(q, g), o0, rtol=0, atol=0, msg=msg + " (graph)")
 
 
 @pytest.mark.parametrize("separate_kv", [False, True])
