@@ -46,13 +46,14 @@ def check(kernel: str, spec_name: str, config: dict, maxnreg: int | None = None)
     out = []
     for label, fname, consts in VARIANTS[kernel]:
         fn = getattr(mod, fname)
+        # the dense backward's dQ kernels take their own warps / stages (dq_warps, dq_stages)
+        warps, stages = ("dq_warps", "dq_stages") if fname.endswith("_dq") else ("num_warps", "num_stages")
         sig = {n: "constexpr" if n in consts else _TYPES.get(n, "i32") for n in fn.arg_names}
         try:
             c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts,
                                          attrs=decode_aot.aligned_pointers(fn, sig)),
                                target=GPUTarget("cuda", 90, 32),
-                               options={"num_warps": plan.config["num_warps"],
-                                        "num_stages": plan.config["num_stages"],
+                               options={"num_warps": plan.config[warps], "num_stages": plan.config[stages],
                                         **({"maxnreg": maxnreg} if maxnreg else {})})
         except Exception as e:
             out.append((label, f"COMPILE ERROR {type(e).__name__}: {str(e).splitlines()[0][:300]}"))

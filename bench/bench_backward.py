@@ -432,17 +432,23 @@ def _q(cfg, q_chunk, order="tiles"):
 #: (parts are timed separately, so one sweep covers them all; "bwd_cmp.dq" and "bwd_cmp.dkdv" share the
 #: launch ORDER, so variant i of both names the same one). Variant 0 of each part = the default of the time.
 #: "slc_fwd.fwd" (the forward selection kernel, timed alone) is also understood. Earlier sweeps' lists are
-#: in git history (session 5: the fourth and fifth sweeps).
+#: in git history (session 5: the fourth to sixth sweeps).
 _CMP_KV = _kv(32, 64, 4, 2, 1)
 VARIANTS = {
-    # sixth sweep (session 5): around the new compressed dK/dV default (64 keys x 32 queries, 4 warps,
-    # 1,024-token query chunks)
+    # seventh sweep (session 8): 8 warps for the dense branches' kernels — the AOT build with the JIT's
+    # pointer alignment shows the 4-warp compressed dK/dV spilling on the card's Triton 3.6 (448 bytes),
+    # the 8-warp one not on 3.9 (246 registers)
     "nsa_paper": {
-        "bwd_cmp.dkdv": [_q(_CMP_KV, 1024), _q(_kv(32, 64, 4, 3, 1), 1024), _q(_CMP_KV, 512),
-                         _q(_kv(16, 64, 4, 2, 1), 1024), _q(_CMP_KV, 2048), _q(_kv(64, 64, 8, 2, 1), 1024),
-                         _q(_kv(32, 32, 4, 2, 1), 1024), _q(_kv(32, 64, 4, 1, 1), 1024)],
-        "bwd_slc.dkdv": [_skv(2, 1, 4, 2), _skv(2, 1, 2, 2), _skv(2, 1, 4, 2, 2048)],
+        "bwd_cmp.dkdv": [_q(_CMP_KV, 1024), _q(_kv(32, 64, 8, 2, 1), 1024), _q(_kv(32, 64, 8, 3, 1), 1024),
+                         _q(_kv(64, 64, 8, 2, 2), 1024), _q(_kv(32, 64, 8, 2, 1), 512),
+                         _q(_kv(32, 128, 8, 2, 1), 1024)],
+        "bwd_cmp.dq": [_dq(64, 32, 4, 3), _dq(64, 32, 8, 3), _dq(128, 32, 8, 3), _dq(64, 64, 8, 2),
+                       _dq(128, 64, 8, 2), _dq(64, 32, 8, 2)],
+        "bwd_win.dkdv": [_kv(32, 64, 4, 2, 1), _kv(32, 64, 8, 2, 1), _kv(32, 64, 8, 3, 1),
+                         _kv(64, 64, 8, 2, 2)],
+        "bwd_win.dq": [_dq(64, 32, 4, 3), _dq(64, 32, 8, 3), _dq(128, 32, 8, 3), _dq(64, 64, 8, 2)],
     },
+    # sixth sweep (session 5)
     "fla_compat": {
         "bwd_cmp.dkdv": [_q(_CMP_KV, 1024), _q(_kv(32, 64, 4, 3, 1), 1024), _q(_CMP_KV, 512),
                          _q(_kv(16, 64, 4, 2, 1), 1024), _q(_kv(32, 128, 8, 2, 1), 512)],
