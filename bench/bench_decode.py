@@ -269,10 +269,6 @@ def variants() -> dict[str, dict]:
         # programmatic dependent launch (the default "new" has PDL = 1 on sm90+: window tiles before the wait)
         "pdl0": {"PDL": 0},
         "pdl2": {"PDL": 2},  # PDL with the plain wait in the selected + window kernel
-        # per-tile block sums instead of logits between the compressed and the top-n kernels
-        "tiles": {"SCORES": "tiles"},
-        "tiles_bn128": {"SCORES": "tiles", "BLOCK_N": 128},
-        "logits": {"SCORES": "logits"},
     }
 
 
@@ -392,7 +388,7 @@ def compare(outdir: Path, tmax: int) -> None:
                 us = abs(graph_us(step))
                 row["nsa"][label] = {"us": us, "splits": list(splits), "max_diff_vs_first": diff}
                 if T == 65536 and B in (1, 16) and spec_name == "nsa_paper" \
-                        and name in ("legacy", "new", "pdl0", "tiles", "logits") and sp is None:
+                        and name in ("legacy", "new", "pdl0") and sp is None:
                     row["nsa"][label]["kernels_us"] = kernel_breakdown(step)
             except Exception as e:  # a variant that does not compile or fit: recorded, not fatal
                 row["nsa"][label] = {"error": str(e).splitlines()[0][:160] if str(e) else type(e).__name__}

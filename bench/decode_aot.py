@@ -31,8 +31,7 @@ import nsa_dsl  # noqa: E402
 _TYPES = {
     **dict.fromkeys(("Q", "K", "V", "KC", "VC", "KW", "VW", "GATE", "O"), "*bf16"),
     **dict.fromkeys(
-        ("LOGITS", "LSEB", "PM", "PL", "PACC", "OC", "PM2", "PL2", "PACC2", "PMC", "PLC", "PACCC", "SCR",
-         "MT"), "*fp32"
+        ("LOGITS", "LSEB", "PM", "PL", "PACC", "OC", "PM2", "PL2", "PACC2", "PMC", "PLC", "PACCC"), "*fp32"
     ),
     **dict.fromkeys(("LENS", "IDX", "CNT"), "*i32"),
     "CAND": "*i64",

@@ -44,12 +44,6 @@ Config parameters:
               timing the early window); 3 as 1 for steps of at most 4 (sequence, KV head) groups, else
               off (chosen per call). Selected and window keep separate softmax states: every value gives
               bitwise the same results;
-  SCORES      what the split compressed-attention programs leave for the top-n: "logits" (every scaled
-              logit, [rows, Tc] fp32; the top-n recomputes p = exp2(s - lse) per tap) or "tiles" (per tile of
-              BLOCK_N keys: its p mapped onto the selection blocks it touches with the overlap weights, one
-              small exact fp32 MMA, plus the tile's running max; the top-n rescales each tile's block sums
-              by exp2(m_tile - lse) and adds the up to two tiles a block spans: ~3.5x fewer bytes written and
-              read on the paper spec, no per-tap exponentials). The single fused launch always uses logits;
   topk_warps  warps of the split top-n kernel (0 = num_warps);
   combine_warps  warps of the row combine kernel (COMBINE = "rows");
   num_warps, num_stages.
@@ -87,35 +81,10 @@ def decode_rows(spec: NSASpec, tokens: int) -> int:
     return max(16, next_pow2(tokens) * next_pow2(spec.G))
 
 
-def tile_scores(spec: NSASpec, block_n: int) -> dict[str, int] | None:
-    """Geometry of ``SCORES = "tiles"`` for compressed tiles of ``block_n`` keys, or None where it does not
-    apply (``block_n`` not a multiple of r = l'/d, or fewer than next_pow2(n) home blocks per tile, or not a
-    power of two of them).
-
-    Selection block j's taps are the compressed blocks j*r + offset + k (k < len(overlap)). A tile of
-    compressed keys starting at n0 (a multiple of r) touches blocks n0/r + JT0 .. n0/r + JT0 + NBU - 1, the
-    first TW = block_n/r of them its "home" blocks; column c of the tile feeds its block b with weight
-    overlap[c + D0 - b*r]. A block also collects from up to KX earlier tiles (at b + k*TW)."""
-    from ..derived import derive
-
-    der = derive(spec)
-    r, off, nt = der.ratio, der.overlap_offset, len(der.overlap)
-    if block_n % r:
-        return None
-    tw = block_n // r
-    if tw < next_pow2(spec.selection.top_n) or tw & (tw - 1):
-        return None
-    jt0 = -((off + nt - 1) // r)  # ceil((1 - off - nt) / r): the first block a tile at n0 = 0 touches
-    nbu = (block_n - 1 - off) // r - jt0 + 1
-    return {"TW": tw, "JT0": jt0, "D0": -jt0 * r - off, "NBU": nbu, "NB": max(16, next_pow2(nbu)),
-            "KX": -(-nbu // tw) - 1}
-
-
 def _decode_constants(spec: NSASpec, cfg: Mapping[str, Any]) -> dict[str, Any]:
     rp = _rp(spec)
     levels = overlap_levels(spec)
     return {
-        "TS": tile_scores(spec, cfg["BLOCK_N"]) if cfg.get("SCORES", "logits") == "tiles" else None,
         "ROWS": decode_rows(spec, cfg["tokens"]),
         "TROWS": next_pow2(cfg["tokens"]) * next_pow2(spec.G),
         "RW": max(16, next_pow2(spec.G)),
@@ -147,7 +116,6 @@ def _decode_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
         "SKIP": [0, 1],
         "COMBINE": ["kernel", "last", "rows", "last_rows", "auto"],
         "LSE_MERGE": ["loop", "tile"],
-        "SCORES": ["logits", "tiles"],
         "PREFETCH": [0, 1],
         "SW_PREFETCH": [0, 1, 2],
         "CMP_PREFETCH": [0, 1, 2],
@@ -195,12 +163,6 @@ def _decode_check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) -
         return f"PDL: must be 0, 1, 2 or 3, got {pdl!r}"
     if pdl and not pdl_supported(limits):
         return f"PDL: programmatic dependent launch needs compute capability >= 9.0, not {limits.name}: use 0"
-    if cfg.get("SCORES", "logits") not in ("logits", "tiles"):
-        return f"SCORES: must be 'logits' or 'tiles', got {cfg.get('SCORES')!r}"
-    tiles = cfg.get("SCORES", "logits") == "tiles"
-    if tiles and _pow2(cfg.get("BLOCK_N")) and tile_scores(spec, cfg["BLOCK_N"]) is None:
-        return (f"SCORES: 'tiles' needs BLOCK_N a multiple of l'/d with a power-of-two number of selection "
-                f"blocks per tile >= next_pow2(n); BLOCK_N = {cfg['BLOCK_N']} does not: use 'logits'")
     if cfg.get("topk_warps", 0) not in (0, 1, 2, 4, 8, 16):
         return f"topk_warps: must be 0 (= num_warps) or one of 1, 2, 4, 8, 16, got {cfg.get('topk_warps')!r}"
     if cfg.get("combine_warps", 4) not in (1, 2, 4, 8, 16):
@@ -231,7 +193,6 @@ def _decode_check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) -
 #: not prefetched): ``ops.with_config("decode", LEGACY)`` selects it for a same-run comparison
 LEGACY: dict[str, Any] = {
     "COMBINE": "kernel", "LSE_MERGE": "loop", "PREFETCH": 0, "SW_PREFETCH": 0, "CMP_PREFETCH": 0, "PDL": 0,
-    "SCORES": "logits",
 }
 
 

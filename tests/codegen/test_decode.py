@@ -43,11 +43,6 @@ OPTIONS = {
     "sm90": {"COMBINE": "rows", "LSE_MERGE": "tile", "PREFETCH": 1, "SW_PREFETCH": 2, "CMP_PREFETCH": 0},
     "last_rows": {"COMBINE": "last_rows", "LSE_MERGE": "tile", "PREFETCH": 1, "SW_PREFETCH": 1,
                   "CMP_PREFETCH": 0},
-    # the compressed programs leave per-tile block sums instead of logits (with / without their prefetch)
-    "tiles": {"COMBINE": "rows", "LSE_MERGE": "tile", "PREFETCH": 1, "SW_PREFETCH": 1, "CMP_PREFETCH": 1,
-              "SCORES": "tiles"},
-    "tiles_last": {"COMBINE": "last_rows", "LSE_MERGE": "loop", "PREFETCH": 0, "SW_PREFETCH": 0,
-                   "CMP_PREFETCH": 0, "SKIP": 0, "SCORES": "tiles"},
 }
 
 
@@ -72,12 +67,10 @@ def _check_indices(spec, idx, scores, ref_idx, t):
         torch.testing.assert_close(torch.tensor(sg), torch.tensor(sw), rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("option", ["legacy", "new", "sm90", "last_rows", "tiles"])
+@pytest.mark.parametrize("option", ["legacy", "new", "sm90", "last_rows"])
 @pytest.mark.parametrize("name", list(SPECS))
 def test_kernel_token_by_token_matches_full_forward(name, option):
     spec = SPECS[name].replace(attention={"dtype": "float32"})
-    if option == "tiles" and name == "lp24":
-        pytest.skip("SCORES 'tiles' needs BLOCK_N a multiple of l'/d = 6 (rejected by the plan check)")
     ops = nsa_dsl.compile(spec, config={"decode": OPTIONS[option]})
     assert all(ops.plan("decode", T=64, B=2).config[k] == v for k, v in OPTIONS[option].items())
     B, T, P = 2, 58, 44  # noqa: N806 - t >= 48 has more valid selection blocks than n for every spec
@@ -101,7 +94,7 @@ def test_kernel_token_by_token_matches_full_forward(name, option):
             _check_indices(spec, idx[b, 0], scores[b, t], ref_idx[b, t], t)
 
 
-@pytest.mark.parametrize("option", ["rows_loop", "last_tile", "last_rows", "sm90", "tiles", "tiles_last"])
+@pytest.mark.parametrize("option", ["rows_loop", "last_tile", "last_rows", "sm90"])
 @pytest.mark.parametrize("S", [1, 3])
 def test_kernel_mixed_lengths_multi_token(S, option):  # noqa: N803
     spec = SPECS["tiny"]  # float32
@@ -158,28 +151,6 @@ def test_auto_splits_and_emitted_source():
 
 H100 = DeviceLimits("H100", (9, 0), 132, 227 * 1024)
 A100 = DeviceLimits("A100", (8, 0), 108, 163 * 1024)
-
-
-def test_tile_scores_geometry_and_validation():
-    """SCORES = "tiles": the tile -> block map of the paper spec (blocks of 64 tokens, taps at compressed
-    blocks 4j - 1 .. 4j + 3 with weights 1, 2, 2, 2, 1) and the one-line rejection where it cannot apply."""
-    from nsa_dsl.codegen.kernels_decode import tile_scores
-
-    paper = nsa_dsl.load_spec("nsa_paper")
-    ts = tile_scores(paper, 64)
-    # a 64-key tile at n0 = 64t touches blocks 16t .. 16t + 16: 16 home blocks + the next tile's first one
-    assert ts == {"TW": 16, "JT0": 0, "D0": 1, "NBU": 17, "NB": 32, "KX": 1}
-    # column c feeds block b with overlap[c + D0 - 4b]: block 0 (taps -1..3) sees columns 0..3 with weights
-    # 2, 2, 2, 1 (its tap at column -1 lies in the previous tile), block 16 (taps 63..67) column 63 only
-    w = [1, 2, 2, 2, 1]
-    col = lambda c, b: w[c + ts["D0"] - 4 * b] if 0 <= c + ts["D0"] - 4 * b < 5 else 0  # noqa: E731
-    assert [col(c, 0) for c in range(5)] == [2, 2, 2, 1, 0] and col(63, 16) == 1 and col(62, 16) == 0
-    assert tile_scores(paper, 32) is None  # 8 blocks per tile < next_pow2(n) = 16
-    lp24 = SPECS["lp24"]  # l'/d = 6 divides no power-of-two tile
-    with pytest.raises(ValueError, match="SCORES: 'tiles' needs BLOCK_N"):
-        make_plan(lp24, "decode", {"SCORES": "tiles"}, DeviceLimits.interpreter_limits())
-    with pytest.raises(ValueError, match="SCORES: must be"):
-        make_plan(paper, "decode", {"SCORES": "probs"}, H100)
 
 
 def test_pdl_config_validation():
