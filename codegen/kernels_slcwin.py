@@ -66,6 +66,9 @@ def _slc_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
         # group-centric only: "rows" (the G heads are the MMA rows, padded to 16) or "keys" (transposed: the
         # block's keys are the M side, so the tiles are wgmma-sized for any G)
         "LAYOUT": ["rows", "keys"],
+        # group-centric "rows" only: K/V sub-tiles through pointer loads or tensor-memory-accelerator (TMA)
+        # descriptor loads (bulk copies into shared memory, no per-thread addresses; out-of-range rows read 0)
+        "LOADS": ["pointers", "tma"],
         # KV-outer schedule only: MMA rows (tokens x heads of the group), entries per program, merge rows,
         # whether the block's K/V stay loaded across the program's entries
         "BLOCK_M": [16, 32, 64, 128],
@@ -87,6 +90,16 @@ def _slc_check(spec: NSASpec, config: Mapping[str, Any], limits: DeviceLimits) -
         return f"TPP: must be 1, 2, 4, 8 or 16 tokens per program, got {config.get('TPP')!r}"
     if config.get("LAYOUT", "rows") not in ("rows", "keys"):
         return f"LAYOUT: must be 'rows' or 'keys', got {config.get('LAYOUT')!r}"
+    loads = config.get("LOADS", "pointers")
+    if loads not in ("pointers", "tma"):
+        return f"LOADS: must be 'pointers' or 'tma', got {loads!r}"
+    if loads == "tma" and (config.get("LAYOUT", "rows") != "rows" or config["schedule"] != "group"):
+        return "LOADS: 'tma' is implemented for the group-centric schedule with LAYOUT 'rows' only"
+    if loads == "tma" and not limits.interpreter and limits.capability[0] < 9:
+        return f"LOADS: 'tma' needs compute capability >= 9.0, not {limits.name}: use 'pointers'"
+    esz_ = _BYTES[spec.attention.dtype]
+    if loads == "tma" and (spec.attention.head_dim_qk * esz_ % 16 or spec.attention.head_dim_v * esz_ % 16):
+        return "LOADS: 'tma' needs K/V rows (head_dim x element size) that are multiples of 16 bytes"
     if config["schedule"] == "kvouter":
         why = _kvouter_check(spec, config)
         if why:
@@ -138,7 +151,7 @@ def _slc_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
 
 #: Schedule-specific parameters (group-centric: TPP, LAYOUT; KV-outer: the rest), set for either schedule
 _SCHEDULE_DEFAULT = {"BLOCK_M": 64, "CHUNK": 256, "BLOCK_R": 16, "KV_RESIDENT": True, "TPP": 1, "KV_WARPS": 4,
-                     "LAYOUT": "rows"}
+                     "LAYOUT": "rows", "LOADS": "pointers"}
 
 
 def _slc_constants(spec: NSASpec, config: Mapping[str, Any]) -> dict[str, Any]:

@@ -82,12 +82,14 @@ def check(o, lse, ro, rlse, tol):
     torch.testing.assert_close(lse.double()[fin], rlse.double()[fin], atol=tol, rtol=tol)
 
 
-SCHEDULES = ["group", "kvouter", "keys"]
+SCHEDULES = ["group", "kvouter", "keys", "tma"]
 
 
 def sched(name: str) -> dict:
-    """Config of a schedule name: "keys" is the group-centric schedule with the transposed tile."""
-    return {"schedule": "group", "LAYOUT": "keys"} if name == "keys" else {"schedule": name}
+    """Config of a schedule name: "keys" is the group-centric schedule with the transposed tile, "tma" the
+    group-centric one with K/V through tensor descriptors."""
+    return {"keys": {"schedule": "group", "LAYOUT": "keys"},
+            "tma": {"schedule": "group", "LOADS": "tma"}}.get(name, {"schedule": name})
 
 # (G, Hkv, dk, dv, l', n, force_initial, force_local, T, B, BLOCK_N)
 CASES = [
@@ -108,6 +110,8 @@ def test_slc_fwd_matches_reference(case, schedule):
         pytest.skip("KV-outer runs a subset (interpreter time)")
     if schedule == "keys" and not any(case is c for c in (CASES[0], CASES[3], CASES[4], CASES[5])):
         pytest.skip("the transposed tile runs a subset (interpreter time)")
+    if schedule == "tma" and not any(case is c for c in (CASES[1], CASES[2], CASES[3], CASES[4])):
+        pytest.skip("the descriptor loads run a subset (interpreter time)")
     spec = make_spec(G, hkv, dk, dv, blk, n, fi, fl)
     gen = torch.Generator().manual_seed(hash(case) % 2**31)
     q, k, v = inputs(spec, B, T, torch.float32, gen)
@@ -205,6 +209,7 @@ GPU_CONFIGS = [
     {"schedule": "kvouter"},
     {"schedule": "group", "TPP": 2, "BLOCK_N": 32, "num_stages": 3},
     {"schedule": "group", "LAYOUT": "keys", "num_warps": 4},
+    {"schedule": "group", "LOADS": "tma"},
     {"schedule": "kvouter", "BLOCK_M": 128, "KV_RESIDENT": False, "KV_WARPS": 8, "BLOCK_R": 32},
 ]
 
