@@ -66,8 +66,9 @@ def _slc_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
         # group-centric only: "rows" (the G heads are the MMA rows, padded to 16) or "keys" (transposed: the
         # block's keys are the M side, so the tiles are wgmma-sized for any G)
         "LAYOUT": ["rows", "keys"],
-        # group-centric "rows" only: K/V sub-tiles through pointer loads or tensor-memory-accelerator (TMA)
-        # descriptor loads (bulk copies into shared memory, no per-thread addresses; out-of-range rows read 0)
+        # K/V sub-tiles through pointer loads or tensor-memory-accelerator (TMA) descriptor loads (bulk copies
+        # into shared memory, no per-thread addresses; out-of-range rows read 0); "tma" applies to the
+        # group-centric schedule with LAYOUT "rows" and is ignored by the others
         "LOADS": ["pointers", "tma"],
         # KV-outer schedule only: MMA rows (tokens x heads of the group), entries per program, merge rows,
         # whether the block's K/V stay loaded across the program's entries
@@ -93,8 +94,6 @@ def _slc_check(spec: NSASpec, config: Mapping[str, Any], limits: DeviceLimits) -
     loads = config.get("LOADS", "pointers")
     if loads not in ("pointers", "tma"):
         return f"LOADS: must be 'pointers' or 'tma', got {loads!r}"
-    if loads == "tma" and (config.get("LAYOUT", "rows") != "rows" or config["schedule"] != "group"):
-        return "LOADS: 'tma' is implemented for the group-centric schedule with LAYOUT 'rows' only"
     if loads == "tma" and not limits.interpreter and limits.capability[0] < 9:
         return f"LOADS: 'tma' needs compute capability >= 9.0, not {limits.name}: use 'pointers'"
     esz_ = _BYTES[spec.attention.dtype]
@@ -146,7 +145,13 @@ def _slc_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
     schedule = "group" if spec.G >= 8 else "kvouter"
     if limits.interpreter:
         return {"BLOCK_N": bn, "num_warps": 4, "num_stages": 1, "schedule": schedule, **_SCHEDULE_DEFAULT}
-    return {"BLOCK_N": bn, "num_warps": 2, "num_stages": 2, "schedule": schedule, **_SCHEDULE_DEFAULT}
+    cfg = {"BLOCK_N": bn, "num_warps": 2, "num_stages": 2, "schedule": schedule, **_SCHEDULE_DEFAULT}
+    # K/V through TMA descriptors where they apply (H200, sweep_slcwin.py --group, 2026-11-29 15:2x UTC, ms,
+    # pointers -> tma, outputs bitwise equal): paper 8k 2.38 -> 2.29, 64k 19.6 -> 18.2; fla_compat 8k
+    # 2.02 -> 1.79, 64k 16.5 -> 14.7 (bench/results/slc_tma_T*_h200_s8.json)
+    if _slc_check(spec, {**cfg, "LOADS": "tma"}, limits) is None:
+        cfg["LOADS"] = "tma"
+    return cfg
 
 
 #: Schedule-specific parameters (group-centric: TPP, LAYOUT; KV-outer: the rest), set for either schedule

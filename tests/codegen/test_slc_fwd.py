@@ -197,6 +197,18 @@ def test_slc_fwd_config_checks():
         make_plan(spec, "slc_fwd", {"schedule": "kvouter", "BLOCK_M": 64, "CHUNK": 6}, h100)
     with pytest.raises(ValueError, match="schedule"):
         make_plan(spec, "slc_fwd", {"schedule": "diagonal"}, h100)
+    # K/V through TMA descriptors: the sm90 default where the rows are 16-byte multiples; rejected below sm90
+    assert plan.config["LOADS"] == "tma"
+    a100 = DeviceLimits("A100", (8, 0), 108, 163 * 1024)
+    assert make_plan(spec, "slc_fwd", None, a100).config["LOADS"] == "pointers"
+    with pytest.raises(ValueError, match="LOADS: 'tma' needs compute capability"):
+        make_plan(spec, "slc_fwd", {"LOADS": "tma"}, a100)
+    with pytest.raises(ValueError, match="LOADS: 'tma' needs K/V rows"):
+        make_plan(spec.replace(attention={"head_dim_v": 100}), "slc_fwd", {"LOADS": "tma"}, h100)
+    with pytest.raises(ValueError, match="LOADS: must be"):
+        make_plan(spec, "slc_fwd", {"LOADS": "tex"}, h100)
+    # the KV-outer schedule on top of the default ignores it
+    assert make_plan(spec, "slc_fwd", {"schedule": "kvouter"}, h100).config["schedule"] == "kvouter"
 
 
 # ------------------------------------------------------------------------------------------------
