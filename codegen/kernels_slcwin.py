@@ -80,6 +80,16 @@ def _slc_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
     }
 
 
+def tma_available() -> bool:
+    """Whether this Triton has host-side TMA tensor descriptors (``triton.tools.tensor_descriptor``, 3.4+)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("triton.tools.tensor_descriptor") is not None
+    except ImportError:  # pragma: no cover - no triton.tools at all
+        return False
+
+
 def _slc_check(spec: NSASpec, config: Mapping[str, Any], limits: DeviceLimits) -> str | None:
     why = _common_check(config, ("BLOCK_N",), limits)
     if why:
@@ -96,6 +106,8 @@ def _slc_check(spec: NSASpec, config: Mapping[str, Any], limits: DeviceLimits) -
         return f"LOADS: must be 'pointers' or 'tma', got {loads!r}"
     if loads == "tma" and not limits.interpreter and limits.capability[0] < 9:
         return f"LOADS: 'tma' needs compute capability >= 9.0, not {limits.name}: use 'pointers'"
+    if loads == "tma" and not tma_available():
+        return "LOADS: 'tma' needs Triton >= 3.4 (triton.tools.tensor_descriptor): use 'pointers'"
     esz_ = _BYTES[spec.attention.dtype]
     if loads == "tma" and (spec.attention.head_dim_qk * esz_ % 16 or spec.attention.head_dim_v * esz_ % 16):
         return "LOADS: 'tma' needs K/V rows (head_dim x element size) that are multiples of 16 bytes"

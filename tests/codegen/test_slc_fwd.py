@@ -211,6 +211,18 @@ def test_slc_fwd_config_checks():
     assert make_plan(spec, "slc_fwd", {"schedule": "kvouter"}, h100).config["schedule"] == "kvouter"
 
 
+def test_slc_fwd_tma_needs_tensor_descriptors(monkeypatch):
+    """A Triton without host-side tensor descriptors keeps the pointer loads by default and names the rule."""
+    from nsa_dsl.codegen import kernels_slcwin
+
+    monkeypatch.setattr(kernels_slcwin, "tma_available", lambda: False)
+    spec = load_spec("nsa_paper")
+    h100 = DeviceLimits("H100", (9, 0), 132, 227 * 1024)
+    assert make_plan(spec, "slc_fwd", None, h100).config["LOADS"] == "pointers"
+    with pytest.raises(ValueError, match=r"LOADS: 'tma' needs Triton >= 3.4"):
+        make_plan(spec, "slc_fwd", {"LOADS": "tma"}, h100)
+
+
 # ------------------------------------------------------------------------------------------------
 # GPU: bf16 against the reference in fp32
 # ------------------------------------------------------------------------------------------------
