@@ -41,6 +41,18 @@ VARIANTS = {
 }
 
 
+def _descriptor_types(plan, names) -> dict[str, str]:
+    """Signature types of the TMA descriptor parameters (KD{j} / VD{j}: one per head-dim chunk) of a plan whose
+    kernel takes them: bf16 boxes of [BLOCK_N, 1, chunk width]."""
+    c, box = plan.constants, plan.config.get("BLOCK_N")
+    out = {}
+    for prefix, chunks in (("KD", c.get("DK_CHUNKS", ())), ("VD", c.get("DV_CHUNKS", ()))):
+        for j, (_, w, _) in enumerate(chunks):
+            if f"{prefix}{j}" in names:
+                out[f"{prefix}{j}"] = f"tensordesc<bf16[{box}, 1, {w}]>"
+    return out
+
+
 def check(kernel: str, spec_name: str, config: dict, maxnreg: int | None = None) -> list[tuple[str, str]]:
     plan, mod, tmp = decode_aot.load_for_sm90(spec_name, kernel, config)
     out = []
@@ -49,6 +61,7 @@ def check(kernel: str, spec_name: str, config: dict, maxnreg: int | None = None)
         # the dense backward's dQ kernels take their own warps / stages (dq_warps, dq_stages)
         warps, stages = ("dq_warps", "dq_stages") if fname.endswith("_dq") else ("num_warps", "num_stages")
         sig = {n: "constexpr" if n in consts else _TYPES.get(n, "i32") for n in fn.arg_names}
+        sig.update(_descriptor_types(plan, fn.arg_names))
         try:
             c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts,
                                          attrs=decode_aot.aligned_pointers(fn, sig)),
@@ -67,7 +80,7 @@ def check(kernel: str, spec_name: str, config: dict, maxnreg: int | None = None)
         spill = decode_aot.re.search(r"(\d+) bytes spill stores", txt)
         out.append((label, f"{regs.group(1) if regs else '?'} registers, "
                            f"{spill.group(1) if spill else '?'} bytes spilled, smem {c.metadata.shared} B, "
-                           f"cp.async {c.asm['ptx'].count('cp.async')}"))
+                           f"cp.async {c.asm['ptx'].count('cp.async')} (TMA {c.asm['ptx'].count('cp.async.bulk.tensor')})"))
     return out
 
 
