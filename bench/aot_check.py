@@ -42,8 +42,8 @@ VARIANTS = {
 
 
 def _descriptor_types(plan, names) -> dict[str, str]:
-    """Signature types of the TMA descriptor parameters (KD{j} / VD{j}: one per head-dim chunk) of a plan whose
-    kernel takes them: bf16 boxes of [BLOCK_N, 1, chunk width]."""
+    """Signature types of the TMA descriptor parameters (KD{j} / VD{j}: one per head-dim chunk) of a plan
+    whose kernel takes them: bf16 boxes of [BLOCK_N, 1, chunk width]."""
     c, box = plan.constants, plan.config.get("BLOCK_N")
     out = {}
     for prefix, chunks in (("KD", c.get("DK_CHUNKS", ())), ("VD", c.get("DV_CHUNKS", ()))):
@@ -71,8 +71,8 @@ def check(kernel: str, spec_name: str, config: dict, maxnreg: int | None = None)
         except Exception as e:
             out.append((label, f"COMPILE ERROR {type(e).__name__}: {str(e).splitlines()[0][:300]}"))
             continue
-        ptx = tmp / "k.ptx"
-        ptx.write_text(c.asm["ptx"])
+        ptx, ptx_txt = tmp / "k.ptx", c.asm["ptx"]
+        ptx.write_text(ptx_txt)
         cmd = [decode_aot._ptxas(), "-arch=sm_90a", "-v", str(ptx), "-o", str(tmp / "k.cubin")]
         res = subprocess.run(cmd, capture_output=True, text=True)
         txt = res.stderr + res.stdout
@@ -80,7 +80,7 @@ def check(kernel: str, spec_name: str, config: dict, maxnreg: int | None = None)
         spill = decode_aot.re.search(r"(\d+) bytes spill stores", txt)
         out.append((label, f"{regs.group(1) if regs else '?'} registers, "
                            f"{spill.group(1) if spill else '?'} bytes spilled, smem {c.metadata.shared} B, "
-                           f"cp.async {c.asm['ptx'].count('cp.async')} (TMA {c.asm['ptx'].count('cp.async.bulk.tensor')})"))
+                           f"cp.async {ptx_txt.count('cp.async')} (TMA {ptx_txt.count('cp.async.bulk.tensor')})"))
     return out
 
 
