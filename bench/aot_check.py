@@ -80,7 +80,8 @@ def check(kernel: str, spec_name: str, config: dict, maxnreg: int | None = None)
         spill = decode_aot.re.search(r"(\d+) bytes spill stores", txt)
         out.append((label, f"{regs.group(1) if regs else '?'} registers, "
                            f"{spill.group(1) if spill else '?'} bytes spilled, smem {c.metadata.shared} B, "
-                           f"cp.async {ptx_txt.count('cp.async')} (TMA {ptx_txt.count('cp.async.bulk.tensor')})"))
+                           f"cp.async {ptx_txt.count('cp.async')} "
+                           f"(TMA {ptx_txt.count('cp.async.bulk.tensor')})"))
     return out
 
 
