@@ -38,13 +38,15 @@ VARIANTS = {
     "win_fwd": [("win_fwd", "_win_fwd_kernel", {"VARLEN": False, "GATED": False, "DOT_PREC": "ieee"})],
     "bwd_cmp": [("bwd_cmp dK/dV", "_bwd_cmp_dkdv", _BWD), ("bwd_cmp dQ", "_bwd_cmp_dq", _BWD)],
     "bwd_win": [("bwd_win dK/dV", "_bwd_win_dkdv", _BWD), ("bwd_win dQ", "_bwd_win_dq", _BWD)],
+    "bwd_slc": [("bwd_slc dQ", "_bwd_slc_dq", _BWD)],
 }
 
 
 def _descriptor_types(plan, names) -> dict[str, str]:
     """Signature types of the TMA descriptor parameters (KD{j} / VD{j}: one per head-dim chunk) of a plan
-    whose kernel takes them: bf16 boxes of [BLOCK_N, 1, chunk width]."""
-    c, box = plan.constants, plan.config.get("BLOCK_N")
+    whose kernel takes them: bf16 boxes of [rows, 1, chunk width]."""
+    c = plan.constants
+    box = c["LPP"] if plan.kernel == "bwd_slc" else plan.config.get("BLOCK_N")  # a block / a sub-tile
     out = {}
     for prefix, chunks in (("KD", c.get("DK_CHUNKS", ())), ("VD", c.get("DV_CHUNKS", ()))):
         for j, (_, w, _) in enumerate(chunks):

@@ -435,18 +435,11 @@ def _q(cfg, q_chunk, order="tiles"):
 #: in git history (session 5: the fourth to sixth sweeps).
 _CMP_KV = _kv(32, 64, 4, 2, 1)
 VARIANTS = {
-    # seventh sweep (session 8): 8 warps for the dense branches' kernels — the AOT build with the JIT's
-    # pointer alignment shows the 4-warp compressed dK/dV spilling on the card's Triton 3.6 (448 bytes),
-    # the 8-warp one not on 3.9 (246 registers)
+    # eighth sweep (session 8, not yet run): the selection dQ through TMA descriptors, as the forward
+    # selection now (the seventh sweep, 8 warps for the dense branches: git history and bench/RESULTS.md)
     "nsa_paper": {
-        "bwd_cmp.dkdv": [_q(_CMP_KV, 1024), _q(_kv(32, 64, 8, 2, 1), 1024), _q(_kv(32, 64, 8, 3, 1), 1024),
-                         _q(_kv(64, 64, 8, 2, 2), 1024), _q(_kv(32, 64, 8, 2, 1), 512),
-                         _q(_kv(32, 128, 8, 2, 1), 1024)],
-        "bwd_cmp.dq": [_dq(64, 32, 4, 3), _dq(64, 32, 8, 3), _dq(128, 32, 8, 3), _dq(64, 64, 8, 2),
-                       _dq(128, 64, 8, 2), _dq(64, 32, 8, 2)],
-        "bwd_win.dkdv": [_kv(32, 64, 4, 2, 1), _kv(32, 64, 8, 2, 1), _kv(32, 64, 8, 3, 1),
-                         _kv(64, 64, 8, 2, 2)],
-        "bwd_win.dq": [_dq(64, 32, 4, 3), _dq(64, 32, 8, 3), _dq(128, 32, 8, 3), _dq(64, 64, 8, 2)],
+        "bwd_slc.dq": [{}, {"DQ_LOADS": "tma"}, {"DQ_LOADS": "tma", "dq_stages": 3},
+                       {"DQ_LOADS": "tma", "DQ_LAYOUT": "rows", "dq_warps": 2}],
     },
     # sixth sweep (session 5)
     "fla_compat": {

@@ -21,6 +21,8 @@ Config parameters (constexprs baked into the emitted source):
   KEY_SPLIT         programs sharing one bwd_slc work item, each with l'/KEY_SPLIT keys (fewer registers);
   DQ_TOKENS         consecutive tokens per bwd_slc dQ program (distinct selected blocks loaded once; 1: the
                     token's G heads alone, slot loop pipelined over dq_stages stages, no union masking);
+  DQ_LOADS          bwd_slc one-token dQ: the selected blocks' K/V through "pointers" or "tma" descriptors
+                    (as the forward selection's LOADS; ignored by DQ_TOKENS > 1 and DQ_LAYOUT "blocks");
   DQ_LAYOUT         bwd_slc one-token dQ: "rows" (heads are the MMA rows) or "keys" (transposed: the block's
                     keys are the M side, dQ^T += K^T dS^T; the sm90 default for G >= 16, 1.35x faster at 64k);
                     "blocks": block-outer, computed by the dK/dV kernel as fp32 per-(token, slot) partials
@@ -263,6 +265,9 @@ def _slc_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
         "DQ_TOKENS": [1, 2, 4],
         # "blocks" keeps a [tokens, HKV, n, G, dk] fp32 partial buffer: offered for small groups only
         "DQ_LAYOUT": ["rows", "keys"] + (["blocks"] if G <= 4 else []),
+        # the one-token dQ ("rows" / "keys"): K/V blocks through pointer loads or TMA descriptors (ignored by
+        # the others)
+        "DQ_LOADS": ["pointers", "tma"],
         "num_warps": [4, 8],
         "dq_warps": [2, 4, 8],
         "dq_stages": [1, 2, 3],
@@ -292,6 +297,15 @@ def _slc_check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) -> s
                 f"{cfg['DQ_TOKENS']}")
     if cfg.get("DQ_LAYOUT", "rows") == "keys" and cfg["DQ_TOKENS"] != 1:
         return f"DQ_LAYOUT: 'keys' needs DQ_TOKENS = 1, got {cfg['DQ_TOKENS']}"
+    dq_loads = cfg.get("DQ_LOADS", "pointers")
+    if dq_loads not in ("pointers", "tma"):
+        return f"DQ_LOADS: must be 'pointers' or 'tma', got {dq_loads!r}"
+    if dq_loads == "tma":
+        from .kernels_slcwin import tma_check
+
+        why = tma_check(spec, limits, "DQ_LOADS")
+        if why:
+            return why
     if cfg.get("dq_stages") not in (1, 2, 3, 4):
         return f"dq_stages: must be one of 1, 2, 3, 4, got {cfg.get('dq_stages')}"
     if cfg.get("DQ_LAYOUT", "rows") == "keys" and cfg["dq_stages"] == 1 and not limits.interpreter:

@@ -90,6 +90,18 @@ def tma_available() -> bool:
         return False
 
 
+def tma_check(spec: NSASpec, limits: DeviceLimits, key: str) -> str | None:
+    """Why K/V cannot be read through TMA descriptors here (config parameter ``key`` = "tma"), or None."""
+    if not limits.interpreter and limits.capability[0] < 9:
+        return f"{key}: 'tma' needs compute capability >= 9.0, not {limits.name}: use 'pointers'"
+    if not tma_available():
+        return f"{key}: 'tma' needs Triton >= 3.4 (triton.tools.tensor_descriptor): use 'pointers'"
+    esz = _BYTES[spec.attention.dtype]
+    if spec.attention.head_dim_qk * esz % 16 or spec.attention.head_dim_v * esz % 16:
+        return f"{key}: 'tma' needs K/V rows (head_dim x element size) that are multiples of 16 bytes"
+    return None
+
+
 def _slc_check(spec: NSASpec, config: Mapping[str, Any], limits: DeviceLimits) -> str | None:
     why = _common_check(config, ("BLOCK_N",), limits)
     if why:
@@ -104,13 +116,10 @@ def _slc_check(spec: NSASpec, config: Mapping[str, Any], limits: DeviceLimits) -
     loads = config.get("LOADS", "pointers")
     if loads not in ("pointers", "tma"):
         return f"LOADS: must be 'pointers' or 'tma', got {loads!r}"
-    if loads == "tma" and not limits.interpreter and limits.capability[0] < 9:
-        return f"LOADS: 'tma' needs compute capability >= 9.0, not {limits.name}: use 'pointers'"
-    if loads == "tma" and not tma_available():
-        return "LOADS: 'tma' needs Triton >= 3.4 (triton.tools.tensor_descriptor): use 'pointers'"
-    esz_ = _BYTES[spec.attention.dtype]
-    if loads == "tma" and (spec.attention.head_dim_qk * esz_ % 16 or spec.attention.head_dim_v * esz_ % 16):
-        return "LOADS: 'tma' needs K/V rows (head_dim x element size) that are multiples of 16 bytes"
+    if loads == "tma":
+        why = tma_check(spec, limits, "LOADS")
+        if why:
+            return why
     if config["schedule"] == "kvouter":
         why = _kvouter_check(spec, config)
         if why:

@@ -206,25 +206,29 @@ def test_slc_dq_multi_token(G, tokens):  # noqa: N803
     assert_close(kernel_grads(spec, xs, do, config=cfg), ref_grads(spec, xs, do))
 
 
-@pytest.mark.parametrize("layout", ["keys", "blocks"])
+@pytest.mark.parametrize("layout", ["keys", "blocks", "rows_tma", "keys_tma"])
 @pytest.mark.parametrize("case", ["G1", "G2-B2", "G4-l=d", "G16-dk48"])
 def test_slc_dq_layouts(case, layout):
     """The other selection dQ layouts on the case matrix: "keys" (transposed one-token dQ, dQ^T += K^T dS^T)
     and "blocks" (block-outer: per-(token, slot) fp32 partials written by the dK/dV kernel into a poisoned
-    buffer, summed per token), the latter with direct and split reverse-index lists."""
+    buffer, summed per token), the latter with direct and split reverse-index lists; "*_tma": the one-token
+    layouts reading the selected blocks through TMA descriptors (DQ_LOADS)."""
     kw, B, T = CASES[case]
     spec = make_spec(**kw)
     gen = torch.Generator().manual_seed(hash((case, layout)) % 2**31)
     xs = make_inputs(spec, B, T, gen)
     do = torch.randn(B, T, spec.attention.heads, spec.attention.head_dim_v, generator=gen)
     want = ref_grads(spec, xs, do)
-    cfgs = ([{"DQ_LAYOUT": "keys", "dq_stages": 2}] if layout == "keys"
-            else [{"DQ_LAYOUT": "blocks", "CHUNK": chunk} for chunk in (8, 3)])
+    cfgs = {"keys": [{"DQ_LAYOUT": "keys", "dq_stages": 2}],
+            "blocks": [{"DQ_LAYOUT": "blocks", "CHUNK": chunk} for chunk in (8, 3)],
+            "rows_tma": [{"DQ_LAYOUT": "rows", "DQ_LOADS": "tma"}],
+            "keys_tma": [{"DQ_LAYOUT": "keys", "dq_stages": 2, "DQ_LOADS": "tma"}]}[layout]
     for cfg in cfgs:
         assert_close(kernel_grads(spec, xs, do, config={"bwd_slc": cfg}), want)
 
 
-@pytest.mark.parametrize("layout,G,cu", [("keys", 4, [0, 13, 13, 44]), ("blocks", 2, [0, 5, 26, 47])])
+@pytest.mark.parametrize("layout,G,cu", [("keys", 4, [0, 13, 13, 44]), ("blocks", 2, [0, 5, 26, 47]),
+                                         ("rows", 4, [0, 13, 13, 44])])
 def test_slc_dq_layouts_varlen(layout, G, cu):  # noqa: N803
     spec = make_spec(G=G, hkv=4 // G, n=2)
     cu = torch.tensor(cu, dtype=torch.int32)
@@ -233,7 +237,8 @@ def test_slc_dq_layouts_varlen(layout, G, cu):  # noqa: N803
     tc = int(R.compressed_cu_seqlens(cu, spec)[-1])
     xs = make_inputs(spec, 1, T, gen, tc=tc)
     do = torch.randn(1, T, spec.attention.heads, spec.attention.head_dim_v, generator=gen)
-    cfg = {"bwd_slc": {"DQ_LAYOUT": layout}}
+    # the one-token layouts through TMA descriptors (rows of other sequences are loaded and masked)
+    cfg = {"bwd_slc": {"DQ_LAYOUT": layout, **({"DQ_LOADS": "tma"} if layout == "rows" else {})}}
     want = ref_grads(spec, xs, do, cu_seqlens=cu)
     assert_close(kernel_grads(spec, xs, do, cu_seqlens=cu, config=cfg), want)
 
@@ -249,6 +254,11 @@ def test_slc_dq_blocks_layout_checks():
     assert "KEY_SPLIT" in kdef.check(spec, {**base, "DQ_LAYOUT": "blocks", "KEY_SPLIT": 2}, lim)
     assert "blocks" in kdef.space(spec, lim)["DQ_LAYOUT"]
     assert "blocks" not in kdef.space(make_spec(G=16, hkv=1), lim)["DQ_LAYOUT"]
+    # TMA descriptor loads of the one-token dQ: the forward's rules, named by this kernel's parameter
+    assert kdef.check(spec, {**base, "DQ_LOADS": "tma"}, lim) is None
+    assert kdef.check(spec, {**base, "DQ_LOADS": "tex"}, lim).startswith("DQ_LOADS: must be")
+    a100 = DeviceLimits("A100", (8, 0), 108, 163 * 1024)
+    assert "DQ_LOADS: 'tma' needs compute capability" in kdef.check(spec, {**base, "DQ_LOADS": "tma"}, a100)
 
 
 def test_deterministic_interpreter():
