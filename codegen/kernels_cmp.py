@@ -51,6 +51,8 @@ def _cmp_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
         "BLOCK_N": [16, 32, 64, 128],
         "num_warps": [4, 8],
         "num_stages": [1, 2, 3, 4],
+        # compressed K/V tiles through pointer loads or TMA descriptors (as the selection kernel's LOADS)
+        "LOADS": ["pointers", "tma"],
     }
 
 
@@ -69,6 +71,15 @@ def _cmp_check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) -> s
         return why
     if cfg["BLOCK_N"] not in _POW2:
         return f"BLOCK_N: must be a power of two in 16..256, got {cfg['BLOCK_N']}"
+    loads = cfg.get("LOADS", "pointers")
+    if loads not in ("pointers", "tma"):
+        return f"LOADS: must be 'pointers' or 'tma', got {loads!r}"
+    if loads == "tma":
+        from .kernels_slcwin import tma_check
+
+        why = tma_check(spec, limits, "LOADS")
+        if why:
+            return why
     if not limits.interpreter:
         need = _cmp_smem(spec, cfg)
         if need > limits.smem_per_block:

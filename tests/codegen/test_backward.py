@@ -510,6 +510,25 @@ def test_gpu_fwd_bwd_captured_in_a_cuda_graph_equals_eager():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["keys", "rows"])
+def test_gpu_selection_dq_tma_equals_pointer_loads(layout):
+    """The one-token selection dQ through TMA descriptors (DQ_LOADS = "tma") gives bitwise the gradients of
+    the pointer loads (same products and sums; rows out of range are zero instead of masked, and masked
+    anyway): paper spec, bf16, odd T."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs compute capability >= 9.0")
+    spec, xs, do = _paper_case(4096 + 5, 2)
+    grads = []
+    for loads in ("pointers", "tma"):
+        ops = nsa_dsl.compile(spec, config={"bwd_slc": {"DQ_LAYOUT": layout, "DQ_LOADS": loads}})
+        xs_b = [x.detach().clone().requires_grad_(True) for x in xs]
+        o = nsa_attention(*xs_b, ops, deterministic=True)
+        grads.append(torch.autograd.grad(o, xs_b, do))
+    for name, a, b in zip(NAMES, *grads, strict=True):
+        assert bool(torch.isfinite(a).all()) and torch.equal(a, b), name
+
+
+@pytest.mark.gpu
 def test_gpu_deterministic_bitwise():
     spec, xs, do = _paper_case(4096 + 5, 1)
     ops = nsa_dsl.compile(spec)

@@ -43,6 +43,9 @@ CASES = [
     pytest.param(
         dict(hq=16, hkv=1, l=8, d=8, lp=8, dk=48, dv=32), 1, 21, {"BLOCK_M": 32}, id="G16-dk48-dv32"
     ),
+    # compressed K/V through TMA descriptors (rows past a sequence or the tensor are read and masked / zero)
+    pytest.param(dict(hq=2, hkv=2, l=8, d=4, lp=16), 2, 37, {"LOADS": "tma"}, id="G1-tma"),
+    pytest.param(dict(hq=4, hkv=1, l=8, d=4, lp=16, dk=24, dv=16), 1, 45, {"LOADS": "tma"}, id="G4-dk24-tma"),
     pytest.param(dict(hq=4, hkv=2, l=8, d=4, lp=16), 2, 5, None, id="T<l"),
 ]
 
@@ -61,6 +64,7 @@ def test_cmp_fwd_varlen_matches_per_sequence():
     spec = make_spec(hq=4, hkv=2, l=8, d=4, lp=16)
     cu = torch.tensor([0, 0, 5, 30, 31, 49], dtype=torch.int32)  # an empty one; two shorter than l
     _run(spec, 1, 49, cu=cu, config={"BLOCK_M": 16, "BLOCK_N": 16})
+    _run(spec, 1, 49, cu=cu, config={"BLOCK_M": 16, "BLOCK_N": 16, "LOADS": "tma"})
 
 
 def test_cmp_fwd_fp16():
@@ -75,7 +79,8 @@ def test_cmp_fwd_rejects_wrong_heads():
 
 
 @pytest.mark.gpu
-def test_gpu_cmp_fwd_paper_spec_bf16_varlen():
+@pytest.mark.parametrize("loads", ["pointers", "tma"])
+def test_gpu_cmp_fwd_paper_spec_bf16_varlen(loads):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     from nsa_dsl import load_spec
@@ -84,7 +89,9 @@ def test_gpu_cmp_fwd_paper_spec_bf16_varlen():
     cu = torch.tensor([0, 1000, 1030, 5000, 8192], dtype=torch.int32, device="cuda")
     q, kc, vc = make_inputs(spec, 1, 8192, torch.bfloat16, cu.cpu())
     q, kc, vc = q.cuda(), kc.cuda(), vc.cuda()
-    mod = load(make_plan(spec, "cmp_fwd"))
+    if loads == "tma" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs compute capability >= 9.0")
+    mod = load(make_plan(spec, "cmp_fwd", {"LOADS": loads}))
     with poisoned_empty():
         o, lse = mod.run(q, kc, vc, cu_seqlens=cu)
     ro, rl = ref_cmp(spec, q.float(), kc.float(), vc.float(), cu.cpu())
