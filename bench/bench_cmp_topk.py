@@ -73,6 +73,9 @@ SWEEPS = {
         None,
         {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
         {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
+        # (session 8, not yet run) the compressed K/V through TMA descriptors
+        {"LOADS": "tma"},
+        {"LOADS": "tma", "num_stages": 2},
     ],
     "slc_topk": [
         None,
