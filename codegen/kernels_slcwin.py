@@ -225,6 +225,8 @@ def _win_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
         "num_stages": [1, 2, 3, 4],
         # query heads of one KV head packed into a tile's rows (they share every K/V tile)
         "HEADS": [h for h in (1, 2, 4, 8, 16) if spec.G % h == 0],
+        # K/V tiles through pointer loads or TMA descriptors (as the selection kernel's LOADS)
+        "LOADS": ["pointers", "tma"],
     }
 
 
@@ -235,6 +237,13 @@ def _win_check(spec: NSASpec, config: Mapping[str, Any], limits: DeviceLimits) -
     gh = config.get("HEADS", 1)
     if not _pow2(gh) or spec.G % gh or gh > config["BLOCK_M"]:
         return f"HEADS: must be a power of two dividing G={spec.G} and <= BLOCK_M, got {gh!r}"
+    loads = config.get("LOADS", "pointers")
+    if loads not in ("pointers", "tma"):
+        return f"LOADS: must be 'pointers' or 'tma', got {loads!r}"
+    if loads == "tma":
+        why = tma_check(spec, limits, "LOADS")
+        if why:
+            return why
     if limits.interpreter:
         return None
     a = spec.attention

@@ -65,26 +65,29 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("loads", ["pointers", "tma"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"G{c[0]}-dk{c[2]}-dv{c[3]}-w{c[4]}-T{c[5]}")
-def test_win_fwd_matches_reference(case):
+def test_win_fwd_matches_reference(case, loads):
     G, hkv, dk, dv, w, T, B, bm, bn, gh = case
     spec = make_spec(G, hkv, dk, dv, w)
     gen = torch.Generator().manual_seed(hash(case) % 2**31)
     q, k, v = inputs(spec, B, T, torch.float32, gen)
-    mod = load(make_plan(spec, "win_fwd", {"BLOCK_M": bm, "BLOCK_N": bn, "HEADS": gh}))
+    # LOADS "tma": K/V tiles through descriptors (rows before a sequence / past the tensor read and masked)
+    mod = load(make_plan(spec, "win_fwd", {"BLOCK_M": bm, "BLOCK_N": bn, "HEADS": gh, "LOADS": loads}))
     with poisoned_empty():
         o, lse = mod.run(q, k, v)
     ro, rlse = window_attention(q.double(), k.double(), v.double(), spec)
     check(o, lse, ro, rlse, 2e-5)
 
 
-def test_win_fwd_fp16_varlen():
+@pytest.mark.parametrize("loads", ["pointers", "tma"])
+def test_win_fwd_fp16_varlen(loads):
     """Packed sequences (one shorter than the window, one shorter than a tile) in fp16."""
     spec = make_spec(2, 2, 32, 16, 20, dtype="float16")
     gen = torch.Generator().manual_seed(7)
     cu = torch.tensor([0, 37, 42, 90], dtype=torch.int32)
     q, k, v = inputs(spec, 1, 90, torch.float16, gen)
-    mod = load(make_plan(spec, "win_fwd", {"BLOCK_M": 16, "BLOCK_N": 16, "HEADS": 2}))
+    mod = load(make_plan(spec, "win_fwd", {"BLOCK_M": 16, "BLOCK_N": 16, "HEADS": 2, "LOADS": loads}))
     with poisoned_empty():
         o, lse = mod.run(q, k, v, cu_seqlens=cu)
     outs, lses = [], []
@@ -139,15 +142,17 @@ def test_win_fwd_disabled_and_config_checks():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("heads", [1, 4])
+@pytest.mark.parametrize("heads,loads", [(1, "pointers"), (4, "pointers"), (4, "tma")])
 @pytest.mark.parametrize("T", [1000, 8192])
-def test_win_fwd_bf16_paper_gpu(T, heads):
+def test_win_fwd_bf16_paper_gpu(T, heads, loads):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
+    if loads == "tma" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs compute capability >= 9.0")
     spec = load_spec("nsa_paper")
     gen = torch.Generator().manual_seed(T)
     q, k, v = inputs(spec, 1, T, torch.bfloat16, gen, "cuda")
-    o, lse = load(make_plan(spec, "win_fwd", {"HEADS": heads})).run(q, k, v)
+    o, lse = load(make_plan(spec, "win_fwd", {"HEADS": heads, "LOADS": loads})).run(q, k, v)
     ro, rlse = window_attention(q.float(), k.float(), v.float(), spec)
     torch.testing.assert_close(o.float(), ro.float(), atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(lse, rlse.float(), atol=2e-3, rtol=2e-3)
