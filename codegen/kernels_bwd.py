@@ -297,15 +297,11 @@ def _slc_check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) -> s
                 f"{cfg['DQ_TOKENS']}")
     if cfg.get("DQ_LAYOUT", "rows") == "keys" and cfg["DQ_TOKENS"] != 1:
         return f"DQ_LAYOUT: 'keys' needs DQ_TOKENS = 1, got {cfg['DQ_TOKENS']}"
-    dq_loads = cfg.get("DQ_LOADS", "pointers")
-    if dq_loads not in ("pointers", "tma"):
-        return f"DQ_LOADS: must be 'pointers' or 'tma', got {dq_loads!r}"
-    if dq_loads == "tma":
-        from .kernels_slcwin import tma_check
+    from .kernels_slcwin import loads_check
 
-        why = tma_check(spec, limits, "DQ_LOADS")
-        if why:
-            return why
+    why = loads_check(spec, cfg, limits, "DQ_LOADS")
+    if why:
+        return why
     if cfg.get("dq_stages") not in (1, 2, 3, 4):
         return f"dq_stages: must be one of 1, 2, 3, 4, got {cfg.get('dq_stages')}"
     if cfg.get("DQ_LAYOUT", "rows") == "keys" and cfg["dq_stages"] == 1 and not limits.interpreter:

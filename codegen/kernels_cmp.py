@@ -71,15 +71,11 @@ def _cmp_check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) -> s
         return why
     if cfg["BLOCK_N"] not in _POW2:
         return f"BLOCK_N: must be a power of two in 16..256, got {cfg['BLOCK_N']}"
-    loads = cfg.get("LOADS", "pointers")
-    if loads not in ("pointers", "tma"):
-        return f"LOADS: must be 'pointers' or 'tma', got {loads!r}"
-    if loads == "tma":
-        from .kernels_slcwin import tma_check
+    from .kernels_slcwin import loads_check
 
-        why = tma_check(spec, limits, "LOADS")
-        if why:
-            return why
+    why = loads_check(spec, cfg, limits)
+    if why:
+        return why
     if not limits.interpreter:
         need = _cmp_smem(spec, cfg)
         if need > limits.smem_per_block:

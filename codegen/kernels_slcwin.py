@@ -90,6 +90,17 @@ def tma_available() -> bool:
         return False
 
 
+def loads_check(
+    spec: NSASpec, config: Mapping[str, Any], limits: DeviceLimits, key: str = "LOADS"
+) -> str | None:
+    """Why config parameter ``key`` ("pointers" or "tma": how a kernel reads its K/V tiles) is invalid here,
+    or None. Shared by every kernel with a TMA option (slc_fwd, win_fwd, cmp_fwd, bwd_slc's dQ)."""
+    loads = config.get(key, "pointers")
+    if loads not in ("pointers", "tma"):
+        return f"{key}: must be 'pointers' or 'tma', got {loads!r}"
+    return tma_check(spec, limits, key) if loads == "tma" else None
+
+
 def tma_check(spec: NSASpec, limits: DeviceLimits, key: str) -> str | None:
     """Why K/V cannot be read through TMA descriptors here (config parameter ``key`` = "tma"), or None."""
     if not limits.interpreter and limits.capability[0] < 9:
@@ -113,13 +124,9 @@ def _slc_check(spec: NSASpec, config: Mapping[str, Any], limits: DeviceLimits) -
         return f"TPP: must be 1, 2, 4, 8 or 16 tokens per program, got {config.get('TPP')!r}"
     if config.get("LAYOUT", "rows") not in ("rows", "keys"):
         return f"LAYOUT: must be 'rows' or 'keys', got {config.get('LAYOUT')!r}"
-    loads = config.get("LOADS", "pointers")
-    if loads not in ("pointers", "tma"):
-        return f"LOADS: must be 'pointers' or 'tma', got {loads!r}"
-    if loads == "tma":
-        why = tma_check(spec, limits, "LOADS")
-        if why:
-            return why
+    why = loads_check(spec, config, limits)
+    if why:
+        return why
     if config["schedule"] == "kvouter":
         why = _kvouter_check(spec, config)
         if why:
@@ -237,13 +244,9 @@ def _win_check(spec: NSASpec, config: Mapping[str, Any], limits: DeviceLimits) -
     gh = config.get("HEADS", 1)
     if not _pow2(gh) or spec.G % gh or gh > config["BLOCK_M"]:
         return f"HEADS: must be a power of two dividing G={spec.G} and <= BLOCK_M, got {gh!r}"
-    loads = config.get("LOADS", "pointers")
-    if loads not in ("pointers", "tma"):
-        return f"LOADS: must be 'pointers' or 'tma', got {loads!r}"
-    if loads == "tma":
-        why = tma_check(spec, limits, "LOADS")
-        if why:
-            return why
+    why = loads_check(spec, config, limits)
+    if why:
+        return why
     if limits.interpreter:
         return None
     a = spec.attention
