@@ -174,7 +174,7 @@ def _slc_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
     if limits.interpreter:
         return {"BLOCK_N": bn, "num_warps": 4, "num_stages": 1, "schedule": schedule, **_SCHEDULE_DEFAULT}
     cfg = {"BLOCK_N": bn, "num_warps": 2, "num_stages": 2, "schedule": schedule, **_SCHEDULE_DEFAULT}
-    # K/V through TMA descriptors where they apply (H200, sweep_slcwin.py --group, 2026-11-29 15:2x UTC, ms,
+    # K/V through TMA descriptors where they apply (H200, sweep_slcwin.py --group, 2026-11-29 15:05 UTC, ms,
     # pointers -> tma, outputs bitwise equal): paper 8k 2.38 -> 2.29, 64k 19.6 -> 18.2; fla_compat 8k
     # 2.02 -> 1.79, 64k 16.5 -> 14.7 (bench/results/slc_tma_T*_h200_s8.json)
     if _slc_check(spec, {**cfg, "LOADS": "tma"}, limits) is None:
