@@ -43,15 +43,18 @@ VARIANTS = {
 
 
 def _descriptor_types(plan, names) -> dict[str, str]:
-    """Signature types of the TMA descriptor parameters (KD{j} / VD{j}: one per head-dim chunk) of a plan
-    whose kernel takes them: bf16 boxes of [rows, 1, chunk width]."""
-    c = plan.constants
-    box = c["LPP"] if plan.kernel == "bwd_slc" else plan.config.get("BLOCK_N")  # a block / a sub-tile
+    """Signature types of the TMA descriptor parameters of a plan whose kernel takes them (one per head-dim
+    chunk: KD{j} / VD{j} for K / V, QD{j} / OD{j} for the dense backward's Q / dO): bf16 boxes of
+    [rows, 1, chunk width], rows as the emitted host helpers build them."""
+    c, cfg = plan.constants, plan.config
+    kv_box = {"bwd_slc": c.get("LPP"), "bwd_cmp": cfg.get("DQ_BLOCK_N"), "bwd_win": cfg.get("DQ_BLOCK_N")}
+    boxes = {"KD": kv_box.get(plan.kernel, cfg.get("BLOCK_N")), "QD": cfg.get("BLOCK_M")}
     out = {}
-    for prefix, chunks in (("KD", c.get("DK_CHUNKS", ())), ("VD", c.get("DV_CHUNKS", ()))):
-        for j, (_, w, _) in enumerate(chunks):
-            if f"{prefix}{j}" in names:
-                out[f"{prefix}{j}"] = f"tensordesc<bf16[{box}, 1, {w}]>"
+    for (kp, vp), box in (("KD", "VD"), boxes["KD"]), (("QD", "OD"), boxes["QD"]):
+        for prefix, chunks in ((kp, c.get("DK_CHUNKS", ())), (vp, c.get("DV_CHUNKS", ()))):
+            for j, (_, w, _) in enumerate(chunks):
+                if f"{prefix}{j}" in names:
+                    out[f"{prefix}{j}"] = f"tensordesc<bf16[{box}, 1, {w}]>"
     return out
 
 

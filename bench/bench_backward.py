@@ -435,11 +435,15 @@ def _q(cfg, q_chunk, order="tiles"):
 #: in git history (session 5: the fourth to sixth sweeps).
 _CMP_KV = _kv(32, 64, 4, 2, 1)
 VARIANTS = {
-    # eighth sweep (session 8, not yet run): the selection dQ through TMA descriptors, as the forward
-    # selection now (the seventh sweep, 8 warps for the dense branches: git history and bench/RESULTS.md)
+    # eighth sweep (session 8, not yet run): TMA descriptor loads in the backward, as the forward selection
+    # now (the seventh sweep, 8 warps for the dense branches: git history and bench/RESULTS.md)
     "nsa_paper": {
         "bwd_slc.dq": [{}, {"DQ_LOADS": "tma"}, {"DQ_LOADS": "tma", "dq_stages": 3},
                        {"DQ_LOADS": "tma", "DQ_LAYOUT": "rows", "dq_warps": 2}],
+        # the dense branches' query (dK/dV) and key (dQ) tiles through TMA descriptors: both kernels of a
+        # family follow LOADS, so the .dq times of candidate 1 are the TMA dQ kernels too
+        "bwd_cmp.dkdv": [{}, {"LOADS": "tma"}],
+        "bwd_win.dkdv": [{}, {"LOADS": "tma"}],
     },
     # sixth sweep (session 5)
     "fla_compat": {

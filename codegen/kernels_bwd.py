@@ -8,6 +8,8 @@
 
 Config parameters (constexprs baked into the emitted source):
   BLOCK_M, BLOCK_N  query / key tile of the dK/dV kernel (bwd_cmp, bwd_win);
+  LOADS             bwd_cmp / bwd_win: the dK/dV loop's query tiles and the dQ loop's key tiles through
+                    "pointers" or "tma" descriptors (as the forward kernels' LOADS);
   DQ_BLOCK_M, DQ_BLOCK_N, dq_warps, dq_stages  the same for their dQ kernel;
   KV_PASSES         1: dK and dV accumulated together; 2: two passes over the queries (dV, then dK), one
                     accumulator live at a time (+30% FLOPs, far fewer registers -> larger MMA tiles);
@@ -166,6 +168,8 @@ def _dense_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
         "dq_warps": [4, 8],
         "dq_stages": [1, 2, 3],
         "ORDER": ["tiles", "lpt"],
+        # the dK/dV loop's query tiles and the dQ loop's key tiles through pointer loads or TMA descriptors
+        "LOADS": ["pointers", "tma"],
     }
 
 
@@ -188,6 +192,11 @@ def _dense_check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) ->
         return f"ORDER: must be 'tiles' or 'lpt', got {cfg.get('ORDER')!r}"
     if not isinstance(cfg["Q_CHUNK"], int) or cfg["Q_CHUNK"] < 0:
         return f"Q_CHUNK: must be an integer >= 0, got {cfg['Q_CHUNK']}"
+    from .kernels_slcwin import loads_check
+
+    why = loads_check(spec, cfg, limits)
+    if why:
+        return why
     why = _common_check(cfg) or _common_check({"num_warps": cfg["dq_warps"], "num_stages": cfg["dq_stages"]})
     if why:
         return why

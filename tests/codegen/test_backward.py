@@ -133,6 +133,19 @@ def test_grads_match_reference(case):
     assert_close(kernel_grads(spec, xs, do), ref_grads(spec, xs, do))
 
 
+@pytest.mark.parametrize("case", ["G2-B2", "G16-dk48", "G2-nowin"])
+def test_grads_dense_branches_tma(case):
+    """The compressed and window backward with their tiles through TMA descriptors (LOADS = "tma": the dK/dV
+    loop's query tiles read past the sequence and masked, the dQ loop's key tiles likewise)."""
+    kw, B, T = CASES[case]
+    spec = make_spec(**kw)
+    gen = torch.Generator().manual_seed(hash((case, "tma")) % 2**31)
+    xs = make_inputs(spec, B, T, gen)
+    do = torch.randn(B, T, spec.attention.heads, spec.attention.head_dim_v, generator=gen)
+    cfg = {"bwd_cmp": {"LOADS": "tma"}, "bwd_win": {"LOADS": "tma"}}
+    assert_close(kernel_grads(spec, xs, do, config=cfg), ref_grads(spec, xs, do))
+
+
 def test_grads_short_sequence_no_nan():
     """T < l: no compressed block at all (Tc = 0, lse_cmp = +inf everywhere) - gradients finite and exact."""
     spec = make_spec(G=2, hkv=1)
@@ -172,6 +185,9 @@ def test_grads_varlen():
     # longest-first launch order of the dense branches (grid axes swapped) with the query split
     lpt = {k: {**v, "ORDER": "lpt"} for k, v in qsplit.items()}
     assert_close(kernel_grads(spec, xs, do, cu_seqlens=cu, config=lpt), want)
+    # the dense branches' tiles through TMA descriptors (tiles crossing into the next packed sequence)
+    tma = {k: {**v, "LOADS": "tma"} for k, v in qsplit.items()}
+    assert_close(kernel_grads(spec, xs, do, cu_seqlens=cu, config=tma), want)
 
 
 def test_schedule_variants_agree():
@@ -521,6 +537,23 @@ def test_gpu_selection_dq_tma_equals_pointer_loads(layout):
     grads = []
     for loads in ("pointers", "tma"):
         ops = nsa_dsl.compile(spec, config={"bwd_slc": {"DQ_LAYOUT": layout, "DQ_LOADS": loads}})
+        xs_b = [x.detach().clone().requires_grad_(True) for x in xs]
+        o = nsa_attention(*xs_b, ops, deterministic=True)
+        grads.append(torch.autograd.grad(o, xs_b, do))
+    for name, a, b in zip(NAMES, *grads, strict=True):
+        assert bool(torch.isfinite(a).all()) and torch.equal(a, b), name
+
+
+@pytest.mark.gpu
+def test_gpu_dense_branches_tma_equals_pointer_loads():
+    """The compressed / window backward through TMA descriptors gives bitwise the pointer loads' gradients
+    (paper spec, bf16, odd T, split query ranges in the compressed dK/dV)."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs compute capability >= 9.0")
+    spec, xs, do = _paper_case(4096 + 5, 3)
+    grads = []
+    for loads in ("pointers", "tma"):
+        ops = nsa_dsl.compile(spec, config={"bwd_cmp": {"LOADS": loads}, "bwd_win": {"LOADS": loads}})
         xs_b = [x.detach().clone().requires_grad_(True) for x in xs]
         o = nsa_attention(*xs_b, ops, deterministic=True)
         grads.append(torch.autograd.grad(o, xs_b, do))
