@@ -124,7 +124,7 @@ def _dense_default(branch: str):
         if limits.interpreter:
             return {"BLOCK_M": 16, "BLOCK_N": 16, "Q_CHUNK": 0, "num_warps": 4, "num_stages": 1,
                     "KV_PASSES": 1, "DQ_BLOCK_M": 16, "DQ_BLOCK_N": 16, "dq_warps": 4, "dq_stages": 1,
-                    "ORDER": "tiles"}
+                    "ORDER": "tiles", "LOADS": "pointers"}
         wide = _padded(spec.attention.head_dim_qk) + _padded(spec.attention.head_dim_v) > 256
         # All measured on an H200 with bench_backward (sweeps 2026-11-28, --variants 2026-11-29; paper
         # spec unless named). wgmma tiles (64+ rows) beat spill-free 32-row mma.sync tiles despite spills.
@@ -150,7 +150,7 @@ def _dense_default(branch: str):
             kv = {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "KV_PASSES": 1}
         else:
             kv = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "KV_PASSES": 1}
-        return {**kv, "Q_CHUNK": q_chunk, **dq, "ORDER": "tiles"}
+        return {**kv, "Q_CHUNK": q_chunk, **dq, "ORDER": "tiles", "LOADS": "pointers"}  # "tma": not yet timed
 
     return default
 
@@ -245,7 +245,7 @@ def _slc_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
     G = spec.G  # noqa: N806
     if limits.interpreter:
         return {"BLOCK_T": max(1, 16 // G), "CHUNK": 8, "KEY_SPLIT": 1, "num_warps": 4, "dq_warps": 4,
-                "num_stages": 1, "DQ_TOKENS": 1, "dq_stages": 1, "DQ_LAYOUT": "rows"}
+                "num_stages": 1, "DQ_TOKENS": 1, "dq_stages": 1, "DQ_LAYOUT": "rows", "DQ_LOADS": "pointers"}
     # measured on an H200 (bench_backward sweeps, paper spec, T = 8k / 32k, 2026-11-28): dK/dV 32 rows x 64
     # keys (KEY_SPLIT 1: the 64-key tile is the wgmma M side), 4 warps, 2 stages: 24.3 -> 10.7 ms at 32k,
     # 5.8 -> 2.9 at 8k (128 rows x 32 keys, 8 warps, 1 stage before). dQ: one token per program (its G heads
@@ -262,7 +262,8 @@ def _slc_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
         dq = {"DQ_TOKENS": 1, "dq_warps": 2, "dq_stages": 2, "DQ_LAYOUT": "rows"}
     else:
         dq = {"DQ_TOKENS": 1, "dq_warps": 4, "dq_stages": 1, "DQ_LAYOUT": "blocks"}
-    return {"BLOCK_T": max(1, 32 // G), "CHUNK": 1024, "KEY_SPLIT": 1, "num_warps": 4, "num_stages": 2, **dq}
+    return {"BLOCK_T": max(1, 32 // G), "CHUNK": 1024, "KEY_SPLIT": 1, "num_warps": 4, "num_stages": 2, **dq,
+            "DQ_LOADS": "pointers"}  # "tma": not yet timed
 
 
 def _slc_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:

@@ -91,10 +91,10 @@ def _cmp_check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) -> s
 def _cmp_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
     gp = next_pow2(spec.G)
     if limits.interpreter:
-        return {"BLOCK_M": max(16, gp), "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+        return {"BLOCK_M": max(16, gp), "BLOCK_N": 16, "num_warps": 4, "num_stages": 1, "LOADS": "pointers"}
     # Measured on H200 (bench/RESULTS.md): 128 rows x 64 compressed keys, 8 warps, 3 stages is the best of
-    # the swept points at dk = 192 (13.1 ms at 64k vs 13.9 with 2 stages).
-    cfg = {"BLOCK_M": max(128, gp), "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+    # the swept points at dk = 192 (13.1 ms at 64k vs 13.9 with 2 stages). LOADS "tma" not yet timed.
+    cfg = {"BLOCK_M": max(128, gp), "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "LOADS": "pointers"}
     while _cmp_check(spec, cfg, limits) and cfg["num_stages"] > 1:
         cfg["num_stages"] -= 1
     while _cmp_check(spec, cfg, limits) and cfg["BLOCK_M"] > max(16, gp):

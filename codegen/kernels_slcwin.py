@@ -263,12 +263,15 @@ def _win_check(spec: NSASpec, config: Mapping[str, Any], limits: DeviceLimits) -
 
 def _win_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
     if limits.interpreter:
-        return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1, "HEADS": 1}
+        cfg = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1, "HEADS": 1}
+        return {**cfg, "LOADS": "pointers"}
     # H200, paper spec, T = 32k: BLOCK_M 128 (32 tokens x 4 heads) / BLOCK_N 64 / 8 warps / 2 stages 2.34 ms;
-    # 64/64/4/2 with one head per tile 2.43 ms; 128/64/8/3 2.66 ms
+    # 64/64/4/2 with one head per tile 2.43 ms; 128/64/8/3 2.66 ms. LOADS "tma" not yet timed.
     if spec.G % 4 == 0:
-        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "HEADS": 4}
-    return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "HEADS": 1}
+        cfg = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "HEADS": 4}
+    else:
+        cfg = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "HEADS": 1}
+    return {**cfg, "LOADS": "pointers"}
 
 
 register(
