@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -76,17 +75,10 @@ def check(kernel: str, spec_name: str, config: dict, maxnreg: int | None = None)
         except Exception as e:
             out.append((label, f"COMPILE ERROR {type(e).__name__}: {str(e).splitlines()[0][:300]}"))
             continue
-        ptx, ptx_txt = tmp / "k.ptx", c.asm["ptx"]
-        ptx.write_text(ptx_txt)
-        cmd = [decode_aot._ptxas(), "-arch=sm_90a", "-v", str(ptx), "-o", str(tmp / "k.cubin")]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        txt = res.stderr + res.stdout
-        regs = decode_aot.re.search(r"Used (\d+) registers", txt)
-        spill = decode_aot.re.search(r"(\d+) bytes spill stores", txt)
-        out.append((label, f"{regs.group(1) if regs else '?'} registers, "
-                           f"{spill.group(1) if spill else '?'} bytes spilled, smem {c.metadata.shared} B, "
-                           f"cp.async {ptx_txt.count('cp.async')} "
-                           f"(TMA {ptx_txt.count('cp.async.bulk.tensor')})"))
+        regs, spill, ptx_txt = decode_aot.ptxas_report(c, tmp)
+        tma = ptx_txt.count("cp.async.bulk.tensor")
+        out.append((label, f"{regs} registers, {spill} bytes spilled, smem {c.metadata.shared} B, "
+                           f"cp.async {ptx_txt.count('cp.async')} (TMA {tma})"))
     return out
 
 

@@ -56,6 +56,18 @@ def _ptxas() -> str:
     return compiler.get_ptxas(90).path
 
 
+def ptxas_report(compiled, tmp: Path) -> tuple[str, str, str]:
+    """(registers, bytes spilled, PTX text) of a kernel compiled for sm90: ptxas -v on its PTX."""
+    ptx, ptx_txt = tmp / "k.ptx", compiled.asm["ptx"]
+    ptx.write_text(ptx_txt)
+    res = subprocess.run([_ptxas(), "-arch=sm_90a", "-v", str(ptx), "-o", str(tmp / "k.cubin")],
+                         capture_output=True, text=True)
+    txt = res.stderr + res.stdout
+    regs = re.search(r"Used (\d+) registers", txt)
+    spill = re.search(r"(\d+) bytes spill stores", txt)
+    return (regs.group(1) if regs else "?"), (spill.group(1) if spill else "?"), ptx_txt
+
+
 def load_for_sm90(spec_name: str, kernel: str, config: dict) -> tuple[Any, Any, Path]:
     """(plan, imported emitted module, scratch folder) of ``kernel`` for an sm90 card (H100 limits)."""
     h100 = DeviceLimits("H100 (AOT)", (9, 0), 132, 227 * 1024)
@@ -97,19 +109,11 @@ def check(spec_name: str, config: dict) -> list[tuple[str, str]]:
         except Exception as e:
             out.append((name, f"COMPILE ERROR {type(e).__name__}: {str(e).splitlines()[0][:300]}"))
             continue
-        ptx = tmp / "k.ptx"
-        ptx.write_text(c.asm["ptx"])
-        res = subprocess.run([_ptxas(), "-arch=sm_90a", "-v", str(ptx), "-o", str(tmp / "k.cubin")],
-                             capture_output=True, text=True)
-        txt = res.stderr + res.stdout
-        regs = re.search(r"Used (\d+) registers", txt)
-        spill = re.search(r"(\d+) bytes spill stores", txt)
-        ptx_txt = c.asm["ptx"]
+        regs, spill, ptx_txt = ptxas_report(c, tmp)
         out.append((name, f"cp.async {ptx_txt.count('cp.async')} ld.global {ptx_txt.count('ld.global')} "
                           f"griddepcontrol {ptx_txt.count('griddepcontrol.wait')}/"
                           f"{ptx_txt.count('griddepcontrol.launch_dependents')} "
-                          f"{regs.group(1) if regs else '?'} registers, "
-                          f"{spill.group(1) if spill else '?'} bytes spilled, smem {c.metadata.shared} B"))
+                          f"{regs} registers, {spill} bytes spilled, smem {c.metadata.shared} B"))
     return out
 
 

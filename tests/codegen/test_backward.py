@@ -525,6 +525,19 @@ def test_gpu_fwd_bwd_captured_in_a_cuda_graph_equals_eager():
         assert torch.equal(a, b), name
 
 
+def _assert_same_grads_bitwise(seed, cfg_a, cfg_b):
+    """Paper spec, bf16, odd T: the six gradients under two op configs are finite and bitwise equal."""
+    spec, xs, do = _paper_case(4096 + 5, seed)
+    grads = []
+    for cfg in (cfg_a, cfg_b):
+        ops = nsa_dsl.compile(spec, config=cfg)
+        xs_b = [x.detach().clone().requires_grad_(True) for x in xs]
+        o = nsa_attention(*xs_b, ops, deterministic=True)
+        grads.append(torch.autograd.grad(o, xs_b, do))
+    for name, a, b in zip(NAMES, *grads, strict=True):
+        assert bool(torch.isfinite(a).all()) and torch.equal(a, b), name
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout", ["keys", "rows"])
 def test_gpu_selection_dq_tma_equals_pointer_loads(layout):
@@ -533,15 +546,8 @@ def test_gpu_selection_dq_tma_equals_pointer_loads(layout):
     anyway): paper spec, bf16, odd T."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA needs compute capability >= 9.0")
-    spec, xs, do = _paper_case(4096 + 5, 2)
-    grads = []
-    for loads in ("pointers", "tma"):
-        ops = nsa_dsl.compile(spec, config={"bwd_slc": {"DQ_LAYOUT": layout, "DQ_LOADS": loads}})
-        xs_b = [x.detach().clone().requires_grad_(True) for x in xs]
-        o = nsa_attention(*xs_b, ops, deterministic=True)
-        grads.append(torch.autograd.grad(o, xs_b, do))
-    for name, a, b in zip(NAMES, *grads, strict=True):
-        assert bool(torch.isfinite(a).all()) and torch.equal(a, b), name
+    cfgs = ({"bwd_slc": {"DQ_LAYOUT": layout, "DQ_LOADS": x}} for x in ("pointers", "tma"))
+    _assert_same_grads_bitwise(2, *cfgs)
 
 
 @pytest.mark.gpu
@@ -550,15 +556,8 @@ def test_gpu_dense_branches_tma_equals_pointer_loads():
     (paper spec, bf16, odd T, split query ranges in the compressed dK/dV)."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA needs compute capability >= 9.0")
-    spec, xs, do = _paper_case(4096 + 5, 3)
-    grads = []
-    for loads in ("pointers", "tma"):
-        ops = nsa_dsl.compile(spec, config={"bwd_cmp": {"LOADS": loads}, "bwd_win": {"LOADS": loads}})
-        xs_b = [x.detach().clone().requires_grad_(True) for x in xs]
-        o = nsa_attention(*xs_b, ops, deterministic=True)
-        grads.append(torch.autograd.grad(o, xs_b, do))
-    for name, a, b in zip(NAMES, *grads, strict=True):
-        assert bool(torch.isfinite(a).all()) and torch.equal(a, b), name
+    cfgs = ({"bwd_cmp": {"LOADS": x}, "bwd_win": {"LOADS": x}} for x in ("pointers", "tma"))
+    _assert_same_grads_bitwise(3, *cfgs)
 
 
 @pytest.mark.gpu
