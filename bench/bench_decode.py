@@ -468,7 +468,8 @@ def main() -> None:
     ap.add_argument("--part", default="0/1", help="with --warm: P/N, every N-th variant from the P-th")
     ap.add_argument("--variants", help="with --compare: comma-separated variant names (\"new\" always runs)")
     ap.add_argument("--shapes", help="with --compare: comma-separated spec:B:T shapes instead of the list")
-    ap.add_argument("--splits", help="with --variants: semicolon-separated split triples C,S,T timed for new")
+    ap.add_argument("--splits", help="with --variants: semicolon-separated split triples C,S,T timed for new "
+                    "and each variant")
     args = ap.parse_args()
     global ONLY_VARIANTS, ONLY_SHAPES, ONLY_SPLITS
     if args.splits:

@@ -88,11 +88,10 @@ def one(spec_name: str, T: int, small: bool, args) -> list[dict]:  # noqa: N803
     idx = select_blocks(scores, spec, T)
     flop = common.selection_flop(spec, idx)
     rows = []
-    group = json.loads(args.group) if args.group else GROUP
-    cands = [("group", c) for c in (group[:1] if small else group)]
-    if args.group:
-        cands = [("group", c) for c in group]
+    if args.group:  # only the given group-centric configs, every one
+        cands = [("group", c) for c in json.loads(args.group)]
     else:
+        cands = [("group", c) for c in (GROUP[:1] if small else GROUP)]
         cands += [("kvouter", c) for c in (KVOUTER[1:2] if args.fast else KVOUTER)]
     ref = None
     for sched, cfg in cands:

@@ -41,17 +41,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..spec import NSASpec
-from .plan import DeviceLimits, KernelDef, next_pow2, register, split_dim
+from .plan import DeviceLimits, KernelDef, element_bytes, loads_check, next_pow2, register, split_dim
 
 _POW2 = (16, 32, 64, 128, 256)
 
 
 def _padded(dim: int) -> int:
     return sum(w for _, w, _ in split_dim(dim))
-
-
-def _elt(spec: NSASpec) -> int:
-    return 4 if spec.attention.dtype == "float32" else 2
 
 
 def _common_check(cfg: Mapping[str, Any]) -> str | None:
@@ -174,7 +170,7 @@ def _dense_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
 
 
 def _dense_smem(spec: NSASpec, cfg: Mapping[str, Any]) -> int:
-    e = _elt(spec)
+    e = element_bytes(spec)
     dk, dv = _padded(spec.attention.head_dim_qk), _padded(spec.attention.head_dim_v)
     kv = cfg["BLOCK_N"] * (dk + dv) * e
     qdo = cfg["BLOCK_M"] * (dk + dv) * e * max(1, cfg["num_stages"])
@@ -192,8 +188,6 @@ def _dense_check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) ->
         return f"ORDER: must be 'tiles' or 'lpt', got {cfg.get('ORDER')!r}"
     if not isinstance(cfg["Q_CHUNK"], int) or cfg["Q_CHUNK"] < 0:
         return f"Q_CHUNK: must be an integer >= 0, got {cfg['Q_CHUNK']}"
-    from .kernels_slcwin import loads_check
-
     why = loads_check(spec, cfg, limits)
     if why:
         return why
@@ -307,8 +301,6 @@ def _slc_check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) -> s
                 f"{cfg['DQ_TOKENS']}")
     if cfg.get("DQ_LAYOUT", "rows") == "keys" and cfg["DQ_TOKENS"] != 1:
         return f"DQ_LAYOUT: 'keys' needs DQ_TOKENS = 1, got {cfg['DQ_TOKENS']}"
-    from .kernels_slcwin import loads_check
-
     why = loads_check(spec, cfg, limits, "DQ_LOADS")
     if why:
         return why

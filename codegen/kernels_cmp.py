@@ -13,13 +13,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..spec import NSASpec
-from .plan import DeviceLimits, KernelDef, next_pow2, register, split_dim
+from .plan import DeviceLimits, KernelDef, element_bytes, loads_check, next_pow2, register, split_dim
 
 _POW2 = (16, 32, 64, 128, 256)
-
-
-def _elt_bytes(spec: NSASpec) -> int:
-    return 4 if spec.attention.dtype == "float32" else 2
 
 
 def _padded(dim: int) -> int:
@@ -57,7 +53,7 @@ def _cmp_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
 
 
 def _cmp_smem(spec: NSASpec, cfg: Mapping[str, Any]) -> int:
-    e = _elt_bytes(spec)
+    e = element_bytes(spec)
     dk, dv = _padded(spec.attention.head_dim_qk), _padded(spec.attention.head_dim_v)
     q = cfg["BLOCK_M"] * dk * e
     kv = cfg["BLOCK_N"] * (dk + dv) * e * max(1, cfg["num_stages"])
@@ -71,8 +67,6 @@ def _cmp_check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) -> s
         return why
     if cfg["BLOCK_N"] not in _POW2:
         return f"BLOCK_N: must be a power of two in 16..256, got {cfg['BLOCK_N']}"
-    from .kernels_slcwin import loads_check
-
     why = loads_check(spec, cfg, limits)
     if why:
         return why
@@ -203,7 +197,7 @@ def _topk_check(fused: bool):
         if fused and cfg.get("BLOCK_N") not in _POW2:
             return f"BLOCK_N: must be a power of two in 16..256, got {cfg.get('BLOCK_N')}"
         if not limits.interpreter:
-            e = _elt_bytes(spec)
+            e = element_bytes(spec)
             dk, dv = _padded(spec.attention.head_dim_qk), _padded(spec.attention.head_dim_v)
             need = cfg["BLOCK_M"] * dk * e + cols * (dk + (dv if fused else 0)) * e * cfg["num_stages"]
             if need > limits.smem_per_block:

@@ -57,7 +57,7 @@ from typing import Any
 
 from ..spec import NSASpec
 from .kernels_cmp import overlap_levels
-from .plan import DeviceLimits, KernelDef, next_pow2, register, split_dim
+from .plan import DeviceLimits, KernelDef, element_bytes, next_pow2, register, split_dim
 
 _SPLITS = (0, 1, 2, 4, 8, 16, 32, 64)
 
@@ -177,7 +177,7 @@ def _decode_check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) -
         return f"num_stages: must be an integer in 1..6, got {ns!r}"
     if not limits.interpreter:
         a = spec.attention
-        e = 4 if a.dtype == "float32" else 2
+        e = element_bytes(spec)
         dk, dv = _padded(a.head_dim_qk), _padded(a.head_dim_v)
         rows = decode_rows(spec, tok)
         tile = max(cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["BLOCK_W"])

@@ -11,9 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..spec import NSASpec
-from .plan import DeviceLimits, KernelDef, next_pow2, register, split_dim
-
-_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+from .plan import DeviceLimits, KernelDef, element_bytes, loads_check, next_pow2, register, split_dim
 
 
 def _pow2(x: Any) -> bool:
@@ -80,39 +78,6 @@ def _slc_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
     }
 
 
-def tma_available() -> bool:
-    """Whether this Triton has host-side TMA tensor descriptors (``triton.tools.tensor_descriptor``, 3.4+)."""
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec("triton.tools.tensor_descriptor") is not None
-    except ImportError:  # pragma: no cover - no triton.tools at all
-        return False
-
-
-def loads_check(
-    spec: NSASpec, config: Mapping[str, Any], limits: DeviceLimits, key: str = "LOADS"
-) -> str | None:
-    """Why config parameter ``key`` ("pointers" or "tma": how a kernel reads its K/V tiles) is invalid here,
-    or None. Shared by every kernel with a TMA option (slc_fwd, win_fwd, cmp_fwd, bwd_slc's dQ)."""
-    loads = config.get(key, "pointers")
-    if loads not in ("pointers", "tma"):
-        return f"{key}: must be 'pointers' or 'tma', got {loads!r}"
-    return tma_check(spec, limits, key) if loads == "tma" else None
-
-
-def tma_check(spec: NSASpec, limits: DeviceLimits, key: str) -> str | None:
-    """Why K/V cannot be read through TMA descriptors here (config parameter ``key`` = "tma"), or None."""
-    if not limits.interpreter and limits.capability[0] < 9:
-        return f"{key}: 'tma' needs compute capability >= 9.0, not {limits.name}: use 'pointers'"
-    if not tma_available():
-        return f"{key}: 'tma' needs Triton >= 3.4 (triton.tools.tensor_descriptor): use 'pointers'"
-    esz = _BYTES[spec.attention.dtype]
-    if spec.attention.head_dim_qk * esz % 16 or spec.attention.head_dim_v * esz % 16:
-        return f"{key}: 'tma' needs K/V rows (head_dim x element size) that are multiples of 16 bytes"
-    return None
-
-
 def _slc_check(spec: NSASpec, config: Mapping[str, Any], limits: DeviceLimits) -> str | None:
     why = _common_check(config, ("BLOCK_N",), limits)
     if why:
@@ -137,7 +102,7 @@ def _slc_check(spec: NSASpec, config: Mapping[str, Any], limits: DeviceLimits) -
     if limits.interpreter:
         return None
     a = spec.attention
-    dk, dv, esz = _padded(a.head_dim_qk), _padded(a.head_dim_v), _BYTES[a.dtype]
+    dk, dv, esz = _padded(a.head_dim_qk), _padded(a.head_dim_v), element_bytes(spec)
     smem = (config["num_stages"] * bn * (dk + dv) + _gpad(spec) * dk) * esz
     if smem > limits.smem_per_block:
         return f"num_stages/BLOCK_N: ~{smem} bytes of shared memory > the device's {limits.smem_per_block}"
@@ -250,7 +215,7 @@ def _win_check(spec: NSASpec, config: Mapping[str, Any], limits: DeviceLimits) -
     if limits.interpreter:
         return None
     a = spec.attention
-    dk, dv, esz = _padded(a.head_dim_qk), _padded(a.head_dim_v), _BYTES[a.dtype]
+    dk, dv, esz = _padded(a.head_dim_qk), _padded(a.head_dim_v), element_bytes(spec)
     bm, bn = config["BLOCK_M"], config["BLOCK_N"]
     smem = (config["num_stages"] * bn * (dk + dv) + bm * dk) * esz
     if smem > limits.smem_per_block:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 import json
 import logging
 import math
@@ -249,6 +250,42 @@ def split_dim(dim: int, min_chunk: int = 16) -> list[tuple[int, int, int]]:
         off += w
         rem -= w
     return out
+
+
+def element_bytes(spec: NSASpec) -> int:
+    """Bytes per element of the spec's attention dtype (q, K/V and the outputs)."""
+    return 4 if spec.attention.dtype == "float32" else 2
+
+
+@lru_cache(maxsize=1)
+def tma_available() -> bool:
+    """Whether this Triton has host-side TMA tensor descriptors (``triton.tools.tensor_descriptor``, 3.4+)."""
+    try:
+        return importlib.util.find_spec("triton.tools.tensor_descriptor") is not None
+    except ImportError:  # pragma: no cover - no triton.tools at all
+        return False
+
+
+def loads_check(
+    spec: NSASpec, config: Mapping[str, Any], limits: DeviceLimits, key: str = "LOADS"
+) -> str | None:
+    """Why config parameter ``key`` ("pointers" or "tma": how a kernel reads its K/V tiles) is invalid here,
+    or None. Shared by every kernel with a TMA option (slc_fwd, win_fwd, cmp_fwd, bwd_cmp / bwd_win, and
+    bwd_slc's dQ as DQ_LOADS): "tma" needs compute capability >= 9, host descriptors in this Triton and K/V
+    rows that are multiples of 16 bytes."""
+    loads = config.get(key, "pointers")
+    if loads not in ("pointers", "tma"):
+        return f"{key}: must be 'pointers' or 'tma', got {loads!r}"
+    if loads == "pointers":
+        return None
+    if not limits.interpreter and limits.capability[0] < 9:
+        return f"{key}: 'tma' needs compute capability >= 9.0, not {limits.name}: use 'pointers'"
+    if not tma_available():
+        return f"{key}: 'tma' needs Triton >= 3.4 (triton.tools.tensor_descriptor): use 'pointers'"
+    esz = element_bytes(spec)
+    if spec.attention.head_dim_qk * esz % 16 or spec.attention.head_dim_v * esz % 16:
+        return f"{key}: 'tma' needs K/V rows (head_dim x element size) that are multiples of 16 bytes"
+    return None
 
 
 def spec_constants(spec: NSASpec) -> dict[str, Any]:
