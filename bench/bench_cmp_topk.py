@@ -5,7 +5,8 @@ anchors), T = 16k and 64k, a small sweep of configs per kernel (no autotune: con
 cuDNN SDPA dense causal attention and a bf16 matmul measured in the same run. Prints a Markdown table and
 writes JSON to $OUT (or bench/results/).
 
-    python bench/bench_cmp_topk.py [--T 16384 65536] [--quick]
+    python bench/bench_cmp_topk.py [--T 16384 65536] [--quick] [--specs nsa_paper fla_compat]
+        [--kernels cmp_fwd slc_topk]
 """
 
 from __future__ import annotations
@@ -71,29 +72,37 @@ def _dense_ms(a, T, q):  # noqa: N803
 SWEEPS = {
     "cmp_fwd": [
         None,
-        {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
+        {"LOADS": "pointers"},  # the default before session 9 (TMA descriptors since)
+        {"num_stages": 2},
         {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
-        # (session 8, not yet run) the compressed K/V through TMA descriptors
-        {"LOADS": "tma"},
-        {"LOADS": "tma", "num_stages": 2},
     ],
     "slc_topk": [
         None,
-        {"BLOCK_M": 128, "BLOCK_S": 16, "num_warps": 8, "num_stages": 2},
-        {"BLOCK_M": 64, "BLOCK_S": 32, "num_warps": 8, "num_stages": 2},
+        # (session 9) a chunk's best from tl.topk, the running list merged by tl.bitonic_merge
+        {"SELECT": "topk"},
+        {"BLOCK_S": 16},
+        {"BLOCK_S": 16, "SELECT": "topk"},
+        {"BLOCK_S": 32, "SELECT": "topk"},
+        {"BLOCK_M": 256, "SELECT": "topk"},
+        {"BLOCK_M": 64, "SELECT": "topk", "num_warps": 4},
     ],
     "cmp_topk": [
         None,
-        {"BLOCK_M": 128, "BLOCK_S": 16, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
-        {"BLOCK_M": 64, "BLOCK_S": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
+        {"SELECT": "topk"},
     ],
 }
+
+#: --specs names beyond the shipped specs
+EXTRA_SPECS = {"nsa_paper_dk128": ("nsa_paper", {"head_dim_qk": 128})}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--T", type=int, nargs="+", default=[16384, 65536])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--specs", nargs="+", default=["nsa_paper", "nsa_paper_dk128"],
+                    help="spec names (shipped, or nsa_paper_dk128: the paper spec with dk = dv = 128)")
+    ap.add_argument("--kernels", nargs="+", default=list(SWEEPS), choices=list(SWEEPS))
     args = ap.parse_args()
     dev = torch.device("cuda")
     out_dir = Path(os.environ.get("OUT") or "bench/results")
@@ -109,11 +118,16 @@ def main() -> None:
         "bf16_matmul_tflops": 2 * 8192**3 / mm_ms / 1e9,
     }
     print(json.dumps(meta), flush=True)
-    sweeps = {k: v[:1] for k, v in SWEEPS.items()} if args.quick else SWEEPS
-    paper = load_spec("nsa_paper")
-    paper128 = paper.replace(name="nsa_paper_dk128", attention={"head_dim_qk": 128})
+    sweeps = {k: (v[:1] if args.quick else v) for k, v in SWEEPS.items() if k in args.kernels}
+    specs = []
+    for name in args.specs:
+        if name in EXTRA_SPECS:
+            base, attn = EXTRA_SPECS[name]
+            specs.append(load_spec(base).replace(name=name, attention=attn))
+        else:
+            specs.append(load_spec(name))
     rows, summary = [], []
-    for spec in (paper, paper128):
+    for spec in specs:
         a = spec.attention
         ops = nsa_dsl.compile(spec)
         for T in args.T:  # noqa: N806

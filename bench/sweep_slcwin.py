@@ -126,6 +126,28 @@ def one(spec_name: str, T: int, small: bool, args) -> list[dict]:  # noqa: N803
     return rows
 
 
+def window_only(spec_name: str, T: int, configs: list[dict]) -> list[dict]:  # noqa: N803
+    """win_fwd at each config (partial configs complete from the defaults), outputs against the first's."""
+    spec = nsa_dsl.load_spec(spec_name)
+    x = common.make_inputs(spec, T)
+    wflop = common.window_flop(spec, T)
+    rows, ref = [], None
+    for cfg in configs:
+        try:
+            mod = load(make_plan(spec, "win_fwd", cfg))
+            o = mod.run(x["q"], x["k"], x["v"])[0].float()
+            ref = o if ref is None else ref
+            diff = float((o - ref).abs().max())
+            ms = common.bench_ms(lambda mod=mod: mod.run(x["q"], x["k"], x["v"]))
+        except Exception as e:
+            rows.append({"spec": spec_name, "kernel": "win_fwd", "config": cfg, "error": str(e)[:120]})
+            continue
+        rows.append({"spec": spec_name, "kernel": "win_fwd", "config": mod.CONFIG, "ms": ms,
+                     "tflops": common.tflops(wflop, ms), "max_diff_vs_first": diff})
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--T", type=int, default=32768)
@@ -134,11 +156,15 @@ def main() -> int:
     ap.add_argument("--best", type=Path, help="write {spec: {kernel: best config}} JSON here")
     ap.add_argument("--group", help="JSON list of group-centric slc_fwd configs: only these are timed "
                     "(no KV-outer, no window), each output compared with the first's")
-    ap.add_argument("--specs", default="nsa_paper,small_group", help="with --group: the specs to time")
+    ap.add_argument("--window", help="JSON list of win_fwd configs: only these are timed (no selection), "
+                    "each output compared with the first's")
+    ap.add_argument("--specs", default="nsa_paper,small_group", help="with --group / --window: the specs")
     ap.add_argument("--name", default=None, help="result file name (default sweep_slcwin_T<T>)")
     args = ap.parse_args()
     meta = common.env_info()
-    if args.group:
+    if args.window:
+        rows = [r for s in args.specs.split(",") for r in window_only(s, args.T, json.loads(args.window))]
+    elif args.group:
         rows = [r for s in args.specs.split(",") for r in one(s, args.T, False, args)]
     else:
         rows = one("nsa_paper", args.T, False, args) + one("small_group", args.T, True, args)

@@ -4,16 +4,29 @@ Config parameters (constexprs baked into the emitted source):
   BLOCK_M   rows per program = BLOCK_T query tokens x GP (G padded to a power of two) query heads;
   BLOCK_N   compressed keys per inner tile (cmp_fwd);
   BLOCK_S   selection blocks scored per inner step (slc_topk; >= next_pow2(n));
+  MAP, SKIP, MERGE, SELECT   how a chunk's scores are formed and merged into the running top-n (slc_topk,
+            cmp_topk; see templates/_select.j2): SELECT "sort" takes a chunk's best from a full sort, "topk"
+            from tl.topk with the running list kept ascending and merged by tl.bitonic_merge;
   num_warps, num_stages.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
 from ..spec import NSASpec
-from .plan import DeviceLimits, KernelDef, element_bytes, loads_check, next_pow2, register, split_dim
+from .plan import (
+    DeviceLimits,
+    KernelDef,
+    element_bytes,
+    loads_check,
+    next_pow2,
+    prefer_tma,
+    register,
+    split_dim,
+)
 
 _POW2 = (16, 32, 64, 128, 256)
 
@@ -87,13 +100,15 @@ def _cmp_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
     if limits.interpreter:
         return {"BLOCK_M": max(16, gp), "BLOCK_N": 16, "num_warps": 4, "num_stages": 1, "LOADS": "pointers"}
     # Measured on H200 (bench/RESULTS.md): 128 rows x 64 compressed keys, 8 warps, 3 stages is the best of
-    # the swept points at dk = 192 (13.1 ms at 64k vs 13.9 with 2 stages). LOADS "tma" not yet timed.
+    # the swept points at dk = 192 (13.1 ms at 64k vs 13.9 with 2 stages). Compressed K/V through TMA
+    # descriptors where they apply (H200, bench_cmp_topk.py, 2026-11-29 16:35 UTC, 64k): dk = 192 13.11 ->
+    # 12.06 ms, dk = 128 11.62 -> 10.04 ms.
     cfg = {"BLOCK_M": max(128, gp), "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "LOADS": "pointers"}
     while _cmp_check(spec, cfg, limits) and cfg["num_stages"] > 1:
         cfg["num_stages"] -= 1
     while _cmp_check(spec, cfg, limits) and cfg["BLOCK_M"] > max(16, gp):
         cfg["BLOCK_M"] //= 2
-    return cfg
+    return prefer_tma(_cmp_check, spec, cfg, limits)
 
 
 register(
@@ -131,6 +146,14 @@ def overlap_levels(spec: NSASpec) -> list[list[float]]:
     return [[float(w[q * r + i]) if q * r + i < len(w) else 0.0 for i in range(r)] for q in range(nq)]
 
 
+@functools.lru_cache(maxsize=1)
+def topk_available() -> bool:
+    """Whether this Triton has ``tl.topk`` and ``tl.bitonic_merge`` (SELECT = "topk")."""
+    import triton.language as tl
+
+    return hasattr(tl, "topk") and hasattr(tl, "bitonic_merge")
+
+
 def _topk_constants(fused: bool):
     def constants(spec: NSASpec, cfg: Mapping[str, Any]) -> dict[str, Any]:
         from ..derived import derive
@@ -160,6 +183,7 @@ def _topk_space(fused: bool):
         sp["MAP"] = ["reshape", "dot"]
         sp["SKIP"] = [0, 1]
         sp["MERGE"] = ["sort", "bitonic"]
+        sp["SELECT"] = ["sort", "topk"]
         if fused:
             sp["BLOCK_N"] = [16, 32, 64, 128]
         return sp
@@ -192,6 +216,10 @@ def _topk_check(fused: bool):
             return f"BLOCK_S: MAP='dot' needs BLOCK_S >= 16 (tl.dot N), got {bs}"
         if cfg.get("MERGE", "sort") not in ("sort", "bitonic"):
             return f"MERGE: must be 'sort' or 'bitonic', got {cfg.get('MERGE')!r}"
+        if cfg.get("SELECT", "sort") not in ("sort", "topk"):
+            return f"SELECT: must be 'sort' or 'topk', got {cfg.get('SELECT')!r}"
+        if cfg.get("SELECT") == "topk" and not topk_available():
+            return "SELECT: 'topk' needs tl.topk and tl.bitonic_merge, which this Triton lacks; use 'sort'"
         if cfg.get("SKIP", 0) not in (0, 1):
             return f"SKIP: must be 0 or 1, got {cfg.get('SKIP')!r}"
         if fused and cfg.get("BLOCK_N") not in _POW2:
@@ -225,6 +253,7 @@ def _topk_default(fused: bool):
                 "MAP": "reshape",
                 "SKIP": 0,
                 "MERGE": "sort",
+                "SELECT": "sort",
             }
             if fused:
                 cfg["BLOCK_N"] = 16
@@ -242,6 +271,7 @@ def _topk_default(fused: bool):
             "MAP": "reshape",
             "SKIP": 0,
             "MERGE": "sort",
+            "SELECT": "sort",
         }
         if fused:
             cfg["BLOCK_N"] = 64

@@ -11,7 +11,16 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..spec import NSASpec
-from .plan import DeviceLimits, KernelDef, element_bytes, loads_check, next_pow2, register, split_dim
+from .plan import (
+    DeviceLimits,
+    KernelDef,
+    element_bytes,
+    loads_check,
+    next_pow2,
+    prefer_tma,
+    register,
+    split_dim,
+)
 
 
 def _pow2(x: Any) -> bool:
@@ -142,9 +151,7 @@ def _slc_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
     # K/V through TMA descriptors where they apply (H200, sweep_slcwin.py --group, 2026-11-29 15:05 UTC, ms,
     # pointers -> tma, outputs bitwise equal): paper 8k 2.38 -> 2.29, 64k 19.6 -> 18.2; fla_compat 8k
     # 2.02 -> 1.79, 64k 16.5 -> 14.7 (bench/results/slc_tma_T*_h200_s8.json)
-    if _slc_check(spec, {**cfg, "LOADS": "tma"}, limits) is None:
-        cfg["LOADS"] = "tma"
-    return cfg
+    return prefer_tma(_slc_check, spec, cfg, limits)
 
 
 #: Schedule-specific parameters (group-centric: TPP, LAYOUT; KV-outer: the rest), set for either schedule

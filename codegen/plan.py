@@ -288,6 +288,20 @@ def loads_check(
     return None
 
 
+def prefer_tma(
+    check: Callable[[NSASpec, Mapping[str, Any], DeviceLimits], str | None],
+    spec: NSASpec,
+    config: dict[str, Any],
+    limits: DeviceLimits,
+    key: str = "LOADS",
+) -> dict[str, Any]:
+    """``config`` with ``key`` = "tma" where the kernel's ``check`` accepts that (sm90+, host descriptors,
+    16-byte rows, and whatever else the kernel needs), else "pointers". The default rule of every kernel whose
+    TMA option was measured faster on the card (bench/RESULTS.md)."""
+    ok = not limits.interpreter and check(spec, {**config, key: "tma"}, limits) is None
+    return {**config, key: "tma" if ok else "pointers"}
+
+
 def spec_constants(spec: NSASpec) -> dict[str, Any]:
     """Compile-time constants every template may use (values baked into the emitted source)."""
     a, c, s = spec.attention, spec.compression, spec.selection

@@ -99,7 +99,14 @@ def test_fused_cmp_topk_matches_reference(kw, B, T, config):  # noqa: N803
 
 @pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused"])
 @pytest.mark.parametrize(
-    "variant", [{"MAP": "dot"}, {"SKIP": 1}, {"MAP": "dot", "SKIP": 1, "MERGE": "bitonic"}], ids=str
+    "variant",
+    [
+        {"MAP": "dot"},
+        {"SKIP": 1},
+        {"MAP": "dot", "SKIP": 1, "MERGE": "bitonic"},
+        {"SELECT": "topk", "SKIP": 1},
+    ],
+    ids=str,
 )
 @pytest.mark.parametrize(
     "kw,T",
@@ -110,7 +117,8 @@ def test_fused_cmp_topk_matches_reference(kw, B, T, config):  # noqa: N803
     ids=["G2", "G16-l12d4lp24"],
 )
 def test_topk_schedule_variants(kw, T, variant, fused):  # noqa: N803
-    """MAP='dot' (hi/lo 16-bit MMAs for the overlap mapping) and SKIP=1 (merge only on improvement)."""
+    """MAP='dot' (hi/lo 16-bit MMAs for the overlap mapping), SKIP=1 (merge only on improvement),
+    SELECT='topk' (the running list kept ascending)."""
     cfg = {"BLOCK_M": 64 if kw["hq"] // kw["hkv"] < 16 else 128, "BLOCK_S": 16, **variant}
     _check(make_spec(**kw), 1, T, config=cfg, fused=fused)
 
@@ -119,6 +127,30 @@ def test_topk_bitonic_merge_top16():
     # n = 16 (NP = 16: four half-cleaner stages) over 25 selection blocks, forced initial + 2 local
     spec = make_spec(hq=4, hkv=1, l=8, d=4, lp=8, n=16, fi=1, fl=2)
     _check(spec, 1, 200, config={"BLOCK_M": 64, "BLOCK_S": 16, "MERGE": "bitonic"})
+
+
+@pytest.mark.parametrize(
+    "kw,T,cfg",
+    [
+        # ratio 1, chunks wider than the list (fla_compat's shape): tl.topk halves 32 keys to 4 (NP 4 > n 3)
+        (dict(hq=4, hkv=2, l=4, d=4, lp=4, n=3, fi=0, fl=0), 150, {"BLOCK_M": 64, "BLOCK_S": 32}),
+        # n = 16 with forced blocks, 64-key chunks, the overlap gather (ratio 2)
+        (dict(hq=4, hkv=1, l=8, d=4, lp=8, n=16, fi=1, fl=2), 300, {"BLOCK_M": 64, "BLOCK_S": 64}),
+        # n = 5 (NP = 8: the best five are the last slots of the ascending list), G = 16
+        (dict(hq=16, hkv=1, l=8, d=8, lp=8, n=5, fi=1, fl=1), 120, {"BLOCK_M": 128, "BLOCK_S": 16}),
+    ],
+    ids=["ratio1-n3-S32", "n16-S64", "G16-n5"],
+)
+@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused"])
+def test_topk_select_topk(kw, T, cfg, fused):  # noqa: N803
+    """SELECT='topk': a chunk's best from tl.topk, the running list ascending, merged by tl.bitonic_merge."""
+    _check(make_spec(**kw), 1, T, config={**cfg, "SELECT": "topk"}, fused=fused)
+
+
+def test_topk_select_topk_varlen():
+    spec = make_spec(hq=4, hkv=2, l=4, d=4, lp=4, n=3, fi=1, fl=1)
+    cu = torch.tensor([0, 6, 80, 81, 140], dtype=torch.int32)
+    _check(spec, 1, 140, cu=cu, config={"BLOCK_M": 64, "BLOCK_S": 16, "SELECT": "topk"})
 
 
 def test_topk_varlen_matches_per_sequence():
@@ -156,15 +188,31 @@ def test_topk_config_check():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("T", [2048, 8192])
-@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused"])
-def test_gpu_paper_spec_bf16(T, fused):  # noqa: N803
+@pytest.mark.parametrize(
+    "T,fused,spec_name,select",
+    [
+        (2048, False, "nsa_paper", "sort"),
+        (8192, False, "nsa_paper", "sort"),
+        (2048, True, "nsa_paper", "sort"),
+        (8192, True, "nsa_paper", "sort"),
+        (8192, False, "nsa_paper", "topk"),
+        (8192, True, "nsa_paper", "topk"),
+        (8192, False, "fla_compat", "sort"),
+        (8192, False, "fla_compat", "topk"),
+    ],
+)
+def test_gpu_paper_spec_bf16(T, fused, spec_name, select):  # noqa: N803
+    """bf16 compression + top-n (separate and fused, both SELECT ways) against the fp32 reference."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
+    from nsa_dsl.codegen.kernels_cmp import topk_available
+
     import nsa_dsl
     from nsa_dsl import load_spec
 
-    spec = load_spec("nsa_paper")
+    if select == "topk" and not topk_available():
+        pytest.skip("this Triton has no tl.topk / tl.bitonic_merge")
+    spec = load_spec(spec_name)
     a = spec.attention
     gen = torch.Generator(device="cuda").manual_seed(T)
     tc = spec.num_compressed(T)
@@ -172,6 +220,7 @@ def test_gpu_paper_spec_bf16(T, fused):  # noqa: N803
     kc = torch.randn(1, tc, a.kv_heads, a.head_dim_qk, device="cuda", generator=gen).bfloat16()
     vc = torch.randn(1, tc, a.kv_heads, a.head_dim_v, device="cuda", generator=gen).bfloat16()
     ops = nsa_dsl.compile(spec).with_schedule(cmp_select="fused" if fused else "separate")
+    ops = ops.with_config("cmp_topk" if fused else "slc_topk", {"SELECT": select})
     with poisoned_empty():
         o, lse, idx = ops.cmp_select(q, kc, vc)
     from nsa_dsl.reference import compressed_attention, compression_probs, select_blocks, selection_scores
