@@ -220,6 +220,8 @@ def _topk_check(fused: bool):
             return f"SELECT: must be 'sort' or 'topk', got {cfg.get('SELECT')!r}"
         if cfg.get("SELECT") == "topk" and not topk_available():
             return "SELECT: 'topk' needs tl.topk and tl.bitonic_merge, which this Triton lacks; use 'sort'"
+        if cfg.get("SELECT") == "topk" and cfg.get("MERGE", "sort") != "sort":
+            return f"MERGE: {cfg.get('MERGE')!r} applies to SELECT = 'sort' only ('topk' has its own merge)"
         if cfg.get("SKIP", 0) not in (0, 1):
             return f"SKIP: must be 0 or 1, got {cfg.get('SKIP')!r}"
         if fused and cfg.get("BLOCK_N") not in _POW2:
@@ -244,6 +246,7 @@ def _topk_default(fused: bool):
         bs = max(np_, 2)
         while bs * rp < 16:
             bs *= 2
+        select = "topk" if topk_available() else "sort"
         if limits.interpreter:
             cfg = {
                 "BLOCK_M": max(16, gp),
@@ -253,12 +256,17 @@ def _topk_default(fused: bool):
                 "MAP": "reshape",
                 "SKIP": 0,
                 "MERGE": "sort",
-                "SELECT": "sort",
+                "SELECT": select,
             }
             if fused:
                 cfg["BLOCK_N"] = 16
             return cfg
-        while bs * rp < 64 and bs * 2 * rp <= 128:
+        # Chunks of at least 64 compressed columns with full sorts, 32 with tl.topk: H200, bench_cmp_topk.py,
+        # 2026-11-29 16:47 UTC, ms at 16k / 64k, fla_compat (ratio 1): sort, 64 blocks 0.82 / 10.5; topk, 64
+        # blocks 0.59 / 7.41, 32 blocks 0.55 / 7.23, 16 blocks 0.53 / 7.39; paper (16 blocks x ratio 4): sort
+        # 0.92 / 12.6, topk 0.87 / 11.8.
+        cols = 32 if select == "topk" else 64
+        while bs * rp < cols and bs * 2 * rp <= 128:
             bs *= 2
         # Measured on H200: 128 rows is 2x faster than 64; MERGE="sort" (tl.sort) 12.5 ms vs 13.9 ms for the
         # bitonic merge at 64k (bench/RESULTS.md). Every parameter of the space is set explicitly, so tuning
@@ -271,7 +279,7 @@ def _topk_default(fused: bool):
             "MAP": "reshape",
             "SKIP": 0,
             "MERGE": "sort",
-            "SELECT": "sort",
+            "SELECT": select,
         }
         if fused:
             cfg["BLOCK_N"] = 64

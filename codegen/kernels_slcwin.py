@@ -238,12 +238,14 @@ def _win_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
         cfg = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1, "HEADS": 1}
         return {**cfg, "LOADS": "pointers"}
     # H200, paper spec, T = 32k: BLOCK_M 128 (32 tokens x 4 heads) / BLOCK_N 64 / 8 warps / 2 stages 2.34 ms;
-    # 64/64/4/2 with one head per tile 2.43 ms; 128/64/8/3 2.66 ms. LOADS "tma" not yet timed.
+    # 64/64/4/2 with one head per tile 2.43 ms; 128/64/8/3 2.66 ms. TMA K/V loads (sweep_slcwin.py --window,
+    # 2026-11-29 16:47 UTC, ms at 8k / 64k): one head per tile (small_group) 0.240 / 1.99 -> 0.217 / 1.79;
+    # four heads per tile (paper) 0.581 / 4.64 -> 0.588 / 4.70, so pointer loads stay there.
     if spec.G % 4 == 0:
         cfg = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "HEADS": 4}
-    else:
-        cfg = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "HEADS": 1}
-    return {**cfg, "LOADS": "pointers"}
+        return {**cfg, "LOADS": "pointers"}
+    cfg = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "HEADS": 1}
+    return prefer_tma(_win_check, spec, cfg, limits)
 
 
 register(

@@ -103,7 +103,8 @@ def test_fused_cmp_topk_matches_reference(kw, B, T, config):  # noqa: N803
     [
         {"MAP": "dot"},
         {"SKIP": 1},
-        {"MAP": "dot", "SKIP": 1, "MERGE": "bitonic"},
+        {"MAP": "dot", "SKIP": 1, "MERGE": "bitonic", "SELECT": "sort"},
+        {"SELECT": "sort"},
         {"SELECT": "topk", "SKIP": 1},
     ],
     ids=str,
@@ -126,7 +127,7 @@ def test_topk_schedule_variants(kw, T, variant, fused):  # noqa: N803
 def test_topk_bitonic_merge_top16():
     # n = 16 (NP = 16: four half-cleaner stages) over 25 selection blocks, forced initial + 2 local
     spec = make_spec(hq=4, hkv=1, l=8, d=4, lp=8, n=16, fi=1, fl=2)
-    _check(spec, 1, 200, config={"BLOCK_M": 64, "BLOCK_S": 16, "MERGE": "bitonic"})
+    _check(spec, 1, 200, config={"BLOCK_M": 64, "BLOCK_S": 16, "MERGE": "bitonic", "SELECT": "sort"})
 
 
 @pytest.mark.parametrize(
@@ -145,6 +146,12 @@ def test_topk_bitonic_merge_top16():
 def test_topk_select_topk(kw, T, cfg, fused):  # noqa: N803
     """SELECT='topk': a chunk's best from tl.topk, the running list ascending, merged by tl.bitonic_merge."""
     _check(make_spec(**kw), 1, T, config={**cfg, "SELECT": "topk"}, fused=fused)
+
+
+def test_topk_merge_bitonic_needs_select_sort():
+    spec = make_spec(hq=4, hkv=2, l=8, d=4, lp=16, n=3)
+    with pytest.raises(ValueError, match=r"MERGE: 'bitonic' applies to SELECT = 'sort' only"):
+        make_plan(spec, "slc_topk", {"MERGE": "bitonic", "SELECT": "topk"})
 
 
 def test_topk_select_topk_varlen():
