@@ -435,15 +435,19 @@ def _q(cfg, q_chunk, order="tiles"):
 #: in git history (session 5: the fourth to sixth sweeps).
 _CMP_KV = _kv(32, 64, 4, 2, 1)
 VARIANTS = {
-    # eighth sweep (session 8, not yet run): TMA descriptor loads in the backward, as the forward selection
-    # now (the seventh sweep, 8 warps for the dense branches: git history and bench/RESULTS.md)
+    # ninth sweep (session 9): tiles, stages and warps around the defaults now that the dense branches and the
+    # one-token selection dQ read through TMA descriptors (fewer address registers; the eighth sweep, TMA
+    # against pointer loads, and the seventh, 8 warps: git history and bench/RESULTS.md)
     "nsa_paper": {
-        "bwd_slc.dq": [{}, {"DQ_LOADS": "tma"}, {"DQ_LOADS": "tma", "dq_stages": 3},
-                       {"DQ_LOADS": "tma", "DQ_LAYOUT": "rows", "dq_warps": 2}],
-        # the dense branches' query (dK/dV) and key (dQ) tiles through TMA descriptors: both kernels of a
-        # family follow LOADS, so the .dq times of candidate 1 are the TMA dQ kernels too
-        "bwd_cmp.dkdv": [{}, {"LOADS": "tma"}],
-        "bwd_win.dkdv": [{}, {"LOADS": "tma"}],
+        "bwd_cmp.dkdv": [{}, {"num_stages": 3}, {"BLOCK_M": 64}, {"Q_CHUNK": 2048},
+                         {"BLOCK_N": 128, "num_warps": 8}],
+        "bwd_cmp.dq": [{}, {"dq_stages": 2}, {"DQ_BLOCK_N": 64, "dq_stages": 2}, {"dq_stages": 4},
+                       {"DQ_BLOCK_M": 128, "dq_warps": 8}],
+        "bwd_win.dkdv": [{}, {"num_stages": 3}, {"BLOCK_M": 64}, {}, {"BLOCK_N": 128, "num_warps": 8}],
+        "bwd_win.dq": [{}, {"dq_stages": 2}, {"DQ_BLOCK_N": 64, "dq_stages": 2}, {"dq_stages": 4},
+                       {"DQ_BLOCK_M": 128, "dq_warps": 8}],
+        "bwd_slc.dq": [{}, {"dq_warps": 8}, {"dq_stages": 3, "dq_warps": 8}, {"dq_warps": 2}],
+        "bwd_slc.dkdv": [{}, {"num_stages": 3}, {"BLOCK_T": 4}, {"num_warps": 8}],
     },
     # sixth sweep (session 5)
     "fla_compat": {
