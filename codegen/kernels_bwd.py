@@ -276,7 +276,12 @@ def _slc_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
     # has no such loads.
     if cfg["DQ_LAYOUT"] == "blocks":
         return cfg
-    return prefer_tma(_slc_check, spec, cfg, limits, "DQ_LOADS")
+    cfg = prefer_tma(_slc_check, spec, cfg, limits, "DQ_LOADS")
+    if cfg["DQ_LOADS"] == "tma" and cfg["DQ_LAYOUT"] == "keys":
+        # with TMA the transposed dQ runs best on 2 warps (ninth sweep, H200, 2026-11-29 16:57 UTC, paper spec
+        # at 64k: 24.4 -> 22.7 ms; 8 warps 54.1, 8 warps + 3 stages 59.2)
+        cfg["dq_warps"] = 2
+    return cfg
 
 
 def _slc_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
