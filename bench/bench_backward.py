@@ -653,37 +653,6 @@ def run_reverse_index_ab(spec_names: list[str], Ts: list[int], rounds: int = 3) 
     return rows
 
 
-def run_backward_schedules(spec_names: list[str], Ts: list[int], rounds: int = 3) -> list[dict]:  # noqa: N803
-    """Forward+backward under each backward schedule ("serial": every launch on the compute stream;
-    "overlap": the dK/dV launches on a second stream, concurrent with the dQ chain), alternating the two
-    ``rounds`` times per shape (median of the rounds' medians), same inputs, same configs."""
-    rows = []
-    for sp in spec_names:
-        spec = load_spec(sp)
-        base = nsa_dsl.compile(spec)
-        opss = {m: base.with_schedule(backward=m) for m in ("serial", "overlap")}
-        for T in Ts:  # noqa: N806
-            xs, do = nsa_inputs(spec, T, grad=True)
-
-            def fwdbwd(ops, xs=xs, do=do):
-                nsa_attention(*xs, ops).backward(do)
-                for x in xs:
-                    x.grad = None
-
-            got: dict[str, list[float]] = {m: [] for m in opss}
-            for _ in range(rounds):
-                for m, ops in opss.items():
-                    got[m].append(timeit(functools.partial(fwdbwd, ops), budget_ms=600))
-            row = {"spec": sp, "T": T, **{f"{m}_ms": statistics.median(v) for m, v in got.items()},
-                   "rounds": got}
-            row["gain"] = row["serial_ms"] / row["overlap_ms"]
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            del xs, do
-            torch.cuda.empty_cache()
-    return rows
-
-
 #: Selection dQ layouts compared by --slc-layouts (the spec's default first).
 SLC_LAYOUTS = {
     "default": {},
@@ -767,19 +736,7 @@ def main() -> int:
                     help="compare the selection dQ layouts (SLC_LAYOUTS) on these specs and exit")
     ap.add_argument("--reverse-index-ab", nargs="+", metavar="SPEC",
                     help="fwd+bwd, reverse index on a side stream vs inline, on these specs, and exit")
-    ap.add_argument("--backward-schedules", nargs="+", metavar="SPEC",
-                    help="fwd+bwd under backward schedule serial vs overlap, on these specs, and exit")
     args = ap.parse_args()
-    if args.backward_schedules:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        rows = run_backward_schedules(args.backward_schedules, args.T)
-        doc = {"meta": common.env_info(), "rows": rows}
-        (out / "bwd_schedules.json").write_text(json.dumps(doc, indent=1))
-        for r in rows:
-            print(f"{r['spec']:>11} T={r['T']:>6}: serial {r['serial_ms']:.2f} ms, "
-                  f"overlap {r['overlap_ms']:.2f} ms, gain {r['gain']:.3f}x")
-        return 0
     if args.reverse_index_ab:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

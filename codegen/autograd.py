@@ -175,12 +175,6 @@ def nsa_backward(
     def f32c(x: Tensor | None) -> Tensor | None:
         return None if x is None else x.to(f32).contiguous()
 
-    # backward schedule "overlap": the dK/dV launches go to a second stream (ordered among themselves: the
-    # window's dK/dV adds onto the selection's), concurrent with the dQ chain cmp -> slc -> win on this one
-    kv = None
-    if (q.is_cuda and not torch.cuda.is_current_stream_capturing()  # (inline under capture: see _side_stream)
-            and ops.schedule_for("backward", T=max_len, B=nseq) == "overlap"):
-        kv = _stream(_KV_STREAMS, q.device)
     # where the reverse index's side stream may start: the forward's indices and cu_packed are ready
     start = torch.cuda.Event() if q.is_cuda else None
     if start is not None:
@@ -191,7 +185,7 @@ def nsa_backward(
     mark("bwd_pre")
     # compressed branch: writes dq (no accumulation) and dk_cmp / dv_cmp
     mod("bwd_cmp").run(q, k_cmp, v_cmp, do, g, f32c(saved["lse_cmp"]), delta[0], dq, dkc, dvc,
-                       cu_seqlens=cu_seqlens, cu_cmp=cu_cmp, max_len=max_len, profile=kprof, kv_stream=kv)
+                       cu_seqlens=cu_seqlens, cu_cmp=cu_cmp, max_len=max_len, profile=kprof)
     mark("bwd_cmp")
     # selection branch: dq += ; dk/dv written per selected block through the reverse index. The index (~50
     # small torch launches) is built on a side stream while the compressed branch's kernels run, instead of
@@ -203,17 +197,13 @@ def nsa_backward(
         join(indices, *[t for t in vars(rev).values() if isinstance(t, Tensor)])
     mark("reverse_index")
     slc.run(q, k, v, do, g, f32c(saved["lse_slc"]), delta[1], indices, rev, dq, dk, dv,
-            cu_seqlens=cu_seqlens, max_len=max_len, accum_q=True, profile=kprof, kv_stream=kv)
+            cu_seqlens=cu_seqlens, max_len=max_len, accum_q=True, profile=kprof)
     mark("bwd_slc")
     if win_on:
         kw_, vw_ = (k_win, v_win) if separate else (k, v)
         mod("bwd_win").run(q, kw_, vw_, do, g, f32c(saved["lse_win"]), delta[2], dq, dkw, dvw,
-                           cu_seqlens=cu_seqlens, max_len=max_len, accum_q=True, accum_kv=True, profile=kprof,
-                           kv_stream=kv)
+                           cu_seqlens=cu_seqlens, max_len=max_len, accum_q=True, accum_kv=True, profile=kprof)
         mark("bwd_win")
-    if kv is not None:
-        torch.cuda.current_stream(q.device).wait_stream(kv)
-        mark("dkdv_join")
     out = (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dkc.to(k_cmp.dtype), dvc.to(v_cmp.dtype),
            dg.to(g.dtype))
     if separate:
@@ -265,16 +255,7 @@ def activation_bytes_per_token(spec: NSASpec | str, dtype: torch.dtype | str | N
     return out
 
 
-_SIDE_STREAMS: dict[Any, Any] = {}  # the reverse index's
-_KV_STREAMS: dict[Any, Any] = {}  # the dK/dV launches of backward schedule "overlap"
-
-
-def _stream(pool: dict[Any, Any], device: torch.device) -> Any:
-    """The CUDA stream of ``pool`` for ``device`` (created once)."""
-    s = pool.get(device)
-    if s is None:
-        s = pool[device] = torch.cuda.Stream(device)
-    return s
+_SIDE_STREAMS: dict[Any, Any] = {}
 
 
 @contextlib.contextmanager
@@ -290,7 +271,9 @@ def _side_stream(device: torch.device, after: Any) -> Iterator[Callable[..., Non
         yield lambda *ts: None
         return
     main = torch.cuda.current_stream(device)
-    side = _stream(_SIDE_STREAMS, device)
+    side = _SIDE_STREAMS.get(device)
+    if side is None:
+        side = _SIDE_STREAMS[device] = torch.cuda.Stream(device)
     side.wait_event(after)
     made: list[Tensor] = []
     with torch.cuda.stream(side):

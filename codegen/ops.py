@@ -32,7 +32,7 @@ from .plan import DeviceLimits, KernelPlan, all_kernels, make_plan
 if TYPE_CHECKING:
     from ..cache import NSACache
 
-__all__ = ["compile", "NSAOps", "STAGES", "SCHEDULES", "DEFAULT_SCHEDULE", "SCHEDULE_PASS", "SCHEDULE_PREFIX"]
+__all__ = ["compile", "NSAOps", "STAGES", "SCHEDULES", "DEFAULT_SCHEDULE", "SCHEDULE_PREFIX"]
 
 log = logging.getLogger("nsa_dsl.codegen.ops")
 
@@ -46,15 +46,9 @@ STAGES = {
 }
 
 #: Stage compositions the op can run (the tuner may compare them); first value = fallback order.
-SCHEDULES = {
-    "cmp_select": ("separate", "fused"),
-    "combine": ("epilogue", "kernel"),
-    "backward": ("serial", "overlap"),
-}
+SCHEDULES = {"cmp_select": ("separate", "fused"), "combine": ("epilogue", "kernel")}
 # cmp_fwd + slc_topk beat the fused kernel on H200 (26.4 vs 33.7 ms at 64k, paper spec; bench/RESULTS.md).
-DEFAULT_SCHEDULE = {"cmp_select": "separate", "combine": "epilogue", "backward": "serial"}
-#: The pass whose time a composition changes (what the tuner times for it); "fwd" where not named.
-SCHEDULE_PASS = {"backward": "bwd"}
+DEFAULT_SCHEDULE = {"cmp_select": "separate", "combine": "epilogue"}
 #: Tuning-record name of a composition, e.g. ``"schedule.cmp_select"`` (see ``nsa_dsl.tuning.schedules``).
 SCHEDULE_PREFIX = "schedule."
 
@@ -106,9 +100,7 @@ class NSAOps:
     ``"schedule.<name>"`` record for the call's shape, else ``DEFAULT_SCHEDULE``; see ``schedule_for``):
     ``cmp_select`` = "fused" (one kernel ``cmp_topk``: o_cmp, lse_cmp and indices) or "separate"
     (``cmp_fwd`` then ``slc_topk``); ``combine`` = "epilogue" (the gated sum written by the selection
-    kernel's epilogue) or "kernel" (a separate ``combine_fwd`` pass); ``backward`` = "serial" (every
-    backward launch on the current stream) or "overlap" (the three branches' dK/dV launches on a second CUDA
-    stream, concurrent with the dQ chain; the same launches in the same order per buffer, so the same bits).
+    kernel's epilogue) or "kernel" (a separate ``combine_fwd`` pass).
     """
 
     spec: NSASpec

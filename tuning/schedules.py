@@ -1,15 +1,12 @@
 """Stage compositions as tunable choices: ``schedule.cmp_select`` (one fused ``cmp_topk`` kernel vs
-``cmp_fwd`` + ``slc_topk``), ``schedule.combine`` (gated sum in the selection kernel's epilogue vs a
-separate ``combine_fwd`` pass) and ``schedule.backward`` (the backward's dK/dV launches on the current stream
-or on a second one, concurrent with the dQ chain), from ``nsa_dsl.codegen.ops.SCHEDULES``.
+``cmp_fwd`` + ``slc_topk``) and ``schedule.combine`` (gated sum in the selection kernel's epilogue vs a
+separate ``combine_fwd`` pass), from ``nsa_dsl.codegen.ops.SCHEDULES``.
 
 Each is a pseudo-kernel with the KernelDef interface (space ``{"choice": [...]}``, default from
 ``DEFAULT_SCHEDULE``) so that the search, the cache and ``lookup`` treat it like any kernel:
-``lookup(spec, "schedule.cmp_select", T=..., B=..., limits=...) -> {"choice": "fused"} | None``. The target
-of a forward composition times the whole forward (``NSAOps.forward``) with the choice applied and gates it
-against ``nsa_dsl.reference.nsa_attention``; that of a backward composition (``SCHEDULE_PASS``) times the
-whole backward (``nsa_backward``) on saved forwards and gates all six gradients against the float64
-reference's autograd (``BwdTarget``'s gate).
+``lookup(spec, "schedule.cmp_select", T=..., B=..., limits=...) -> {"choice": "fused"} | None``. Its target
+times the whole forward (``NSAOps.forward``) with the choice applied and gates it against
+``nsa_dsl.reference.nsa_attention``.
 """
 
 from __future__ import annotations
@@ -59,19 +56,10 @@ def schedule_defs() -> dict[str, ScheduleDef]:
     except ImportError:
         return {}
     return {
-        PREFIX + k: ScheduleDef(PREFIX + k, tuple(v), DEFAULT_SCHEDULE[k], _pass_of(k))
+        PREFIX + k: ScheduleDef(PREFIX + k, tuple(v), DEFAULT_SCHEDULE[k])
         for k, v in SCHEDULES.items()
         if k in DEFAULT_SCHEDULE
     }
-
-
-def _pass_of(composition: str) -> str:
-    """The pass a composition changes ("fwd" / "bwd", ``SCHEDULE_PASS``; "fwd" for older generators)."""
-    try:
-        from nsa_dsl.codegen.ops import SCHEDULE_PASS
-    except ImportError:
-        return "fwd"
-    return SCHEDULE_PASS.get(composition, "fwd")
 
 
 class ScheduleTarget:
@@ -100,13 +88,6 @@ class ScheduleTarget:
         self.spec, self.T, self.B = spec, T, B
         self._gate: dict[str, Any] | None = None
         self._bench: list[tuple] | None = None
-        self._bwd = None
-        if _pass_of(self.composition) == "bwd":
-            from .targets import BwdTarget
-
-            self._bwd = BwdTarget(
-                spec, "bwd_pre", T=T, B=B, limits=limits, device=device, n_inputs=n_inputs, seed=seed
-            )
 
     def build(self, config: dict[str, Any]) -> Any:
         from nsa_dsl.codegen.ops import NSAOps
@@ -123,8 +104,6 @@ class ScheduleTarget:
 
         from nsa_dsl import reference as ref
 
-        if self._bwd is not None:
-            return self._bwd.gate((built, None), config)
         from .targets import _close
 
         if self._gate is None:
@@ -138,19 +117,6 @@ class ScheduleTarget:
     def candidate(self, built: Any, config: dict[str, Any]) -> Candidate:
         import torch
 
-        if self._bwd is not None:
-            from nsa_dsl.codegen.autograd import nsa_backward
-
-            bsets = self._bwd._bench_sets()
-
-            def run_bwd(i: int) -> Any:
-                s = bsets[i % len(bsets)]
-                x = s["x"]
-                args = (x["q"], x["k"], x["v"], x["k_cmp"], x["v_cmp"], x["g"])
-                with torch.no_grad():
-                    return nsa_backward(built, *args, s["do"], s["saved"])
-
-            return Candidate(config=config, run=run_bwd, n_inputs=len(bsets))
         if self._bench is None:
             self._bench = [
                 self._args(self.T, self.B, self._inp.seed + 1 + i) for i in range(self._inp.n_inputs)

@@ -146,20 +146,6 @@ def test_grads_dense_branches_tma(case):
     assert_close(kernel_grads(spec, xs, do, config=cfg), ref_grads(spec, xs, do))
 
 
-def test_backward_schedule_overlap_off_cuda_and_validated():
-    """schedule backward="overlap" is accepted, runs inline off CUDA (same gradients as the reference), and a
-    wrong choice is a one-line error naming the composition."""
-    spec = make_spec(G=2, hkv=2, dk=32, dv=16)
-    gen = torch.Generator().manual_seed(23)
-    xs = make_inputs(spec, 1, 45, gen)
-    do = torch.randn(1, 45, spec.attention.heads, spec.attention.head_dim_v, generator=gen)
-    ops = NSAOps(spec=spec, limits=DeviceLimits.detect(torch.device("cpu"))).with_schedule(backward="overlap")
-    assert ops.schedule_for("backward", T=45) == "overlap"
-    assert_close(kernel_grads(spec, xs, do, ops=ops), ref_grads(spec, xs, do))
-    with pytest.raises(ValueError, match=r"^schedule\.backward: must be one of serial, overlap, got 'both'$"):
-        ops.with_schedule(backward="both")
-
-
 @pytest.mark.parametrize("loads", ["pointers", "tma"])
 def test_grads_short_sequence_no_nan(loads):
     """T < l: no compressed block at all (Tc = 0, lse_cmp = +inf everywhere) - gradients finite and exact,
@@ -546,15 +532,12 @@ def test_gpu_fwd_bwd_captured_in_a_cuda_graph_equals_eager():
         assert torch.equal(a, b), name
 
 
-def _assert_same_grads_bitwise(seed, cfg_a, cfg_b, schedules=(None, None)):
-    """Paper spec, bf16, odd T: the six gradients under two op configs (and schedules) are finite and bitwise
-    equal."""
+def _assert_same_grads_bitwise(seed, cfg_a, cfg_b):
+    """Paper spec, bf16, odd T: the six gradients under two op configs are finite and bitwise equal."""
     spec, xs, do = _paper_case(4096 + 5, seed)
     grads = []
-    for cfg, sched in zip((cfg_a, cfg_b), schedules, strict=True):
+    for cfg in (cfg_a, cfg_b):
         ops = nsa_dsl.compile(spec, config=cfg)
-        if sched:
-            ops = ops.with_schedule(**sched)
         xs_b = [x.detach().clone().requires_grad_(True) for x in xs]
         o = nsa_attention(*xs_b, ops, deterministic=True)
         grads.append(torch.autograd.grad(o, xs_b, do))
@@ -582,13 +565,6 @@ def test_gpu_dense_branches_tma_equals_pointer_loads():
         pytest.skip("TMA needs compute capability >= 9.0")
     cfgs = ({"bwd_cmp": {"LOADS": x}, "bwd_win": {"LOADS": x}} for x in ("pointers", "tma"))
     _assert_same_grads_bitwise(3, *cfgs)
-
-
-@pytest.mark.gpu
-def test_gpu_backward_overlap_equals_serial():
-    """Backward schedule "overlap" (the dK/dV launches on a second stream, concurrent with the dQ chain) gives
-    bitwise the serial schedule's gradients: the same launches write each buffer in the same order."""
-    _assert_same_grads_bitwise(4, {}, {}, schedules=({"backward": "serial"}, {"backward": "overlap"}))
 
 
 @pytest.mark.gpu

@@ -203,24 +203,3 @@ def test_schedule_choice_is_tuned_and_looked_up():
     assert res.trials == 2 and res.rejected == 0 and res.failed == 0  # both compositions pass the gate
     assert res.config == {"choice": "fused"} and res.default_config == {"choice": "separate"}
     assert lookup(SPEC, "schedule.cmp_select", T=40, B=1, limits=INTERP) == {"choice": "fused"}
-
-
-def test_backward_schedule_is_tuned_on_the_backward():
-    """schedule.backward (dK/dV launches on a second stream or not) is a backward-pass composition: its target
-    gates the six gradients against the float64 reference and times the backward, not the forward."""
-    from nsa_dsl.tuning import lookup
-    from nsa_dsl.tuning.schedules import ScheduleTarget, schedule_defs
-
-    sd = schedule_defs()["schedule.backward"]
-    assert sd.pass_ == "bwd" and sd.default(SPEC, INTERP) == {"choice": "serial"}
-    tg = ScheduleTarget(SPEC, "schedule.backward", T=40, limits=INTERP)
-    built = tg.build({"choice": "overlap"})
-    assert built.schedule_for("backward", T=40) == "overlap"
-    assert tg.gate(built, {"choice": "overlap"}) is None
-    grads = tg.candidate(built, {"choice": "overlap"}).run(0)
-    assert len(grads) == 6 and all(torch.isfinite(x).all() for x in grads)
-    times = {"serial": 2.0, "overlap": 1.0}
-    timer = FakeTimer(lambda c: times[c["choice"]])
-    res = tune_kernel(SPEC, "schedule.backward", T=40, limits=INTERP, trials=2, timer=timer)
-    assert res.rejected == 0 and res.failed == 0 and res.config == {"choice": "overlap"}
-    assert lookup(SPEC, "schedule.backward", T=40, B=1, limits=INTERP) == {"choice": "overlap"}
