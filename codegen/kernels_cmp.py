@@ -17,16 +17,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..spec import NSASpec
-from .plan import (
-    DeviceLimits,
-    KernelDef,
-    element_bytes,
-    loads_check,
-    next_pow2,
-    prefer_tma,
-    register,
-    split_dim,
-)
+from .loads import loads_check, prefer_tma
+from .plan import DeviceLimits, KernelDef, element_bytes, next_pow2, register, split_dim
 
 _POW2 = (16, 32, 64, 128, 256)
 

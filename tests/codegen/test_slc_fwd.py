@@ -213,9 +213,9 @@ def test_slc_fwd_config_checks():
 
 def test_slc_fwd_tma_needs_tensor_descriptors(monkeypatch):
     """A Triton without host-side tensor descriptors keeps the pointer loads by default and names the rule."""
-    from nsa_dsl.codegen import plan
+    from nsa_dsl.codegen import loads
 
-    monkeypatch.setattr(plan, "tma_available", lambda: False)
+    monkeypatch.setattr(loads, "tma_available", lambda: False)
     spec = load_spec("nsa_paper")
     h100 = DeviceLimits("H100", (9, 0), 132, 227 * 1024)
     assert make_plan(spec, "slc_fwd", None, h100).config["LOADS"] == "pointers"
