@@ -112,24 +112,15 @@ def one(spec_name: str, T: int, small: bool, args) -> list[dict]:  # noqa: N803
         return rows
     rows += kvouter_split(spec_name, spec, x, idx, T)
     if spec.window_size and not small:
-        wflop = common.window_flop(spec, T)
-        for cfg in WINDOW:
-            try:
-                mod = load(make_plan(spec, "win_fwd", cfg))
-                ms = common.bench_ms(lambda mod=mod: mod.run(x["q"], x["k"], x["v"]))
-            except Exception as e:
-                rows.append({"spec": spec_name, "kernel": "win_fwd", "config": cfg, "error": str(e)[:120]})
-                continue
-            rows.append({"spec": spec_name, "kernel": "win_fwd", "config": cfg, "ms": ms,
-                         "tflops": common.tflops(wflop, ms)})
-            print(rows[-1], flush=True)
+        rows += window_only(spec_name, T, WINDOW, x)
     return rows
 
 
-def window_only(spec_name: str, T: int, configs: list[dict]) -> list[dict]:  # noqa: N803
-    """win_fwd at each config (partial configs complete from the defaults), outputs against the first's."""
+def window_only(spec_name: str, T: int, configs: list[dict], x: dict | None = None) -> list[dict]:  # noqa: N803
+    """win_fwd at each config (partial configs complete from the defaults), outputs against the first's;
+    ``x``: the inputs (made here if None)."""
     spec = nsa_dsl.load_spec(spec_name)
-    x = common.make_inputs(spec, T)
+    x = common.make_inputs(spec, T) if x is None else x
     wflop = common.window_flop(spec, T)
     rows, ref = [], None
     for cfg in configs:
@@ -142,7 +133,7 @@ def window_only(spec_name: str, T: int, configs: list[dict]) -> list[dict]:  # n
         except Exception as e:
             rows.append({"spec": spec_name, "kernel": "win_fwd", "config": cfg, "error": str(e)[:120]})
             continue
-        rows.append({"spec": spec_name, "kernel": "win_fwd", "config": mod.CONFIG, "ms": ms,
+        rows.append({"spec": spec_name, "kernel": "win_fwd", "config": dict(mod.CONFIG), "ms": ms,
                      "tflops": common.tflops(wflop, ms), "max_diff_vs_first": diff})
         print(rows[-1], flush=True)
     return rows
