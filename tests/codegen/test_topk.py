@@ -304,3 +304,17 @@ def test_gpu_paper_spec_128k_sampled_rows():
             got = torch.sort(s_forced[sel], descending=True).values
             fin = torch.isfinite(want)
             torch.testing.assert_close(got[fin], want[fin], rtol=1e-3, atol=1e-6)
+
+
+def test_select_topk_needs_tl_topk(monkeypatch):
+    """A Triton without tl.topk / tl.bitonic_merge defaults to SELECT = "sort"; "topk" names the rule."""
+    from nsa_dsl.codegen import kernels_cmp
+
+    spec = make_spec(hq=4, hkv=2, l=8, d=4, lp=16, n=3)
+    has = kernels_cmp.topk_available()
+    assert make_plan(spec, "slc_topk").config["SELECT"] == ("topk" if has else "sort")
+    monkeypatch.setattr(kernels_cmp, "topk_available", lambda: False)
+    assert make_plan(spec, "slc_topk").config["SELECT"] == "sort"
+    why = r"^config\.slc_topk: SELECT: 'topk' needs tl\.topk and tl\.bitonic_merge"
+    with pytest.raises(ValueError, match=why):
+        make_plan(spec, "slc_topk", {"SELECT": "topk"})
