@@ -269,6 +269,13 @@ def variants() -> dict[str, dict]:
         # programmatic dependent launch (the default "new" has PDL = 1 on sm90+: window tiles before the wait)
         "pdl0": {"PDL": 0},
         "pdl2": {"PDL": 2},  # PDL with the plain wait in the selected + window kernel
+        # session 10: window as programs of the top-n launch, tl.topk chunks, selected / window K/V via TMA
+        "win_topk": {"WINDOW_AT": "topk"},
+        "sel_topk": {"SELECT": "topk"},
+        "tma": {"LOADS": "tma"},
+        "win_sel": {"WINDOW_AT": "topk", "SELECT": "topk"},
+        "win_sel_tma": {"WINDOW_AT": "topk", "SELECT": "topk", "LOADS": "tma"},
+        "win_sel_tma_bk64": {"WINDOW_AT": "topk", "SELECT": "topk", "LOADS": "tma", "BLOCK_K": 64},
     }
 
 
@@ -323,7 +330,7 @@ def _shape_variants(key) -> list[tuple[str, tuple | None]]:
 def warm(index: int, part: int = 0, parts: int = 1) -> None:
     """Compile every ``parts``-th (variant, splits) of comparison shape ``index`` from ``part`` on (one decode
     call each, no timing); parallel processes run these before the timing (Triton's disk cache keeps them)."""
-    key = COMPARE_SHAPES[index]
+    key = (ONLY_SHAPES or COMPARE_SHAPES)[index]
     spec_name, B, T = key  # noqa: N806
     spec = nsa_dsl.load_spec(spec_name)
     base = nsa_dsl.compile(spec, device=DEVICE)
@@ -387,8 +394,8 @@ def compare(outdir: Path, tmax: int) -> None:
                     auto_out[name] = out.clone()
                 us = abs(graph_us(step))
                 row["nsa"][label] = {"us": us, "splits": list(splits), "max_diff_vs_first": diff}
-                if T == 65536 and B in (1, 16) and spec_name == "nsa_paper" \
-                        and name in ("legacy", "new", "pdl0") and sp is None:
+                if T == 65536 and B in (1, 16) and spec_name == "nsa_paper" and sp is None \
+                        and (name in ("legacy", "new", "pdl0") or ONLY_VARIANTS is not None):
                     row["nsa"][label]["kernels_us"] = kernel_breakdown(step)
             except Exception as e:  # a variant that does not compile or fit: recorded, not fatal
                 row["nsa"][label] = {"error": str(e).splitlines()[0][:160] if str(e) else type(e).__name__}

@@ -3,7 +3,8 @@
 # process per comparison shape in parallel first, then the old-vs-new timing alone on the card
 # (bench_decode.py --compare: legacy vs new decode options, variants and splits, dense SDPA, same process).
 # Usage on the device: OUT=/some/dir [TEST_LIMIT=180] [WARM_LIMIT=150] [BENCH_LIMIT=190] [TMAX=131072] \
-#   bash bench/gpu_decode.sh
+#   [DEC_ARGS="--variants a,b --shapes spec:B:T,... --splits C,S,T;..."] bash bench/gpu_decode.sh
+# (DEC_ARGS: bench_decode.py's filters, given to the warm-up processes and the timing alike)
 set -u
 OUT=${OUT:-/tmp/nsa_decode_out}
 source "$(dirname "${BASH_SOURCE[0]}")/gpu_common.sh"
@@ -11,23 +12,32 @@ run_gpu_tests "${TEST_LIMIT:-180}" tests/codegen/test_decode.py tests/codegen/te
   test_gpu_bf16_decode_8k_matches_reference test_gpu_cuda_graph_replay_equals_eager \
   test_gpu_pdl_equals_no_pdl_eager_and_graph &
 # "I P/N" jobs: the shapes with many variants are split over 4 processes, those with 5-6 (the PDL variants) over 2
-JOBS=$($PY -c "
+# shellcheck disable=SC2086  # DEC_ARGS holds several options
+JOBS=$($PY - ${DEC_ARGS:-} <<'PYEOF'
 import sys; sys.path.insert(0, 'bench'); import bench_decode as b
-for i, s in enumerate(b.COMPARE_SHAPES):
+a = sys.argv[1:]
+opt = lambda k: a[a.index(k) + 1] if k in a else None
+if opt("--variants"): b.ONLY_VARIANTS = opt("--variants").split(",")
+if opt("--shapes"): b.ONLY_SHAPES = [(x, int(y), int(z)) for x, y, z in (t.split(":") for t in opt("--shapes").split(","))]
+if opt("--splits"): b.ONLY_SPLITS = [tuple(int(v) for v in t.split(",")) for t in opt("--splits").split(";") if t]
+for i, s in enumerate(b.ONLY_SHAPES or b.COMPARE_SHAPES):
     if s[2] > 65536: continue
     nv = len(b._shape_variants(s))
     n = 4 if nv > 6 else 2 if nv > 4 else 1
     for p in range(n): print(f'{i}:{p}/{n}')
-")
+PYEOF
+)
 for j in $JOBS; do
   i=${j%%:*}; part=${j#*:}; tag="${i}_${part%%/*}"
-  ( timeout "${WARM_LIMIT:-150}" $PY bench/bench_decode.py --warm "$i" --part "$part" > "/tmp/warm_dec_$tag.txt" 2>&1;
+  # shellcheck disable=SC2086
+  ( timeout "${WARM_LIMIT:-150}" $PY bench/bench_decode.py --warm "$i" --part "$part" ${DEC_ARGS:-} > "/tmp/warm_dec_$tag.txt" 2>&1;
     echo "warm $j rc=$?" >> "/tmp/warm_dec_$tag.txt" ) &
 done
 wait
 for f in /tmp/warm_dec_*.txt; do cat "$f" >> "$OUT/warm.txt"; done
+# shellcheck disable=SC2086
 timeout "${BENCH_LIMIT:-190}" $PY bench/bench_decode.py --compare --tmax "${TMAX:-131072}" --out "$OUT" \
-  > "$OUT/bench_log.txt" 2>&1
+  ${DEC_ARGS:-} > "$OUT/bench_log.txt" 2>&1
 echo "bench rc=$?" >> "$OUT/bench_log.txt"
 echo "=== tests"; tail -15 "$OUT/pytest_gpu.txt"
 echo "=== warm"; grep -c "s$" "$OUT/warm.txt"; grep -i "fail\|rc=" "$OUT/warm.txt" | tail -12

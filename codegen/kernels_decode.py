@@ -44,6 +44,15 @@ Config parameters:
               timing the early window); 3 as 1 for steps of at most 4 (sequence, KV head) groups, else
               off (chosen per call). Selected and window keep separate softmax states: every value gives
               bitwise the same results;
+  WINDOW_AT   where the window tiles are attended to: "sw" in the selected + window kernel; "topk" as
+              S x split_sw extra programs of the top-n launch, concurrently with the scoring (the scoring is
+              latency-bound and leaves bandwidth idle; the selected + window kernel then reads only the
+              selected blocks). Applies when the step has both a top-n launch (split_cmp > 1) and split
+              selected/window programs (split_sw > 1); otherwise the window stays in the "sw" kernel;
+  LOADS       how the selected + window tiles are read: "pointers" (per-thread loads) or "tma" (tensor
+              descriptors over the caches, one bulk copy per tile; sm90+, ``loads.loads_check``);
+  SELECT      how a top-n chunk's best are found (``_select.j2``): "sort" (full sort) or "topk" (``tl.topk``
+              + ``tl.bitonic_merge``; needs a Triton that has both);
   topk_warps  warps of the split top-n kernel (0 = num_warps);
   combine_warps  warps of the row combine kernel (COMBINE = "rows");
   num_warps, num_stages.
@@ -56,7 +65,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..spec import NSASpec
-from .kernels_cmp import overlap_levels
+from .kernels_cmp import overlap_levels, topk_available
+from .loads import loads_check
 from .plan import DeviceLimits, KernelDef, element_bytes, next_pow2, register, split_dim
 
 _SPLITS = (0, 1, 2, 4, 8, 16, 32, 64)
@@ -120,6 +130,9 @@ def _decode_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
         "SW_PREFETCH": [0, 1, 2],
         "CMP_PREFETCH": [0, 1, 2],
         "PDL": [0, 1, 2, 3] if pdl_supported(limits) else [0],
+        "WINDOW_AT": ["sw", "topk"],
+        "LOADS": ["pointers", "tma"],
+        "SELECT": ["sort", "topk"] if topk_available() else ["sort"],
         "topk_warps": [0, 2, 4, 8],
         "combine_warps": [1, 2, 4, 8],
         "num_warps": [2, 4, 8],
@@ -163,6 +176,15 @@ def _decode_check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) -
         return f"PDL: must be 0, 1, 2 or 3, got {pdl!r}"
     if pdl and not pdl_supported(limits):
         return f"PDL: programmatic dependent launch needs compute capability >= 9.0, not {limits.name}: use 0"
+    if cfg.get("WINDOW_AT", "sw") not in ("sw", "topk"):
+        return f"WINDOW_AT: must be 'sw' or 'topk', got {cfg.get('WINDOW_AT')!r}"
+    why = loads_check(spec, cfg, limits)
+    if why:
+        return why
+    if cfg.get("SELECT", "sort") not in ("sort", "topk"):
+        return f"SELECT: must be 'sort' or 'topk', got {cfg.get('SELECT')!r}"
+    if cfg.get("SELECT") == "topk" and not topk_available():
+        return "SELECT: 'topk' needs tl.topk and tl.bitonic_merge, which this Triton lacks; use 'sort'"
     if cfg.get("topk_warps", 0) not in (0, 1, 2, 4, 8, 16):
         return f"topk_warps: must be 0 (= num_warps) or one of 1, 2, 4, 8, 16, got {cfg.get('topk_warps')!r}"
     if cfg.get("combine_warps", 4) not in (1, 2, 4, 8, 16):
@@ -206,8 +228,9 @@ def _decode_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
         return {
             "tokens": 1, "BLOCK_N": 16, "BLOCK_S": bs, "BLOCK_K": 16, "BLOCK_W": 16,
             "split_cmp": 0, "split_sw": 0, "split_topk": 0, "SKIP": 1, "COMBINE": "rows", "LSE_MERGE": "tile",
-            "PREFETCH": 1, "SW_PREFETCH": 1, "CMP_PREFETCH": 1, "PDL": 0, "topk_warps": 0, "combine_warps": 4,
-            "num_warps": 4, "num_stages": 1,
+            "PREFETCH": 1, "SW_PREFETCH": 1, "CMP_PREFETCH": 1, "PDL": 0, "WINDOW_AT": "sw", "SELECT": "sort",
+            "LOADS": "pointers",
+            "topk_warps": 0, "combine_warps": 4, "num_warps": 4, "num_stages": 1,
         }
     while bs * 2 * rp <= 256:  # one program scores the blocks of one step: wide chunks, few sorts
         bs *= 2
@@ -245,6 +268,9 @@ def _decode_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
         # 31.8 / 29.9, 8k 30.4 / 27.4 (faster: 4 groups); small_group B = 1 64k 39.4 / 39.8 (16 groups),
         # paper B = 16 64k 118.8 / 126.3, 8k 64.0 / 67.3 (slower): so 3 = on for at most 4 groups
         "PDL": 3 if pdl_supported(limits) else 0,
+        "WINDOW_AT": "sw",
+        "SELECT": "sort",
+        "LOADS": "pointers",
         "topk_warps": 0,
         "combine_warps": 4,
         # 4 warps (H200, bench_decode.py --compare, 2026-11-29 12:37 UTC, CUDA graph, cold L2), 8 -> 4 warps

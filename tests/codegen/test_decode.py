@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from nsa_dsl.codegen.decode import CapturedDecodeStep, decode
+from nsa_dsl.codegen.kernels_cmp import topk_available
 from nsa_dsl.codegen.kernels_decode import LEGACY
 from nsa_dsl.codegen.loader import load_path
 from nsa_dsl.codegen.plan import DeviceLimits, get_kernel, make_plan
@@ -43,6 +44,16 @@ OPTIONS = {
     "sm90": {"COMBINE": "rows", "LSE_MERGE": "tile", "PREFETCH": 1, "SW_PREFETCH": 2, "CMP_PREFETCH": 0},
     "last_rows": {"COMBINE": "last_rows", "LSE_MERGE": "tile", "PREFETCH": 1, "SW_PREFETCH": 1,
                   "CMP_PREFETCH": 0},
+    # the window as programs of the top-n launch, the chunk's best through tl.topk (where Triton has it)
+    "win_topk": {"COMBINE": "last_rows", "LSE_MERGE": "tile", "PREFETCH": 1, "SW_PREFETCH": 2,
+                 "CMP_PREFETCH": 0, "WINDOW_AT": "topk", "SELECT": "topk" if topk_available() else "sort"},
+    "win_topk_rows": {"COMBINE": "rows", "LSE_MERGE": "tile", "PREFETCH": 0, "SW_PREFETCH": 1,
+                      "CMP_PREFETCH": 0, "WINDOW_AT": "topk", "SKIP": 0},
+    # selected / window K/V through TMA descriptors, prefetched and not (SW_PREFETCH 2: at 1 or >= 8 splits)
+    "tma": {"COMBINE": "last_rows", "LSE_MERGE": "tile", "PREFETCH": 1, "SW_PREFETCH": 2, "CMP_PREFETCH": 0,
+            "LOADS": "tma"},
+    "tma_win_topk": {"COMBINE": "rows", "LSE_MERGE": "tile", "PREFETCH": 1, "SW_PREFETCH": 1,
+                     "CMP_PREFETCH": 0, "LOADS": "tma", "WINDOW_AT": "topk"},
 }
 
 
@@ -67,7 +78,7 @@ def _check_indices(spec, idx, scores, ref_idx, t):
         torch.testing.assert_close(torch.tensor(sg), torch.tensor(sw), rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("option", ["legacy", "new", "sm90", "last_rows"])
+@pytest.mark.parametrize("option", ["legacy", "new", "sm90", "last_rows", "win_topk", "tma"])
 @pytest.mark.parametrize("name", list(SPECS))
 def test_kernel_token_by_token_matches_full_forward(name, option):
     spec = SPECS[name].replace(attention={"dtype": "float32"})
@@ -94,7 +105,8 @@ def test_kernel_token_by_token_matches_full_forward(name, option):
             _check_indices(spec, idx[b, 0], scores[b, t], ref_idx[b, t], t)
 
 
-@pytest.mark.parametrize("option", ["rows_loop", "last_tile", "last_rows", "sm90"])
+@pytest.mark.parametrize("option", ["rows_loop", "last_tile", "last_rows", "sm90", "win_topk_rows",
+                                    "tma_win_topk"])
 @pytest.mark.parametrize("S", [1, 3])
 def test_kernel_mixed_lengths_multi_token(S, option):  # noqa: N803
     spec = SPECS["tiny"]  # float32
@@ -207,7 +219,7 @@ def test_pdl_emitted_source(name):
         assert "_sw_body(" in fns["_cmp_kernel"] and "PDL=False" in fns["_cmp_kernel"]
         # the dependent kernels wait before their first read of anything an earlier kernel of the step wrote
         step_data = {
-            "_topk_kernel": ("tl.load(PM", "tl.load(PL", "tl.load(PACC", "LOGITS +"),
+            "_topk_body": ("tl.load(PM", "tl.load(PL", "tl.load(PACC", "LOGITS +"),
             "_sw_body": ("CAND +", "IDX +", "tl.load(OC", "CNT +"),
             "_combine_kernel": ("_combine_body(",),
             "_combine_rows_kernel": ("tl.load(PM", "tl.load(PL", "tl.load(OC", "tl.load(PACC"),
@@ -216,6 +228,9 @@ def test_pdl_emitted_source(name):
             body = fns[fn][fns[fn].index("):\n"):]  # after the signature
             assert body.count("tl.extra.cuda.gdc_wait()") == 1, fn
             assert body.index("gdc_wait()") < _first(body, *reads), fn
+        # WINDOW_AT = "topk": the window programs of the top-n launch read only q and the window K/V (no wait)
+        assert "gdc_wait" not in fns["_win_part"] and "gdc_wait" not in fns["_topk_kernel"]
+        assert not any(x in fns["_win_part"] for x in ("LOGITS", "CAND", "IDX", "tl.load(PM", "tl.load(OC"))
         for fn in ("_topk_kernel", "_sw_kernel"):  # released on entry
             assert fns[fn].index("gdc_launch_dependents()") < fns[fn].index("tl.program_id")
         # the window tiles (KW/VW) before the wait with PDL = 1 (and 3), after it with PDL = 2
