@@ -276,6 +276,14 @@ def variants() -> dict[str, dict]:
         "win_sel": {"WINDOW_AT": "topk", "SELECT": "topk"},
         "win_sel_tma": {"WINDOW_AT": "topk", "SELECT": "topk", "LOADS": "tma"},
         "win_sel_tma_bk64": {"WINDOW_AT": "topk", "SELECT": "topk", "LOADS": "tma", "BLOCK_K": 64},
+        "sw_sort": {"WINDOW_AT": "sw", "SELECT": "sort"},  # the default before 2026-11-29 19:00 UTC
+        "cmp_tma": {"CMP_LOADS": "tma"},
+        "cmp_tma_pf": {"CMP_LOADS": "tma", "CMP_PREFETCH": 1},
+        "cmp_tma_bn128": {"CMP_LOADS": "tma", "BLOCK_N": 128},
+        "ns3": {"num_stages": 3},
+        "cmp_tma_ns3": {"CMP_LOADS": "tma", "num_stages": 3},
+        "bk64": {"BLOCK_K": 64},
+        "pdl1": {"PDL": 1},
     }
 
 

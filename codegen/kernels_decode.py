@@ -51,8 +51,10 @@ Config parameters:
               selected/window programs (split_sw > 1); otherwise the window stays in the "sw" kernel;
   LOADS       how the selected + window tiles are read: "pointers" (per-thread loads) or "tma" (tensor
               descriptors over the caches, one bulk copy per tile; sm90+, ``loads.loads_check``);
+  CMP_LOADS   the same for the compressed K/V tiles of the compressed-attention loop;
   SELECT      how a top-n chunk's best are found (``_select.j2``): "sort" (full sort) or "topk" (``tl.topk``
-              + ``tl.bitonic_merge``; needs a Triton that has both);
+              + ``tl.bitonic_merge``; needs a Triton that has both); "topk" also merges the split top-n lists
+              in the selected + window programs with one ``tl.topk`` instead of a sort;
   topk_warps  warps of the split top-n kernel (0 = num_warps);
   combine_warps  warps of the row combine kernel (COMBINE = "rows");
   num_warps, num_stages.
@@ -132,6 +134,7 @@ def _decode_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
         "PDL": [0, 1, 2, 3] if pdl_supported(limits) else [0],
         "WINDOW_AT": ["sw", "topk"],
         "LOADS": ["pointers", "tma"],
+        "CMP_LOADS": ["pointers", "tma"],
         "SELECT": ["sort", "topk"] if topk_available() else ["sort"],
         "topk_warps": [0, 2, 4, 8],
         "combine_warps": [1, 2, 4, 8],
@@ -178,7 +181,7 @@ def _decode_check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) -
         return f"PDL: programmatic dependent launch needs compute capability >= 9.0, not {limits.name}: use 0"
     if cfg.get("WINDOW_AT", "sw") not in ("sw", "topk"):
         return f"WINDOW_AT: must be 'sw' or 'topk', got {cfg.get('WINDOW_AT')!r}"
-    why = loads_check(spec, cfg, limits)
+    why = loads_check(spec, cfg, limits) or loads_check(spec, cfg, limits, key="CMP_LOADS")
     if why:
         return why
     if cfg.get("SELECT", "sort") not in ("sort", "topk"):
@@ -215,6 +218,7 @@ def _decode_check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) -
 #: not prefetched): ``ops.with_config("decode", LEGACY)`` selects it for a same-run comparison
 LEGACY: dict[str, Any] = {
     "COMBINE": "kernel", "LSE_MERGE": "loop", "PREFETCH": 0, "SW_PREFETCH": 0, "CMP_PREFETCH": 0, "PDL": 0,
+    "WINDOW_AT": "sw", "SELECT": "sort",
 }
 
 
@@ -228,8 +232,8 @@ def _decode_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
         return {
             "tokens": 1, "BLOCK_N": 16, "BLOCK_S": bs, "BLOCK_K": 16, "BLOCK_W": 16,
             "split_cmp": 0, "split_sw": 0, "split_topk": 0, "SKIP": 1, "COMBINE": "rows", "LSE_MERGE": "tile",
-            "PREFETCH": 1, "SW_PREFETCH": 1, "CMP_PREFETCH": 1, "PDL": 0, "WINDOW_AT": "sw", "SELECT": "sort",
-            "LOADS": "pointers",
+            "PREFETCH": 1, "SW_PREFETCH": 1, "CMP_PREFETCH": 1, "PDL": 0, "WINDOW_AT": "topk",
+            "SELECT": "topk" if topk_available() else "sort", "LOADS": "pointers", "CMP_LOADS": "pointers",
             "topk_warps": 0, "combine_warps": 4, "num_warps": 4, "num_stages": 1,
         }
     while bs * 2 * rp <= 256:  # one program scores the blocks of one step: wide chunks, few sorts
@@ -268,9 +272,15 @@ def _decode_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
         # 31.8 / 29.9, 8k 30.4 / 27.4 (faster: 4 groups); small_group B = 1 64k 39.4 / 39.8 (16 groups),
         # paper B = 16 64k 118.8 / 126.3, 8k 64.0 / 67.3 (slower): so 3 = on for at most 4 groups
         "PDL": 3 if pdl_supported(limits) else 0,
-        "WINDOW_AT": "sw",
-        "SELECT": "sort",
+        # the window as programs of the top-n launch and tl.topk chunks (H200, bench_decode.py --compare,
+        # 2026-11-29 18:43 UTC, CUDA graph, cold L2, us, default -> both): paper 64k B = 16 101.5 -> 100.1,
+        # B = 1 28.4 -> 27.0, 8k B = 16 56.4 -> 53.5; small_group 64k B = 16 243.6 -> 238.7, B = 1 39.5 ->
+        # 38.6; paper B = 64 (one launch: SELECT only) 314.4 -> 310.7 (bench/results/decode_h200_s10_call1.md)
+        "WINDOW_AT": "topk",
+        "SELECT": "topk" if topk_available() else "sort",
+        # TMA for the selected / window tiles was slower (paper 64k B = 16 104.5, B = 1 33.0, B = 64 391.4 us)
         "LOADS": "pointers",
+        "CMP_LOADS": "pointers",
         "topk_warps": 0,
         "combine_warps": 4,
         # 4 warps (H200, bench_decode.py --compare, 2026-11-29 12:37 UTC, CUDA graph, cold L2), 8 -> 4 warps

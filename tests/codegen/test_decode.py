@@ -54,6 +54,11 @@ OPTIONS = {
             "LOADS": "tma"},
     "tma_win_topk": {"COMBINE": "rows", "LSE_MERGE": "tile", "PREFETCH": 1, "SW_PREFETCH": 1,
                      "CMP_PREFETCH": 0, "LOADS": "tma", "WINDOW_AT": "topk"},
+    # compressed K/V through TMA, prefetched (CMP_PREFETCH 1) and not; the window in the selected kernel
+    "cmp_tma": {"COMBINE": "last_rows", "LSE_MERGE": "tile", "PREFETCH": 1, "SW_PREFETCH": 2,
+                "CMP_PREFETCH": 1, "CMP_LOADS": "tma", "WINDOW_AT": "sw", "SELECT": "sort"},
+    "cmp_tma_nopf": {"COMBINE": "rows", "LSE_MERGE": "tile", "PREFETCH": 0, "SW_PREFETCH": 0,
+                     "CMP_PREFETCH": 0, "CMP_LOADS": "tma"},
 }
 
 
@@ -78,7 +83,7 @@ def _check_indices(spec, idx, scores, ref_idx, t):
         torch.testing.assert_close(torch.tensor(sg), torch.tensor(sw), rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("option", ["legacy", "new", "sm90", "last_rows", "win_topk", "tma"])
+@pytest.mark.parametrize("option", ["legacy", "new", "sm90", "last_rows", "win_topk", "tma", "cmp_tma"])
 @pytest.mark.parametrize("name", list(SPECS))
 def test_kernel_token_by_token_matches_full_forward(name, option):
     spec = SPECS[name].replace(attention={"dtype": "float32"})
@@ -106,7 +111,7 @@ def test_kernel_token_by_token_matches_full_forward(name, option):
 
 
 @pytest.mark.parametrize("option", ["rows_loop", "last_tile", "last_rows", "sm90", "win_topk_rows",
-                                    "tma_win_topk"])
+                                    "tma_win_topk", "cmp_tma_nopf"])
 @pytest.mark.parametrize("S", [1, 3])
 def test_kernel_mixed_lengths_multi_token(S, option):  # noqa: N803
     spec = SPECS["tiny"]  # float32
