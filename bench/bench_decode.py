@@ -284,6 +284,10 @@ def variants() -> dict[str, dict]:
         "cmp_tma_ns3": {"CMP_LOADS": "tma", "num_stages": 3},
         "bk64": {"BLOCK_K": 64},
         "pdl1": {"PDL": 1},
+        "ns2": {"num_stages": 2},  # the default before 2026-11-29 19:10 UTC
+        "tw8": {"topk_warps": 8},
+        "bw64": {"BLOCK_W": 64},
+        "bk64_bw64": {"BLOCK_K": 64, "BLOCK_W": 64},
     }
 
 

@@ -289,7 +289,11 @@ def _decode_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
         # (one fused launch) 473.4 -> 310.3. Two programs per SM instead of one keep more K/V loads in
         # flight; ptxas: no spills in the split kernels at 4 warps.
         "num_warps": 4,
-        "num_stages": 2,
+        # 3 stages (H200, 2026-11-29 18:51 UTC, CUDA graph, cold L2, us, 2 -> 3 stages): paper 64k B = 16
+        # 97.1 -> 92.9 (compressed 50.4 -> 47.7, selected 23.8 -> 21.1), B = 1 25.1 -> 24.3, 8k B = 16 51.5 ->
+        # 46.2, B = 64 308.8 -> 305.9; small_group 64k B = 16 237.1 -> 231.6, B = 1 36.0 -> 35.9
+        # (bench/results/decode_h200_s10_call2.md)
+        "num_stages": 3,
     }
     while _decode_check(spec, cfg, limits) and cfg["num_stages"] > 1:
         cfg["num_stages"] -= 1
