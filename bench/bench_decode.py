@@ -288,7 +288,6 @@ def variants() -> dict[str, dict]:
         "tw8": {"topk_warps": 8},
         "bw64": {"BLOCK_W": 64},
         "bk64_bw64": {"BLOCK_K": 64, "BLOCK_W": 64},
-        "pdl4": {"PDL": 4},
     }
 
 

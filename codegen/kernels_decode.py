@@ -42,10 +42,8 @@ Config parameters:
               transitive); the selected + window kernel attends to its window tiles (independent of the
               top-n) before that wait; 2 the same launches with the wait before any tile (a control for
               timing the early window); 3 as 1 for steps of at most 4 (sequence, KV head) groups, else
-              off (chosen per call); 4 as 3, but above 4 groups the top-n launch alone is dependent (with
-              WINDOW_AT = "topk" its window programs, which never wait, start while the compressed kernel
-              runs; the selected + window kernel is launched normally). Selected and window keep separate
-              softmax states: every value gives bitwise the same results;
+              off (chosen per call). Selected and window keep separate softmax states: every value gives
+              bitwise the same results;
   WINDOW_AT   where the window tiles are attended to: "sw" in the selected + window kernel; "topk" as
               S x split_sw extra programs of the top-n launch, concurrently with the scoring (the scoring is
               latency-bound and leaves bandwidth idle; the selected + window kernel then reads only the
@@ -133,7 +131,7 @@ def _decode_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
         "PREFETCH": [0, 1],
         "SW_PREFETCH": [0, 1, 2],
         "CMP_PREFETCH": [0, 1, 2],
-        "PDL": [0, 1, 2, 3, 4] if pdl_supported(limits) else [0],
+        "PDL": [0, 1, 2, 3] if pdl_supported(limits) else [0],
         "WINDOW_AT": ["sw", "topk"],
         "LOADS": ["pointers", "tma"],
         "CMP_LOADS": ["pointers", "tma"],
@@ -177,8 +175,8 @@ def _decode_check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) -
     if cfg.get("CMP_PREFETCH", 0) not in (0, 1, 2):
         return f"CMP_PREFETCH: must be 0, 1 or 2, got {cfg.get('CMP_PREFETCH')!r}"
     pdl = cfg.get("PDL", 0)
-    if pdl not in (0, 1, 2, 3, 4) or isinstance(pdl, bool):
-        return f"PDL: must be 0, 1, 2, 3 or 4, got {pdl!r}"
+    if pdl not in (0, 1, 2, 3) or isinstance(pdl, bool):
+        return f"PDL: must be 0, 1, 2 or 3, got {pdl!r}"
     if pdl and not pdl_supported(limits):
         return f"PDL: programmatic dependent launch needs compute capability >= 9.0, not {limits.name}: use 0"
     if cfg.get("WINDOW_AT", "sw") not in ("sw", "topk"):

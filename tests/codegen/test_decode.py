@@ -180,13 +180,13 @@ def test_pdl_config_validation():
     kdef = get_kernel("decode")
     assert kdef.space(spec, interp)["PDL"] == [0] and kdef.space(spec, A100)["PDL"] == [0]
     assert {0, 1} <= set(kdef.space(spec, H100)["PDL"])
-    for p in (1, 2, 3, 4):
+    for p in (1, 2, 3):
         assert make_plan(spec, "decode", {"PDL": p}, H100).config["PDL"] == p
         for lim in (interp, A100):
             with pytest.raises(ValueError, match="PDL") as e:
                 make_plan(spec, "decode", {"PDL": p}, lim)
             assert "\n" not in str(e.value)
-    for bad in (5, -1, "1", True):
+    for bad in (4, -1, "1", True):
         with pytest.raises(ValueError, match="PDL"):
             make_plan(spec, "decode", {"PDL": bad}, H100)
 
@@ -210,7 +210,7 @@ def test_pdl_emitted_source(name):
     for src in (interp_src, off_src):
         assert "tl.extra.cuda" not in src  # no grid dependency control emitted at all
         assert "PDL_MODE = 0" in src
-    for pdl in (1, 2, 3, 4):
+    for pdl in (1, 2, 3):
         src = render(make_plan(spec, "decode", {"PDL": pdl}, H100))
         fns = _functions(src)
         assert f"PDL_MODE = {pdl}" in src
@@ -245,8 +245,7 @@ def test_pdl_emitted_source(name):
         # host: the first launch is an ordinary one, every later launch of the step a dependent one
         calls = [n for n in ast.walk(ast.parse(fns["run"])) if isinstance(n, ast.Call)
                  and isinstance(n.func, ast.Subscript) and isinstance(n.func.value, ast.Name)]
-        dep = ("pdl_launch", "topk_launch")
-        pdl_kw = {n.func.value.id: any(k.arg is None and getattr(k.value, "id", "") in dep
+        pdl_kw = {n.func.value.id: any(k.arg is None and getattr(k.value, "id", "") == "pdl_launch"
                                        for k in n.keywords) for n in calls}
         assert pdl_kw == {"_cmp_kernel": False, "_topk_kernel": True, "_sw_kernel": True,
                           "_combine_rows_kernel": True, "_combine_kernel": True}
@@ -282,12 +281,10 @@ def _record_step(mod, spec, B):  # noqa: N803
 @pytest.mark.parametrize("name", ["nsa_paper", "small_group"])
 def test_pdl_auto_launches_dependents_for_small_steps_only(name, tmp_path):
     """PDL = 3 decides per call: dependent launches (and the kernels' PDL constexpr) when the step has at most
-    PDL_MAX_GROUPS (sequence, KV head) groups, ordinary launches above; PDL = 1 always; PDL = 4 as 3, but
-    above PDL_MAX_GROUPS the top-n launch (with the window programs) stays dependent and the compressed
-    kernel releases it."""
+    PDL_MAX_GROUPS (sequence, KV head) groups, ordinary launches above; PDL = 1 always."""
     spec = nsa_dsl.load_spec(name)
     a = spec.attention
-    for pdl in (3, 1, 4):
+    for pdl in (3, 1):
         plan = make_plan(spec, "decode", {"PDL": pdl, "COMBINE": "kernel"}, H100)
         path = tmp_path / f"decode_auto{pdl}.py"
         path.write_text(render(plan))
@@ -296,10 +293,8 @@ def test_pdl_auto_launches_dependents_for_small_steps_only(name, tmp_path):
             log = [(n, kw.get("launch_pdl", False), kw.get("PDL")) for n, kw in _record_step(mod, spec, B)]
             on = pdl == 1 or B * a.kv_heads <= mod.PDL_MAX_GROUPS
             assert [n for n, _, _ in log] == ["_cmp_kernel", "_topk_kernel", "_sw_kernel", "_combine_kernel"]
-            assert log[0][1] is False and all(lp == on for _, lp, _ in log[2:]), (pdl, B, log)
-            assert all(p_ == on for _, _, p_ in log[2:]), (pdl, B, log)
-            topk_on = on or pdl == 4  # the window programs run in the top-n launch here (splits 2, 2, 2)
-            assert log[1][1:] == (topk_on, topk_on) and log[0][2] == topk_on, (pdl, B, log)
+            assert log[0][1] is False and all(lp == on for _, lp, _ in log[1:]), (pdl, B, log)
+            assert all(p_ == on for _, _, p_ in log), (pdl, B, log)
 
 
 def test_combine_auto_merges_in_the_last_program_for_large_steps_only(tmp_path):
