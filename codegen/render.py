@@ -67,8 +67,24 @@ def header(plan: KernelPlan) -> str:
     return "\n".join(lines) + "\n"
 
 
+def tidy_blank_lines(source: str) -> str:
+    """Collapse the blank-line runs that template macros leave behind: at most two before a top-level line
+    (PEP 8 between definitions), at most one before an indented line; blank lines lose trailing spaces."""
+    out: list[str] = []
+    run = 0
+    for line in source.split("\n"):
+        if not line.strip():
+            run += 1
+            continue
+        if out:
+            out += [""] * min(run, 1 if line[:1].isspace() else 2)
+        run = 0
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
 def render(plan: KernelPlan) -> str:
-    """Render ``plan`` to Python/Triton source (header first)."""
+    """Render ``plan`` to Python/Triton source (header first; blank-line runs tidied)."""
     tmpl = environment().get_template(plan.kdef.template)
     body = tmpl.render(
         plan=plan,
@@ -80,4 +96,4 @@ def render(plan: KernelPlan) -> str:
         spec_hash=plan.spec.hash,
         generator_version=GENERATOR_VERSION,
     )
-    return header(plan) + body
+    return header(plan) + tidy_blank_lines(body)
