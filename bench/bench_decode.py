@@ -288,6 +288,9 @@ def variants() -> dict[str, dict]:
         "tw8": {"topk_warps": 8},
         "bw64": {"BLOCK_W": 64},
         "bk64_bw64": {"BLOCK_K": 64, "BLOCK_W": 64},
+        "tw2": {"topk_warps": 2},
+        "bs32": {"BLOCK_S": 32},
+        "ns4": {"num_stages": 4},
     }
 
 
