@@ -487,6 +487,8 @@ def main() -> None:
     ap.add_argument("--tmax", type=int, default=131072)
     ap.add_argument("--compare", action="store_true", help="old vs new decode options (decode_compare.*)")
     ap.add_argument("--warm", type=int, metavar="I", help="compile the --compare variants of shape I")
+    ap.add_argument("--warm-jobs", action="store_true",
+                    help="print the 'I:P/N' warm-up jobs of the --compare shapes up to 64k (gpu_decode.sh)")
     ap.add_argument("--part", default="0/1", help="with --warm: P/N, every N-th variant from the P-th")
     ap.add_argument("--variants", help="with --compare: comma-separated variant names (\"new\" always runs)")
     ap.add_argument("--shapes", help="with --compare: comma-separated spec:B:T shapes instead of the list")
@@ -505,6 +507,14 @@ def main() -> None:
         ONLY_SHAPES = [(a, int(b), int(c)) for a, b, c in (x.split(":") for x in args.shapes.split(","))]
     outdir = Path(args.out)
     outdir.mkdir(parents=True, exist_ok=True)
+    if args.warm_jobs:
+        # shapes with many variants over 4 processes, those with 5-6 (e.g. the PDL variants) over 2
+        for i, key in enumerate(ONLY_SHAPES or COMPARE_SHAPES):
+            if key[2] <= 65536:
+                nv = len(_shape_variants(key))
+                n = 4 if nv > 6 else 2 if nv > 4 else 1
+                print("\n".join(f"{i}:{p}/{n}" for p in range(n)))
+        return
     if args.warm is not None:
         part, parts = (int(x) for x in args.part.split("/"))
         warm(args.warm, part, parts)

@@ -11,22 +11,9 @@ source "$(dirname "${BASH_SOURCE[0]}")/gpu_common.sh"
 run_gpu_tests "${TEST_LIMIT:-180}" tests/codegen/test_decode.py tests/codegen/test_decode.py \
   test_gpu_bf16_decode_8k_matches_reference test_gpu_cuda_graph_replay_equals_eager \
   test_gpu_pdl_equals_no_pdl_eager_and_graph &
-# "I P/N" jobs: the shapes with many variants are split over 4 processes, those with 5-6 (the PDL variants) over 2
+# "I:P/N" warm-up jobs: every N-th variant of shape I from the P-th, one process each
 # shellcheck disable=SC2086  # DEC_ARGS holds several options
-JOBS=$($PY - ${DEC_ARGS:-} <<'PYEOF'
-import sys; sys.path.insert(0, 'bench'); import bench_decode as b
-a = sys.argv[1:]
-opt = lambda k: a[a.index(k) + 1] if k in a else None
-if opt("--variants"): b.ONLY_VARIANTS = opt("--variants").split(",")
-if opt("--shapes"): b.ONLY_SHAPES = [(x, int(y), int(z)) for x, y, z in (t.split(":") for t in opt("--shapes").split(","))]
-if opt("--splits"): b.ONLY_SPLITS = [tuple(int(v) for v in t.split(",")) for t in opt("--splits").split(";") if t]
-for i, s in enumerate(b.ONLY_SHAPES or b.COMPARE_SHAPES):
-    if s[2] > 65536: continue
-    nv = len(b._shape_variants(s))
-    n = 4 if nv > 6 else 2 if nv > 4 else 1
-    for p in range(n): print(f'{i}:{p}/{n}')
-PYEOF
-)
+JOBS=$($PY bench/bench_decode.py --warm-jobs ${DEC_ARGS:-})
 for j in $JOBS; do
   i=${j%%:*}; part=${j#*:}; tag="${i}_${part%%/*}"
   # shellcheck disable=SC2086
