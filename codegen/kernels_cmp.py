@@ -146,6 +146,20 @@ def topk_available() -> bool:
     return hasattr(tl, "topk") and hasattr(tl, "bitonic_merge")
 
 
+def default_select() -> str:
+    """The SELECT default of every top-n kernel (slc_topk, cmp_topk, decode): "topk" where Triton has it."""
+    return "topk" if topk_available() else "sort"
+
+
+def select_check(cfg: Mapping[str, Any]) -> str | None:
+    """Why config parameter SELECT is invalid here, or None (shared by the forward scorers and decode)."""
+    if cfg.get("SELECT", "sort") not in ("sort", "topk"):
+        return f"SELECT: must be 'sort' or 'topk', got {cfg.get('SELECT')!r}"
+    if cfg.get("SELECT") == "topk" and not topk_available():
+        return "SELECT: 'topk' needs tl.topk and tl.bitonic_merge, which this Triton lacks; use 'sort'"
+    return None
+
+
 def _topk_constants(fused: bool):
     def constants(spec: NSASpec, cfg: Mapping[str, Any]) -> dict[str, Any]:
         from ..derived import derive
@@ -208,10 +222,9 @@ def _topk_check(fused: bool):
             return f"BLOCK_S: MAP='dot' needs BLOCK_S >= 16 (tl.dot N), got {bs}"
         if cfg.get("MERGE", "sort") not in ("sort", "bitonic"):
             return f"MERGE: must be 'sort' or 'bitonic', got {cfg.get('MERGE')!r}"
-        if cfg.get("SELECT", "sort") not in ("sort", "topk"):
-            return f"SELECT: must be 'sort' or 'topk', got {cfg.get('SELECT')!r}"
-        if cfg.get("SELECT") == "topk" and not topk_available():
-            return "SELECT: 'topk' needs tl.topk and tl.bitonic_merge, which this Triton lacks; use 'sort'"
+        why = select_check(cfg)
+        if why:
+            return why
         if cfg.get("SELECT") == "topk" and cfg.get("MERGE", "sort") != "sort":
             return f"MERGE: {cfg.get('MERGE')!r} applies to SELECT = 'sort' only ('topk' has its own merge)"
         if cfg.get("SKIP", 0) not in (0, 1):
@@ -238,7 +251,7 @@ def _topk_default(fused: bool):
         bs = max(np_, 2)
         while bs * rp < 16:
             bs *= 2
-        select = "topk" if topk_available() else "sort"
+        select = default_select()
         if limits.interpreter:
             cfg = {
                 "BLOCK_M": max(16, gp),

@@ -67,7 +67,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..spec import NSASpec
-from .kernels_cmp import overlap_levels, topk_available
+from .kernels_cmp import default_select, overlap_levels, select_check, topk_available
 from .loads import loads_check
 from .plan import DeviceLimits, KernelDef, element_bytes, next_pow2, register, split_dim
 
@@ -181,13 +181,10 @@ def _decode_check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) -
         return f"PDL: programmatic dependent launch needs compute capability >= 9.0, not {limits.name}: use 0"
     if cfg.get("WINDOW_AT", "sw") not in ("sw", "topk"):
         return f"WINDOW_AT: must be 'sw' or 'topk', got {cfg.get('WINDOW_AT')!r}"
-    why = loads_check(spec, cfg, limits) or loads_check(spec, cfg, limits, key="CMP_LOADS")
+    why = select_check(cfg) or loads_check(spec, cfg, limits)
+    why = why or loads_check(spec, cfg, limits, key="CMP_LOADS")
     if why:
         return why
-    if cfg.get("SELECT", "sort") not in ("sort", "topk"):
-        return f"SELECT: must be 'sort' or 'topk', got {cfg.get('SELECT')!r}"
-    if cfg.get("SELECT") == "topk" and not topk_available():
-        return "SELECT: 'topk' needs tl.topk and tl.bitonic_merge, which this Triton lacks; use 'sort'"
     if cfg.get("topk_warps", 0) not in (0, 1, 2, 4, 8, 16):
         return f"topk_warps: must be 0 (= num_warps) or one of 1, 2, 4, 8, 16, got {cfg.get('topk_warps')!r}"
     if cfg.get("combine_warps", 4) not in (1, 2, 4, 8, 16):
@@ -233,7 +230,7 @@ def _decode_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
             "tokens": 1, "BLOCK_N": 16, "BLOCK_S": bs, "BLOCK_K": 16, "BLOCK_W": 16,
             "split_cmp": 0, "split_sw": 0, "split_topk": 0, "SKIP": 1, "COMBINE": "rows", "LSE_MERGE": "tile",
             "PREFETCH": 1, "SW_PREFETCH": 1, "CMP_PREFETCH": 1, "PDL": 0, "WINDOW_AT": "topk",
-            "SELECT": "topk" if topk_available() else "sort", "LOADS": "pointers", "CMP_LOADS": "pointers",
+            "SELECT": default_select(), "LOADS": "pointers", "CMP_LOADS": "pointers",
             "topk_warps": 0, "combine_warps": 4, "num_warps": 4, "num_stages": 1,
         }
     while bs * 2 * rp <= 256:  # one program scores the blocks of one step: wide chunks, few sorts
@@ -277,7 +274,7 @@ def _decode_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
         # B = 1 28.4 -> 27.0, 8k B = 16 56.4 -> 53.5; small_group 64k B = 16 243.6 -> 238.7, B = 1 39.5 ->
         # 38.6; paper B = 64 (one launch: SELECT only) 314.4 -> 310.7 (bench/results/decode_h200_s10_call1.md)
         "WINDOW_AT": "topk",
-        "SELECT": "topk" if topk_available() else "sort",
+        "SELECT": default_select(),
         # TMA for the selected / window tiles was slower (paper 64k B = 16 104.5, B = 1 33.0, B = 64 391.4 us)
         "LOADS": "pointers",
         "CMP_LOADS": "pointers",
