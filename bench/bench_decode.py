@@ -291,6 +291,11 @@ def variants() -> dict[str, dict]:
         "tw2": {"topk_warps": 2},
         "bs32": {"BLOCK_S": 32},
         "ns4": {"num_stages": 4},
+        # session 11: the next grid scheduled into the tail of this one (PDL_AT), the logit scratch in fp16
+        "pdl1_tail": {"PDL": 1, "PDL_AT": "tail"},
+        "pdl3_tail": {"PDL": 3, "PDL_AT": "tail"},
+        "lg16": {"LOGITS": "fp16"},
+        "lg16_pdl1_tail": {"LOGITS": "fp16", "PDL": 1, "PDL_AT": "tail"},
     }
 
 

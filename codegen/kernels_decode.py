@@ -44,6 +44,12 @@ Config parameters:
               timing the early window); 3 as 1 for steps of at most 4 (sequence, KV head) groups, else
               off (chosen per call). Selected and window keep separate softmax states: every value gives
               bitwise the same results;
+  PDL_AT      where each kernel lets the next one be scheduled: "entry" (its first statement) or "tail" (after
+              its main loop, before its stores: the next grid's programs, which wait for this one, are
+              scheduled into its tail instead of holding SM slots its loads need); with PDL only;
+  LOGITS      element type of the compressed kernel's logit scratch (read back by the top-n): "fp32" or
+              "fp16" (half the scratch bytes; the scaled logits are rounded to 11 significant bits, 8 times
+              finer than the rounding of bf16 q and k the logits come from);
   WINDOW_AT   where the window tiles are attended to: "sw" in the selected + window kernel; "topk" as
               S x split_sw extra programs of the top-n launch, concurrently with the scoring (the scoring is
               latency-bound and leaves bandwidth idle; the selected + window kernel then reads only the
@@ -132,6 +138,8 @@ def _decode_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
         "SW_PREFETCH": [0, 1, 2],
         "CMP_PREFETCH": [0, 1, 2],
         "PDL": [0, 1, 2, 3] if pdl_supported(limits) else [0],
+        "PDL_AT": ["entry", "tail"],
+        "LOGITS": ["fp32", "fp16"],
         "WINDOW_AT": ["sw", "topk"],
         "LOADS": ["pointers", "tma"],
         "CMP_LOADS": ["pointers", "tma"],
@@ -179,6 +187,10 @@ def _decode_check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) -
         return f"PDL: must be 0, 1, 2 or 3, got {pdl!r}"
     if pdl and not pdl_supported(limits):
         return f"PDL: programmatic dependent launch needs compute capability >= 9.0, not {limits.name}: use 0"
+    if cfg.get("PDL_AT", "entry") not in ("entry", "tail"):
+        return f"PDL_AT: must be 'entry' or 'tail', got {cfg.get('PDL_AT')!r}"
+    if cfg.get("LOGITS", "fp32") not in ("fp32", "fp16"):
+        return f"LOGITS: must be 'fp32' or 'fp16', got {cfg.get('LOGITS')!r}"
     if cfg.get("WINDOW_AT", "sw") not in ("sw", "topk"):
         return f"WINDOW_AT: must be 'sw' or 'topk', got {cfg.get('WINDOW_AT')!r}"
     why = select_check(cfg) or loads_check(spec, cfg, limits)
@@ -229,7 +241,8 @@ def _decode_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
         return {
             "tokens": 1, "BLOCK_N": 16, "BLOCK_S": bs, "BLOCK_K": 16, "BLOCK_W": 16,
             "split_cmp": 0, "split_sw": 0, "split_topk": 0, "SKIP": 1, "COMBINE": "rows", "LSE_MERGE": "tile",
-            "PREFETCH": 1, "SW_PREFETCH": 1, "CMP_PREFETCH": 1, "PDL": 0, "WINDOW_AT": "topk",
+            "PREFETCH": 1, "SW_PREFETCH": 1, "CMP_PREFETCH": 1, "PDL": 0, "PDL_AT": "entry", "LOGITS": "fp32",
+            "WINDOW_AT": "topk",
             "SELECT": default_select(), "LOADS": "pointers", "CMP_LOADS": "pointers",
             "topk_warps": 0, "combine_warps": 4, "num_warps": 4, "num_stages": 1,
         }
@@ -269,6 +282,8 @@ def _decode_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
         # 31.8 / 29.9, 8k 30.4 / 27.4 (faster: 4 groups); small_group B = 1 64k 39.4 / 39.8 (16 groups),
         # paper B = 16 64k 118.8 / 126.3, 8k 64.0 / 67.3 (slower): so 3 = on for at most 4 groups
         "PDL": 3 if pdl_supported(limits) else 0,
+        "PDL_AT": "entry",
+        "LOGITS": "fp32",
         # the window as programs of the top-n launch and tl.topk chunks (H200, bench_decode.py --compare,
         # 2026-11-29 18:43 UTC, CUDA graph, cold L2, us, default -> both): paper 64k B = 16 101.5 -> 100.1,
         # B = 1 28.4 -> 27.0, 8k B = 16 56.4 -> 53.5; small_group 64k B = 16 243.6 -> 238.7, B = 1 39.5 ->
