@@ -199,12 +199,16 @@ def nsa_backward(
     slc.run(q, k, v, do, g, f32c(saved["lse_slc"]), delta[1], indices, rev, dq, dk, dv,
             cu_seqlens=cu_seqlens, max_len=max_len, accum_q=True, profile=kprof)
     mark("bwd_slc")
+    dq_final = dq
     if win_on:
         kw_, vw_ = (k_win, v_win) if separate else (k, v)
+        # the window's dQ kernel is the last to touch dq: it stores the sum in q's dtype (no cast pass)
+        dq_final = dq if q.dtype == f32 else torch.empty(q.shape, device=q.device, dtype=q.dtype)
         mod("bwd_win").run(q, kw_, vw_, do, g, f32c(saved["lse_win"]), delta[2], dq, dkw, dvw,
-                           cu_seqlens=cu_seqlens, max_len=max_len, accum_q=True, accum_kv=True, profile=kprof)
+                           cu_seqlens=cu_seqlens, max_len=max_len, accum_q=True, accum_kv=True, profile=kprof,
+                           dq_out=dq_final)
         mark("bwd_win")
-    out = (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dkc.to(k_cmp.dtype), dvc.to(v_cmp.dtype),
+    out = (dq_final.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dkc.to(k_cmp.dtype), dvc.to(v_cmp.dtype),
            dg.to(g.dtype))
     if separate:
         out = (*out, dkw.to(k.dtype), dvw.to(v.dtype))

@@ -282,8 +282,14 @@ def _decode_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
         # 31.8 / 29.9, 8k 30.4 / 27.4 (faster: 4 groups); small_group B = 1 64k 39.4 / 39.8 (16 groups),
         # paper B = 16 64k 118.8 / 126.3, 8k 64.0 / 67.3 (slower): so 3 = on for at most 4 groups
         "PDL": 3 if pdl_supported(limits) else 0,
+        # PDL_AT "tail" and LOGITS "fp16" (H200, bench_decode.py --compare, 2026-11-29 21:18 UTC, CUDA graph,
+        # cold L2, us, default -> tail / fp16 / both with PDL 1): paper 64k B = 16 92.4 -> 93.3 / 91.1 /
+        # 90.3, B = 1 25.1 -> 27.9 / 25.2 / 25.4, B = 64 306.4 -> 306.5 / 296.0 / 294.0; 128k B = 16 144.3 ->
+        # 144.8 / 140.7; small_group 64k B = 16 231.6 -> 232.2 / 228.8 (bench/results/
+        # decode_h200_s11_call2.md). The fp16 scratch for 16-bit specs (its rounding is 8x finer than the
+        # bf16 inputs'); the tail release stays an option.
         "PDL_AT": "entry",
-        "LOGITS": "fp32",
+        "LOGITS": "fp32" if element_bytes(spec) == 4 else "fp16",
         # the window as programs of the top-n launch and tl.topk chunks (H200, bench_decode.py --compare,
         # 2026-11-29 18:43 UTC, CUDA graph, cold L2, us, default -> both): paper 64k B = 16 101.5 -> 100.1,
         # B = 1 28.4 -> 27.0, 8k B = 16 56.4 -> 53.5; small_group 64k B = 16 243.6 -> 238.7, B = 1 39.5 ->

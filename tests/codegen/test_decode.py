@@ -220,6 +220,11 @@ def test_pdl_config_validation():
     assert make_plan(spec, "decode", None, A100).config["PDL"] == 0
     assert make_plan(spec, "decode", None, H100).config["PDL"] == 3
     assert make_plan(spec, "decode", LEGACY, H100).config["PDL"] == 0  # the old path stays comparable
+    # the logit scratch: fp16 by default for 16-bit specs on a GPU, fp32 for float32 specs and the interpreter
+    assert make_plan(spec, "decode", None, H100).config["LOGITS"] == "fp16"
+    f32 = spec.replace(attention={"dtype": "float32"})
+    assert make_plan(f32, "decode", None, H100).config["LOGITS"] == "fp32"
+    assert make_plan(spec, "decode", None, interp).config["LOGITS"] == "fp32"
     kdef = get_kernel("decode")
     assert kdef.space(spec, interp)["PDL"] == [0] and kdef.space(spec, A100)["PDL"] == [0]
     assert {0, 1} <= set(kdef.space(spec, H100)["PDL"])
