@@ -296,6 +296,14 @@ def variants() -> dict[str, dict]:
         "pdl3_tail": {"PDL": 3, "PDL_AT": "tail"},
         "lg16": {"LOGITS": "fp16"},
         "lg16_pdl1_tail": {"LOGITS": "fp16", "PDL": 1, "PDL_AT": "tail"},
+        # 32-key compressed tiles with more stages (two programs per SM, more tiles in flight each), and more
+        # stages for the selected / window tiles
+        "bn32_cs4": {"BLOCK_N": 32, "cmp_stages": 4},
+        "bn32_cs5": {"BLOCK_N": 32, "cmp_stages": 5},
+        "bn32_cs3": {"BLOCK_N": 32, "cmp_stages": 3},
+        "ns5_cs3": {"num_stages": 5, "cmp_stages": 3},
+        "ns4_cs3": {"num_stages": 4, "cmp_stages": 3},
+        "bn32_cs5_ns5": {"BLOCK_N": 32, "cmp_stages": 5, "num_stages": 5},
     }
 
 

@@ -63,6 +63,8 @@ Config parameters:
               in the selected + window programs with one ``tl.topk`` instead of a sort;
   topk_warps  warps of the split top-n kernel (0 = num_warps);
   combine_warps  warps of the row combine kernel (COMBINE = "rows");
+  cmp_stages  pipeline stages of the compressed-attention kernel (0 = num_stages; with 32-key tiles and
+              4-5 stages two programs fit an SM's shared memory with more tiles in flight each);
   num_warps, num_stages.
 """
 
@@ -148,6 +150,7 @@ def _decode_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
         "combine_warps": [1, 2, 4, 8],
         "num_warps": [2, 4, 8],
         "num_stages": [1, 2, 3],
+        "cmp_stages": [0, 2, 3, 4, 5],
     }
 
 
@@ -209,15 +212,21 @@ def _decode_check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) -
     ns = cfg.get("num_stages")
     if not isinstance(ns, int) or not 1 <= ns <= 6:
         return f"num_stages: must be an integer in 1..6, got {ns!r}"
+    cs = cfg.get("cmp_stages", 0)
+    if not isinstance(cs, int) or isinstance(cs, bool) or not 0 <= cs <= 6:
+        return f"cmp_stages: must be an integer in 0..6 (0 = num_stages), got {cs!r}"
     if not limits.interpreter:
         a = spec.attention
         e = element_bytes(spec)
         dk, dv = _padded(a.head_dim_qk), _padded(a.head_dim_v)
         rows = decode_rows(spec, tok)
-        tile = max(cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["BLOCK_W"])
-        need = rows * dk * e + tile * (dk + dv) * e * ns
-        if need > limits.smem_per_block:
-            return f"shared memory: needs ~{need} bytes > {limits.smem_per_block} on {limits.name}"
+        # the compressed kernel (which also runs the selected/window tiles when the step is fused) and the
+        # selected + window kernel
+        sw_tile = max(cfg["BLOCK_K"], cfg["BLOCK_W"])
+        for tile, stages in ((max(cfg["BLOCK_N"], sw_tile), cs or ns), (sw_tile, ns)):
+            need = rows * dk * e + tile * (dk + dv) * e * stages
+            if need > limits.smem_per_block:
+                return f"shared memory: needs ~{need} bytes > {limits.smem_per_block} on {limits.name}"
         if rows * (dv + max(cfg["BLOCK_N"], bs * rp)) > 256 * 32 * nw:
             return "registers: rows x (dv + tile) fp32 values exceed 256 per thread"
     return None
@@ -244,7 +253,7 @@ def _decode_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
             "PREFETCH": 1, "SW_PREFETCH": 1, "CMP_PREFETCH": 1, "PDL": 0, "PDL_AT": "entry", "LOGITS": "fp32",
             "WINDOW_AT": "topk",
             "SELECT": default_select(), "LOADS": "pointers", "CMP_LOADS": "pointers",
-            "topk_warps": 0, "combine_warps": 4, "num_warps": 4, "num_stages": 1,
+            "topk_warps": 0, "combine_warps": 4, "num_warps": 4, "num_stages": 1, "cmp_stages": 0,
         }
     while bs * 2 * rp <= 256:  # one program scores the blocks of one step: wide chunks, few sorts
         bs *= 2
@@ -282,7 +291,7 @@ def _decode_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
         # 31.8 / 29.9, 8k 30.4 / 27.4 (faster: 4 groups); small_group B = 1 64k 39.4 / 39.8 (16 groups),
         # paper B = 16 64k 118.8 / 126.3, 8k 64.0 / 67.3 (slower): so 3 = on for at most 4 groups
         "PDL": 3 if pdl_supported(limits) else 0,
-        # PDL_AT "tail" and LOGITS "fp16" (H200, bench_decode.py --compare, 2026-11-29 21:18 UTC, CUDA graph,
+        # PDL_AT "tail" and LOGITS "fp16" (H200, bench_decode.py --compare, 2026-11-29 20:41 UTC, CUDA graph,
         # cold L2, us, default -> tail / fp16 / both with PDL 1): paper 64k B = 16 92.4 -> 93.3 / 91.1 /
         # 90.3, B = 1 25.1 -> 27.9 / 25.2 / 25.4, B = 64 306.4 -> 306.5 / 296.0 / 294.0; 128k B = 16 144.3 ->
         # 144.8 / 140.7; small_group 64k B = 16 231.6 -> 232.2 / 228.8 (bench/results/
@@ -312,6 +321,7 @@ def _decode_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
         # 46.2, B = 64 308.8 -> 305.9; small_group 64k B = 16 237.1 -> 231.6, B = 1 36.0 -> 35.9
         # (bench/results/decode_h200_s10_call2.md)
         "num_stages": 3,
+        "cmp_stages": 0,
     }
     while _decode_check(spec, cfg, limits) and cfg["num_stages"] > 1:
         cfg["num_stages"] -= 1

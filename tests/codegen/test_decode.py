@@ -185,6 +185,24 @@ def test_fp16_logits_select_within_their_rounding(name, option):
     assert ws_dtypes == {torch.float16}  # the scratch really is half precision
 
 
+def test_cmp_stages_emitted_and_checked():
+    """cmp_stages sets the compressed kernel's pipeline depth only (0 = num_stages); the shared-memory check
+    covers the compressed kernel with its own stages and the selected + window kernel with num_stages."""
+    spec = nsa_dsl.load_spec("nsa_paper")
+    src = render(make_plan(spec, "decode", {"BLOCK_N": 32, "cmp_stages": 5}, H100))
+    assert "CMP_STAGES = 5" in src and "NUM_WARPS, NUM_STAGES = 4, 3" in src
+    launches = {n.func.value.id: {k.arg: ast.unparse(k.value) for k in n.keywords if k.arg}
+                for n in ast.walk(ast.parse(_functions(src)["run"])) if isinstance(n, ast.Call)
+                and isinstance(n.func, ast.Subscript) and isinstance(n.func.value, ast.Name)}
+    assert launches["_cmp_kernel"]["num_stages"] == "CMP_STAGES"
+    assert launches["_sw_kernel"]["num_stages"] == "NUM_STAGES"
+    assert "CMP_STAGES = 3" in render(make_plan(spec, "decode", None, H100))  # 0 follows num_stages
+    with pytest.raises(ValueError, match="shared memory"):  # 128-key tiles x 6 stages of dk + dv = 192 + 128
+        make_plan(spec, "decode", {"BLOCK_N": 128, "cmp_stages": 6}, H100)
+    with pytest.raises(ValueError, match="shared memory"):  # the selected tiles' own stages are checked too
+        make_plan(spec, "decode", {"BLOCK_K": 64, "BLOCK_W": 64, "num_stages": 6, "cmp_stages": 2}, H100)
+
+
 def test_auto_splits_and_emitted_source():
     from nsa_dsl.codegen.kernels_decode import auto_splits
     from nsa_dsl.codegen.plan import DeviceLimits, make_plan
@@ -237,7 +255,8 @@ def test_pdl_config_validation():
     for bad in (4, -1, "1", True):
         with pytest.raises(ValueError, match="PDL"):
             make_plan(spec, "decode", {"PDL": bad}, H100)
-    opts = (("PDL_AT", ("entry", "tail"), ("end", 1)), ("LOGITS", ("fp32", "fp16"), ("bf16", 16)))
+    opts = (("PDL_AT", ("entry", "tail"), ("end", 1)), ("LOGITS", ("fp32", "fp16"), ("bf16", 16)),
+            ("cmp_stages", (0, 2, 3, 4, 5), (-1, 7, "3", True)))
     for key, good, bad in opts:
         assert set(kdef.space(spec, H100)[key]) == set(good)
         for x in good:
