@@ -43,8 +43,8 @@ def _gather_blocks(K, V, IDX, OUT, T, HKV: tl.constexpr, DK: tl.constexpr, DV: t
     rows = tl.arange(0, BK)
     ck = tl.arange(0, DKP)
     cv = tl.arange(0, DVP)
-    acc_k = tl.zeros([DKP], tl.float32)
-    acc_v = tl.zeros([DVP], tl.float32)
+    acc_k = tl.zeros([BK, DKP], tl.float32)  # elementwise sums: no cross-thread reduction inside the loop
+    acc_v = tl.zeros([BK, DVP], tl.float32)
     base = (t.to(tl.int64) * HKV + h) * TOPN
     for j in range(TOPN):
         blk = tl.load(IDX + base + j)
@@ -56,9 +56,9 @@ def _gather_blocks(K, V, IDX, OUT, T, HKV: tl.constexpr, DK: tl.constexpr, DV: t
                         other=0.0)
             v = tl.load(V + kv_rows[:, None] * DV + cv[None, :], mask=ok[:, None] & (cv[None, :] < DV),
                         other=0.0)
-            acc_k += tl.sum(k.to(tl.float32), 0)
-            acc_v += tl.sum(v.to(tl.float32), 0)
-    tl.store(OUT + t * HKV + h, tl.sum(acc_k, 0) + tl.sum(acc_v, 0))
+            acc_k += k.to(tl.float32)
+            acc_v += v.to(tl.float32)
+    tl.store(OUT + t * HKV + h, tl.sum(tl.sum(acc_k, 1), 0) + tl.sum(tl.sum(acc_v, 1), 0))
 
 
 def gather(k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, blk: int, bk: int, warps: int,
@@ -86,7 +86,8 @@ def dense_ms(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> float:
 
 
 #: (BK rows per load, warps, stages) of the gather kernel; its time is the best of them
-GATHER_CONFIGS = ((64, 4, 2), (64, 4, 3), (64, 8, 3), (32, 4, 3), (32, 4, 4), (64, 8, 4))
+GATHER_CONFIGS = ((16, 4, 3), (32, 4, 3), (32, 8, 3), (64, 8, 2), (32, 4, 4), (16, 2, 4), (16, 1, 4),
+                  (8, 1, 4), (16, 2, 6), (8, 1, 8), (32, 2, 4), (16, 1, 8))
 
 
 def measure(ops, spec, T: int) -> dict:  # noqa: N803
