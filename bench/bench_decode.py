@@ -304,6 +304,9 @@ def variants() -> dict[str, dict]:
         "ns5_cs3": {"num_stages": 5, "cmp_stages": 3},
         "ns4_cs3": {"num_stages": 4, "cmp_stages": 3},
         "bn32_cs5_ns5": {"BLOCK_N": 32, "cmp_stages": 5, "num_stages": 5},
+        # the window tiles as the last programs of the compressed launch (its tail), not of the top-n launch
+        "win_cmp": {"WINDOW_AT": "cmp"},
+        "win_cmp_bn32_cs3": {"WINDOW_AT": "cmp", "BLOCK_N": 32, "cmp_stages": 3},
     }
 
 

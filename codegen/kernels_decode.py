@@ -53,8 +53,10 @@ Config parameters:
   WINDOW_AT   where the window tiles are attended to: "sw" in the selected + window kernel; "topk" as
               S x split_sw extra programs of the top-n launch, concurrently with the scoring (the scoring is
               latency-bound and leaves bandwidth idle; the selected + window kernel then reads only the
-              selected blocks). Applies when the step has both a top-n launch (split_cmp > 1) and split
-              selected/window programs (split_sw > 1); otherwise the window stays in the "sw" kernel;
+              selected blocks); "cmp" as the last S x split_sw programs of the compressed launch (they fill
+              the tail of its bandwidth-bound programs). "topk" and "cmp" apply when the step has both a top-n
+              launch (split_cmp > 1) and split selected/window programs (split_sw > 1); otherwise the window
+              stays in the "sw" kernel;
   LOADS       how the selected + window tiles are read: "pointers" (per-thread loads) or "tma" (tensor
               descriptors over the caches, one bulk copy per tile; sm90+, ``loads.loads_check``);
   CMP_LOADS   the same for the compressed K/V tiles of the compressed-attention loop;
@@ -142,7 +144,7 @@ def _decode_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
         "PDL": [0, 1, 2, 3] if pdl_supported(limits) else [0],
         "PDL_AT": ["entry", "tail"],
         "LOGITS": ["fp32", "fp16"],
-        "WINDOW_AT": ["sw", "topk"],
+        "WINDOW_AT": ["sw", "topk", "cmp"],
         "LOADS": ["pointers", "tma"],
         "CMP_LOADS": ["pointers", "tma"],
         "SELECT": ["sort", "topk"] if topk_available() else ["sort"],
@@ -194,8 +196,8 @@ def _decode_check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) -
         return f"PDL_AT: must be 'entry' or 'tail', got {cfg.get('PDL_AT')!r}"
     if cfg.get("LOGITS", "fp32") not in ("fp32", "fp16"):
         return f"LOGITS: must be 'fp32' or 'fp16', got {cfg.get('LOGITS')!r}"
-    if cfg.get("WINDOW_AT", "sw") not in ("sw", "topk"):
-        return f"WINDOW_AT: must be 'sw' or 'topk', got {cfg.get('WINDOW_AT')!r}"
+    if cfg.get("WINDOW_AT", "sw") not in ("sw", "topk", "cmp"):
+        return f"WINDOW_AT: must be 'sw', 'topk' or 'cmp', got {cfg.get('WINDOW_AT')!r}"
     why = select_check(cfg) or loads_check(spec, cfg, limits)
     why = why or loads_check(spec, cfg, limits, key="CMP_LOADS")
     if why:

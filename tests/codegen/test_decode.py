@@ -59,6 +59,11 @@ OPTIONS = {
                 "CMP_PREFETCH": 1, "CMP_LOADS": "tma", "WINDOW_AT": "sw", "SELECT": "sort"},
     "cmp_tma_nopf": {"COMBINE": "rows", "LSE_MERGE": "tile", "PREFETCH": 0, "SW_PREFETCH": 0,
                      "CMP_PREFETCH": 0, "CMP_LOADS": "tma"},
+    # the window tiles as the last programs of the compressed-attention launch
+    "win_cmp": {"COMBINE": "last_rows", "LSE_MERGE": "tile", "PREFETCH": 1, "SW_PREFETCH": 2,
+                "CMP_PREFETCH": 0, "WINDOW_AT": "cmp"},
+    "win_cmp_rows": {"COMBINE": "rows", "LSE_MERGE": "loop", "PREFETCH": 0, "SW_PREFETCH": 1,
+                     "CMP_PREFETCH": 1, "WINDOW_AT": "cmp", "SKIP": 0},
     # the logit scratch in fp16 (checked against the reference's top-n within its rounding, not bitwise)
     "lg16": {"COMBINE": "last_rows", "LSE_MERGE": "tile", "PREFETCH": 1, "SW_PREFETCH": 2, "CMP_PREFETCH": 0,
              "WINDOW_AT": "topk", "LOGITS": "fp16"},
@@ -93,7 +98,8 @@ def _check_indices(spec, idx, scores, ref_idx, t, rtol=1e-4):
 # every spec with the main option sets; the TMA loads on the specs whose tiles they change most (l' = 24: a
 # masked sub-tile of rows past the block; l = d and no window: the compressed tiles alone)
 TOKEN_CASES = [(n, o) for o in ("legacy", "new", "sm90", "last_rows", "win_topk") for n in SPECS]
-TOKEN_CASES += [("tiny", "tma"), ("lp24", "tma"), ("tiny", "cmp_tma"), ("l_eq_d", "cmp_tma")]
+TOKEN_CASES += [("tiny", "tma"), ("lp24", "tma"), ("tiny", "cmp_tma"), ("l_eq_d", "cmp_tma"),
+                ("tiny", "win_cmp"), ("g1", "win_cmp")]
 
 
 @pytest.mark.parametrize("name,option", TOKEN_CASES)
@@ -123,7 +129,7 @@ def test_kernel_token_by_token_matches_full_forward(name, option):
 
 
 @pytest.mark.parametrize("option", ["rows_loop", "last_tile", "last_rows", "sm90", "win_topk_rows",
-                                    "tma_win_topk", "cmp_tma_nopf"])
+                                    "tma_win_topk", "cmp_tma_nopf", "win_cmp_rows"])
 @pytest.mark.parametrize("S", [1, 3])
 def test_kernel_mixed_lengths_multi_token(S, option):  # noqa: N803
     spec = SPECS["tiny"]  # float32
@@ -296,8 +302,9 @@ def test_pdl_emitted_source(name):
             if "tl.extra.cuda.gdc_" in line:
                 assert lines[i - 1].strip().startswith("if PDL:"), lines[i - 1]
         # the first kernel only releases its dependents; it never waits (launched normally)
-        assert "gdc_wait" not in fns["_cmp_kernel"] and "gdc_launch_dependents" in fns["_cmp_kernel"]
-        assert "_sw_body(" in fns["_cmp_kernel"] and "PDL=False" in fns["_cmp_kernel"]
+        first = fns["_cmp_kernel"] + fns["_cmp_body"]
+        assert "gdc_wait" not in first and "gdc_launch_dependents" in first
+        assert "_sw_body(" in fns["_cmp_body"] and "PDL=False" in fns["_cmp_body"]
         # the dependent kernels wait before their first read of anything an earlier kernel of the step wrote
         step_data = {
             "_topk_body": ("tl.load(PM", "tl.load(PL", "tl.load(PACC", "LOGITS +"),
@@ -315,12 +322,13 @@ def test_pdl_emitted_source(name):
         if at == "entry":
             for fn in ("_cmp_kernel", "_topk_kernel", "_sw_kernel"):  # released on entry
                 assert fns[fn].index("gdc_launch_dependents()") < fns[fn].index("tl.program_id")
-            assert all("gdc_launch" not in fns[f] for f in ("_topk_body", "_win_part", "_sw_body"))
+            bodies = ("_cmp_body", "_topk_body", "_win_part", "_sw_body")
+            assert all("gdc_launch" not in fns[f] for f in bodies)
         else:
             # released after each program's main loop, before its stores (never on entry)
-            for fn in ("_topk_kernel", "_sw_kernel"):
+            for fn in ("_cmp_kernel", "_topk_kernel", "_sw_kernel"):
                 assert "gdc_launch" not in fns[fn]
-            for fn, loop_work, first_store in (("_cmp_kernel", "tl.dot(p.to(", "tl.store(PM"),
+            for fn, loop_work, first_store in (("_cmp_body", "tl.dot(p.to(", "tl.store(PM"),
                                                ("_topk_body", "LOGITS +", "tl.store(CAND"),
                                                ("_win_part", "tl.dot(p.to(", "tl.store(PM"),
                                                ("_sw_body", "tl.dot(p.to(", "if FINAL:")):
