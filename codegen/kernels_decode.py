@@ -53,10 +53,11 @@ Config parameters:
   WINDOW_AT   where the window tiles are attended to: "sw" in the selected + window kernel; "topk" as
               S x split_sw extra programs of the top-n launch, concurrently with the scoring (the scoring is
               latency-bound and leaves bandwidth idle; the selected + window kernel then reads only the
-              selected blocks); "cmp" as the last S x split_sw programs of the compressed launch (they fill
-              the tail of its bandwidth-bound programs). "topk" and "cmp" apply when the step has both a top-n
-              launch (split_cmp > 1) and split selected/window programs (split_sw > 1); otherwise the window
-              stays in the "sw" kernel;
+              selected blocks); "cmp" as the last S x split_sw programs of the compressed launch (meant for
+              the tail of its programs; on the H200 that kernel is bandwidth-bound to its end, and the
+              window's reads add to it what they take off the top-n launch). "topk" and "cmp" apply when the
+              step has both a top-n launch (split_cmp > 1) and split selected/window programs (split_sw > 1);
+              otherwise the window stays in the "sw" kernel;
   LOADS       how the selected + window tiles are read: "pointers" (per-thread loads) or "tma" (tensor
               descriptors over the caches, one bulk copy per tile; sm90+, ``loads.loads_check``);
   CMP_LOADS   the same for the compressed K/V tiles of the compressed-attention loop;
