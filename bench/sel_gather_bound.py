@@ -9,8 +9,8 @@ indices (the real top-n of random inputs, from ``ops.forward``):
   heads) and reduces them to one number per program: no attention math, nothing else written. Its time is a
   floor for any schedule that reads each (token, KV head)'s blocks once from the memory system (no reuse of
   blocks across tokens in registers or shared memory), the best of a few warp / stage / tile counts;
-* dense causal attention (cuDNN SDPA, K/V expanded to the query heads) for the same T, and the bf16 matmul
-  rate.
+* dense causal attention (cuDNN SDPA, ``common.sdpa_dense``: the forward benchmark's baseline) for the same T,
+  and the bf16 matmul rate.
 
     python bench/sel_gather_bound.py [--T 8192 65536] [--out DIR]
 
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import triton
 import triton.language as tl
-from common import bench_ms, env_info, free_memory, make_inputs, matmul_tflops
+from common import bench_ms, env_info, free_memory, make_inputs, matmul_tflops, sdpa_backends, sdpa_dense
 
 import nsa_dsl
 
@@ -73,18 +73,6 @@ def gather(k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, blk: int, bk: in
     return out
 
 
-def dense_ms(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> float:
-    """Causal cuDNN SDPA with K/V expanded to the query heads (the forward benchmark's baseline)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    g = q.shape[2] // k.shape[2]
-    qd = q.transpose(1, 2)
-    kd = k.repeat_interleave(g, dim=2).transpose(1, 2)
-    vd = v.repeat_interleave(g, dim=2).transpose(1, 2)
-    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-        return bench_ms(lambda: torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, is_causal=True))
-
-
 #: (BK rows per load, warps, stages) of the gather kernel; its time is the best of them
 GATHER_CONFIGS = ((16, 4, 3), (32, 4, 3), (32, 8, 3), (64, 8, 2), (32, 4, 4), (16, 2, 4), (16, 1, 4),
                   (8, 1, 4), (16, 2, 6), (8, 1, 8), (32, 2, 4), (16, 1, 8))
@@ -103,7 +91,8 @@ def measure(ops, spec, T: int) -> dict:  # noqa: N803
         row[f"gather_bk{bk}_w{warps}_s{stages}_ms"] = bench_ms(
             lambda bk=bk, w=warps, st=stages: gather(x["k"], x["v"], idx, s.block, bk, w, st))
     row["gather_ms"] = min(v for k, v in row.items() if k.startswith("gather_bk"))
-    row["dense_cudnn_ms"] = dense_ms(x["q"], x["k"], x["v"])
+    # the forward benchmark's dense baseline: causal GQA through cuDNN SDPA
+    row["dense_cudnn_ms"] = bench_ms(sdpa_dense(x["q"], x["k"], x["v"], sdpa_backends()["cudnn"]))
     return row
 
 
