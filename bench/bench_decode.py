@@ -307,6 +307,12 @@ def variants() -> dict[str, dict]:
         # the window tiles as the last programs of the compressed launch (its tail), not of the top-n launch
         "win_cmp": {"WINDOW_AT": "cmp"},
         "win_cmp_bn32_cs3": {"WINDOW_AT": "cmp", "BLOCK_N": 32, "cmp_stages": 3},
+        # session 12: the batch as 2 / 4 chains on their own streams, each chain's compressed pass overlapping
+        # the previous chain's top-n and selected launches (splits chosen for one chunk)
+        "bc2": {"batch_chunks": 2},
+        "bc4": {"batch_chunks": 4},
+        "bc2_pdl1": {"batch_chunks": 2, "PDL": 1},
+        "bc2_win_cmp": {"batch_chunks": 2, "WINDOW_AT": "cmp"},
     }
 
 

@@ -3,7 +3,9 @@
 ``decode`` resolves the ``decode`` kernel's plan for the step shape (explicit config > tuned record > default,
 with ``tokens`` raised to cover S), picks the context splits (``kernels_decode.auto_splits``: flash-decoding
 when B x Hkv programs cannot fill the GPU), keeps the kernels' scratch buffers in the cache's workspace and
-launches the generated kernels. It never reads device memory on the host.
+launches the generated kernels. It never reads device memory on the host. With config ``batch_chunks`` > 1
+the batch is launched as that many chains of kernels over sequence ranges, on their own CUDA streams, each
+chain starting after the previous chain's compressed-attention launch (``batch_chunks``, ``_chunk_streams``).
 
 ``CapturedDecodeStep`` captures "append the new tokens' K/V (+ compress completed blocks) and decode" for a
 fixed batch and S into CUDA graphs (one with the compressor, one without; the host's length mirror picks
@@ -25,7 +27,7 @@ from .plan import KernelPlan, make_plan, next_pow2
 if TYPE_CHECKING:
     from .ops import NSAOps
 
-__all__ = ["decode", "decode_plan", "CapturedDecodeStep"]
+__all__ = ["decode", "decode_plan", "batch_chunks", "CapturedDecodeStep"]
 
 log = logging.getLogger("nsa_dsl.codegen.decode")
 
@@ -45,10 +47,44 @@ def decode_plan(ops: NSAOps, *, B: int, S: int, T: int) -> KernelPlan:  # noqa: 
     return p
 
 
+def batch_chunks(plan: KernelPlan, B: int) -> list[tuple[int, int]]:  # noqa: N803
+    """The [b0, b1) sequence ranges the step's batch is launched in (config ``batch_chunks``, at most B
+    chunks; sizes differ by at most one, the larger first)."""
+    n = max(1, min(B, int(plan.config.get("batch_chunks", 1))))
+    size, extra = divmod(B, n)
+    out, b0 = [], 0
+    for i in range(n):
+        b1 = b0 + size + (1 if i < extra else 0)
+        out.append((b0, b1))
+        b0 = b1
+    return out
+
+
 def _splits(ops: NSAOps, plan: KernelPlan, B: int, S: int, max_len: int) -> tuple[int, int, int]:  # noqa: N803
+    """The automatic split counts of a step of batch B: chosen for one batch chunk (the largest)."""
     from .kernels_decode import auto_splits
 
-    return auto_splits(ops.spec, plan.config, ops.limits, B=B, S=S, max_len=max_len)
+    b0, b1 = batch_chunks(plan, B)[0]
+    return auto_splits(ops.spec, plan.config, ops.limits, B=b1 - b0, S=S, max_len=max_len)
+
+
+#: the side streams of batch-chunked steps, per (device, chunk index, chunk count)
+_STREAMS: dict[tuple[int, int, int], torch.cuda.Stream] = {}
+
+
+def _chunk_streams(dev: torch.device, n: int) -> list[torch.cuda.Stream]:
+    """One stream per chunk, chunk i at a higher priority than chunk i + 1 (its launches are the critical
+    path once chunk i + 1's compressed pass has started)."""
+    least, greatest = torch.cuda.Stream.priority_range()  # e.g. (0, -5): lower values run first
+    idx = dev.index if dev.index is not None else torch.cuda.current_device()
+    out = []
+    for i in range(n):
+        key = (idx, i, n)
+        if key not in _STREAMS:
+            pri = max(greatest, least - (n - 1 - i))
+            _STREAMS[key] = torch.cuda.Stream(device=idx, priority=pri)
+        out.append(_STREAMS[key])
+    return out
 
 
 def decode(
@@ -68,7 +104,8 @@ def decode(
     K/V must already be appended (``cache.append``). ``splits`` = (split_cmp, split_sw[, split_topk])
     overrides the plan's; ``plan_length`` fixes the length the plan and splits are chosen for (default: the
     longest sequence); ``out`` receives the output. ``return_indices``: also the selected blocks
-    [B, S, Hkv, n] (int32, a view of the workspace, overwritten by the next step).
+    [B, S, Hkv, n] (int32, a view of the workspace, overwritten by the next step; a new tensor when the plan
+    launches the batch in chunks, config ``batch_chunks``).
     """
     if not isinstance(cache, NSACache):
         raise TypeError(f"cache: must be an NSACache, got {type(cache).__name__}")
@@ -98,18 +135,48 @@ def decode(
     if min(sc, ss, st) < 1:
         raise ValueError(f"splits: must be positive integers (split_cmp, split_sw, split_topk), got {splits}")
     capc = cache.k_cmp_buf.shape[1]
-    wkey = ("decode", plan.key, B, S, capc, str(q.device), sc, ss, st)
-    ws = cache._workspace.get(wkey)
-    if ws is None:
-        for key in [k for k in cache._workspace if k[0] == "decode" and k[2:6] == wkey[2:6]]:
+    chunks = batch_chunks(plan, B)
+    wkeys = [("decode", plan.key, B, S, capc, str(q.device), sc, ss, st, b0, b1) for b0, b1 in chunks]
+    if wkeys[0] not in cache._workspace:
+        for key in [k for k in cache._workspace if k[0] == "decode" and k[2:6] == wkeys[0][2:6]]:
             del cache._workspace[key]  # other plans/splits of this shape (a captured step keeps its own refs)
-        ws = mod.workspace(B, S, capc, sc, ss, st, q.device)
-        cache._workspace[wkey] = ws
-    idx = mod.run(
-        q.contiguous(), cache.k, cache.v, cache.k_cmp_buf, cache.v_cmp_buf, cache.lengths,
-        g.contiguous(), out, ws, k_win=cache.k_win, v_win=cache.v_win,
-    )
-    return (out, idx) if return_indices else out
+        for (b0, b1), key in zip(chunks, wkeys, strict=True):
+            cache._workspace[key] = mod.workspace(b1 - b0, S, capc, sc, ss, st, q.device)
+    q, g = q.contiguous(), g.contiguous()
+    bufs = (cache.k, cache.v, cache.k_cmp_buf, cache.v_cmp_buf, cache.lengths, cache.k_win, cache.v_win)
+
+    def launch(b0: int, b1: int, ws: dict, after_cmp: Any = None) -> Tensor:
+        k, v, kc, vc, lengths, kw, vw = (x if x is None else x[b0:b1] for x in bufs)
+        return mod.run(q[b0:b1], k, v, kc, vc, lengths, g[b0:b1], out[b0:b1], ws, k_win=kw, v_win=vw,
+                       after_cmp=after_cmp)
+
+    if len(chunks) == 1:
+        idx = launch(0, B, cache._workspace[wkeys[0]])
+        return (out, idx) if return_indices else out
+    idxs = []
+    if q.device.type != "cuda":  # no streams: the chunks one after another
+        for (b0, b1), key in zip(chunks, wkeys, strict=True):
+            idxs.append(launch(b0, b1, cache._workspace[key]))
+    else:
+        # chunk i + 1 starts when chunk i's compressed pass has been launched and has run (an event after it),
+        # on its own stream: its compressed pass overlaps chunk i's top-n and selected launches
+        main = torch.cuda.current_stream(q.device)
+        streams = _chunk_streams(q.device, len(chunks))
+        prev: torch.cuda.Event | None = None
+        for (b0, b1), key, s in zip(chunks, wkeys, streams, strict=True):
+            if prev is None:
+                s.wait_stream(main)
+            else:
+                s.wait_event(prev)
+            ev = torch.cuda.Event()
+            with torch.cuda.stream(s):
+                idxs.append(launch(b0, b1, cache._workspace[key], after_cmp=lambda ev=ev, s=s: ev.record(s)))
+            prev = ev
+        for s in streams:
+            main.wait_stream(s)
+    if not return_indices:
+        return out
+    return out, torch.cat(idxs, 0)
 
 
 class CapturedDecodeStep:

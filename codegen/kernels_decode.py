@@ -68,6 +68,11 @@ Config parameters:
   combine_warps  warps of the row combine kernel (COMBINE = "rows");
   cmp_stages  pipeline stages of the compressed-attention kernel (0 = num_stages; with 32-key tiles and
               4-5 stages two programs fit an SM's shared memory with more tiles in flight each);
+  batch_chunks  the host splits the step's batch into this many chunks of sequences (at most B), each a
+              whole chain of launches with its own scratch; on a GPU chunk i + 1 runs on another stream and
+              starts right after chunk i's compressed-attention launch, so its bandwidth-bound compressed pass
+              overlaps chunk i's latency-bound top-n and selected launches (chunk i's stream has the higher
+              priority). The split counts are chosen for one chunk. 1 = one chain (no streams);
   num_warps, num_stages.
 """
 
@@ -154,6 +159,7 @@ def _decode_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
         "num_warps": [2, 4, 8],
         "num_stages": [1, 2, 3],
         "cmp_stages": [0, 2, 3, 4, 5],
+        "batch_chunks": [1, 2, 3, 4],
     }
 
 
@@ -218,6 +224,9 @@ def _decode_check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) -
     cs = cfg.get("cmp_stages", 0)
     if not isinstance(cs, int) or isinstance(cs, bool) or not 0 <= cs <= 6:
         return f"cmp_stages: must be an integer in 0..6 (0 = num_stages), got {cs!r}"
+    bc = cfg.get("batch_chunks", 1)
+    if not isinstance(bc, int) or isinstance(bc, bool) or not 1 <= bc <= 16:
+        return f"batch_chunks: must be an integer in 1..16, got {bc!r}"
     if not limits.interpreter:
         a = spec.attention
         e = element_bytes(spec)
@@ -257,6 +266,7 @@ def _decode_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
             "WINDOW_AT": "topk",
             "SELECT": default_select(), "LOADS": "pointers", "CMP_LOADS": "pointers",
             "topk_warps": 0, "combine_warps": 4, "num_warps": 4, "num_stages": 1, "cmp_stages": 0,
+            "batch_chunks": 1,
         }
     while bs * 2 * rp <= 256:  # one program scores the blocks of one step: wide chunks, few sorts
         bs *= 2
@@ -325,6 +335,7 @@ def _decode_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
         # (bench/results/decode_h200_s10_call2.md)
         "num_stages": 3,
         "cmp_stages": 0,
+        "batch_chunks": 1,
     }
     while _decode_check(spec, cfg, limits) and cfg["num_stages"] > 1:
         cfg["num_stages"] -= 1

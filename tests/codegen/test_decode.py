@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from nsa_dsl.codegen.decode import CapturedDecodeStep, decode
+from nsa_dsl.codegen.decode import CapturedDecodeStep, batch_chunks, decode, decode_plan
 from nsa_dsl.codegen.kernels_cmp import topk_available
 from nsa_dsl.codegen.kernels_decode import LEGACY
 from nsa_dsl.codegen.loader import load_path
@@ -69,6 +69,10 @@ OPTIONS = {
              "WINDOW_AT": "topk", "LOGITS": "fp16"},
     "lg16_loop": {"COMBINE": "rows", "LSE_MERGE": "loop", "PREFETCH": 0, "SW_PREFETCH": 0, "CMP_PREFETCH": 0,
                   "SKIP": 0, "LOGITS": "fp16"},
+    # the batch launched as two chains of kernels (on a GPU: two streams, the second's compressed pass
+    # overlapping the first's top-n and selected launches)
+    "bc2": {"COMBINE": "last_rows", "LSE_MERGE": "tile", "PREFETCH": 1, "SW_PREFETCH": 2, "CMP_PREFETCH": 0,
+            "WINDOW_AT": "topk", "batch_chunks": 2},
 }
 #: options whose top-n is only equal to the reference's within a rounding (not run by the exact-score tests)
 ROUNDED = {"lg16", "lg16_loop"}
@@ -99,7 +103,7 @@ def _check_indices(spec, idx, scores, ref_idx, t, rtol=1e-4):
 # masked sub-tile of rows past the block; l = d and no window: the compressed tiles alone)
 TOKEN_CASES = [(n, o) for o in ("legacy", "new", "sm90", "last_rows", "win_topk") for n in SPECS]
 TOKEN_CASES += [("tiny", "tma"), ("lp24", "tma"), ("tiny", "cmp_tma"), ("l_eq_d", "cmp_tma"),
-                ("tiny", "win_cmp"), ("g1", "win_cmp")]
+                ("tiny", "win_cmp"), ("g1", "win_cmp"), ("tiny", "bc2"), ("g1", "bc2")]
 
 
 @pytest.mark.parametrize("name,option", TOKEN_CASES)
@@ -189,6 +193,43 @@ def test_fp16_logits_select_within_their_rounding(name, option):
         torch.testing.assert_close(o, want, rtol=1e-4, atol=1e-5, msg=f"t={t}")
         ws_dtypes |= {w["logits"].dtype for key, w in cache._workspace.items() if key[0] == "decode"}
     assert ws_dtypes == {torch.float16}  # the scratch really is half precision
+
+
+@pytest.mark.parametrize("S", [1, 3])
+def test_batch_chunks_equal_one_chain(S):  # noqa: N803
+    """batch_chunks launches the step's batch as chains of kernels over sequence ranges (each with its own
+    scratch): every row must be bitwise what one chain gives (same splits), for 2 chunks, 3 (one per
+    sequence) and more chunks than sequences; indices concatenated in batch order."""
+    spec = SPECS["tiny"]  # float32
+    B, T = 3, 64  # noqa: N806
+    q, k, v, g = inputs(spec, B, T, dtype=torch.float32, seed=31)
+    ck, cv = compressors(spec, seed=32)
+    pre = [50, 38, 57]
+    cache = NSACache(spec, B, capacity=T, dtype=torch.float32, compress_k=ck, compress_v=cv)
+    cache.prefill(k[:, :57], v[:, :57], lengths=pre)
+    bi = torch.arange(B)[:, None]
+    sel = torch.stack([torch.arange(n, n + S) for n in pre])
+    cache.append(k[bi, sel], v[bi, sel])
+    qs, gs = q[bi, sel], g[bi, sel]
+    base = nsa_dsl.compile(spec, config={"decode": OPTIONS["last_rows"]})
+    for sp in ((3, 2, 2), (1, 1, 1), (2, 8, 2)):
+        want, want_idx = decode(base, qs, cache, gs, out=_poisoned(B, S, spec), splits=sp,
+                                return_indices=True)
+        want, want_idx = want.clone(), want_idx.clone()
+        torch.testing.assert_close(want, decode_reference(qs, cache, gs), rtol=1e-4, atol=1e-5)
+        one_each = [(0, 1), (1, 2), (2, 3)]
+        for n, ranges in ((2, [(0, 2), (2, 3)]), (3, one_each), (5, one_each)):
+            ops = base.with_config("decode", {"batch_chunks": n})
+            plan = decode_plan(ops, B=B, S=S, T=T)
+            assert batch_chunks(plan, B) == ranges
+            o, idx = decode(ops, qs, cache, gs, out=_poisoned(B, S, spec), splits=sp, return_indices=True)
+            assert torch.equal(o, want), (n, sp)
+            assert torch.equal(idx, want_idx), (n, sp)
+            chunk_ws = [key for key in cache._workspace if key[0] == "decode" and key[1] == plan.key]
+            assert sorted(key[-2:] for key in chunk_ws) == ranges  # one scratch per chunk
+    for bad in (0, 17, "2", True):
+        with pytest.raises(ValueError, match="batch_chunks: must be an integer in 1..16"):
+            make_plan(spec, "decode", {"batch_chunks": bad}, DeviceLimits.interpreter_limits())
 
 
 def test_cmp_stages_emitted_and_checked():
@@ -596,6 +637,39 @@ def test_gpu_pdl_equals_no_pdl_eager_and_graph():
                 assert torch.equal(idx, i0), msg
                 torch.testing.assert_close(o, o0, rtol=0, atol=0, msg=msg)
                 torch.testing.assert_close(go, o0, rtol=0, atol=0, msg=msg + " (graph)")
+
+
+@pytest.mark.gpu
+def test_gpu_batch_chunks_on_streams_equal_one_chain_eager_and_graph():
+    """batch_chunks = 2 / 3 on the GPU (chunks on their own streams, chunk i + 1 after chunk i's compressed
+    launch): bitwise the outputs and indices of one chain with the same splits, eager and replayed from a
+    captured step (the streams fork from and join the capture stream), repeated so a stale scratch shows."""
+    spec = nsa_dsl.load_spec("nsa_paper")
+    # a fixed final merge: "auto" would pick per chain by its group count (rows for the smaller chunks)
+    ops = nsa_dsl.compile(spec, device="cuda", config={"decode": {"COMBINE": "last_rows"}})
+    B, T = 5, 8192  # noqa: N806
+    cache = _gpu_cache(spec, B, T, "cuda", seed=4)
+    for n in (2, 3):
+        op = ops.with_config("decode", {"batch_chunks": n})
+        step = CapturedDecodeStep(op, cache, S=1, append=False)
+        for rep in range(3):
+            q, g = _gpu_qg(spec, B)
+            want, want_idx = decode(ops, q, cache, g, splits=step.splits, plan_length=step.plan_length,
+                                    return_indices=True)
+            want, want_idx = want.clone(), want_idx.clone()
+            assert torch.isfinite(want).all()
+            o, idx = decode(op, q, cache, g, splits=step.splits, plan_length=step.plan_length,
+                            return_indices=True)
+            msg = f"batch_chunks {n} splits {step.splits} rep {rep}"
+            assert torch.equal(idx, want_idx), msg
+            torch.testing.assert_close(o, want, rtol=0, atol=0, msg=msg)
+            torch.testing.assert_close(step(q, g), want, rtol=0, atol=0, msg=msg + " (graph)")
+
+
+def _gpu_qg(spec, B):  # noqa: N803
+    a = spec.attention
+    return (torch.randn(B, 1, a.heads, a.head_dim_qk, device="cuda", dtype=torch.bfloat16),
+            torch.rand(B, 1, a.heads, 3, device="cuda", dtype=torch.bfloat16))
 
 
 @pytest.mark.parametrize("separate_kv", [False, True])
