@@ -309,6 +309,7 @@ def variants() -> dict[str, dict]:
         "win_cmp_bn32_cs3": {"WINDOW_AT": "cmp", "BLOCK_N": 32, "cmp_stages": 3},
         # session 12: the batch as 2 / 4 chains on their own streams, each chain's compressed pass overlapping
         # the previous chain's top-n and selected launches (splits chosen for one chunk)
+        "bc1": {"batch_chunks": 1},  # one chain (the default before batch_chunks = 0, auto)
         "bc2": {"batch_chunks": 2},
         "bc4": {"batch_chunks": 4},
         "bc2_pdl1": {"batch_chunks": 2, "PDL": 1},

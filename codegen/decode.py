@@ -47,10 +47,17 @@ def decode_plan(ops: NSAOps, *, B: int, S: int, T: int) -> KernelPlan:  # noqa: 
     return p
 
 
-def batch_chunks(plan: KernelPlan, B: int) -> list[tuple[int, int]]:  # noqa: N803
-    """The [b0, b1) sequence ranges the step's batch is launched in (config ``batch_chunks``, at most B
-    chunks; sizes differ by at most one, the larger first)."""
-    n = max(1, min(B, int(plan.config.get("batch_chunks", 1))))
+def batch_chunks(plan: KernelPlan, B: int, S: int = 1) -> list[tuple[int, int]]:  # noqa: N803
+    """The [b0, b1) sequence ranges a step of B sequences x S tokens is launched in (config
+    ``batch_chunks``, at most B chunks; sizes differ by at most one, the larger first). ``batch_chunks`` = 0
+    (auto): two chunks when the step has at least one and less than two (sequence, token, KV head) groups
+    per SM, one otherwise (``kernels_decode.auto_batch_chunks``)."""
+    from .kernels_decode import auto_batch_chunks
+
+    n = int(plan.config.get("batch_chunks", 1))
+    if n == 0:
+        n = auto_batch_chunks(plan.spec, plan.limits, B=B, S=S)
+    n = max(1, min(B, n))
     size, extra = divmod(B, n)
     out, b0 = [], 0
     for i in range(n):
@@ -64,7 +71,7 @@ def _splits(ops: NSAOps, plan: KernelPlan, B: int, S: int, max_len: int) -> tupl
     """The automatic split counts of a step of batch B: chosen for one batch chunk (the largest)."""
     from .kernels_decode import auto_splits
 
-    b0, b1 = batch_chunks(plan, B)[0]
+    b0, b1 = batch_chunks(plan, B, S)[0]
     return auto_splits(ops.spec, plan.config, ops.limits, B=b1 - b0, S=S, max_len=max_len)
 
 
@@ -135,7 +142,7 @@ def decode(
     if min(sc, ss, st) < 1:
         raise ValueError(f"splits: must be positive integers (split_cmp, split_sw, split_topk), got {splits}")
     capc = cache.k_cmp_buf.shape[1]
-    chunks = batch_chunks(plan, B)
+    chunks = batch_chunks(plan, B, S)
     wkeys = [("decode", plan.key, B, S, capc, str(q.device), sc, ss, st, b0, b1) for b0, b1 in chunks]
     if wkeys[0] not in cache._workspace:
         for key in [k for k in cache._workspace if k[0] == "decode" and k[2:6] == wkeys[0][2:6]]:

@@ -72,7 +72,9 @@ Config parameters:
               whole chain of launches with its own scratch; on a GPU chunk i + 1 runs on another stream and
               starts right after chunk i's compressed-attention launch, so its bandwidth-bound compressed pass
               overlaps chunk i's latency-bound top-n and selected launches (chunk i's stream has the higher
-              priority). The split counts are chosen for one chunk. 1 = one chain (no streams);
+              priority). The split counts are chosen for one chunk. 1 = one chain (no streams); 0 = auto
+              (``auto_batch_chunks``: 2 where one chain would be the fused single launch and half the batch
+              takes the split path, i.e. one to two (sequence, token, KV head) groups per SM);
   num_warps, num_stages.
 """
 
@@ -159,7 +161,7 @@ def _decode_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
         "num_warps": [2, 4, 8],
         "num_stages": [1, 2, 3],
         "cmp_stages": [0, 2, 3, 4, 5],
-        "batch_chunks": [1, 2, 3, 4],
+        "batch_chunks": [0, 1, 2, 3, 4],
     }
 
 
@@ -225,8 +227,8 @@ def _decode_check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) -
     if not isinstance(cs, int) or isinstance(cs, bool) or not 0 <= cs <= 6:
         return f"cmp_stages: must be an integer in 0..6 (0 = num_stages), got {cs!r}"
     bc = cfg.get("batch_chunks", 1)
-    if not isinstance(bc, int) or isinstance(bc, bool) or not 1 <= bc <= 16:
-        return f"batch_chunks: must be an integer in 1..16, got {bc!r}"
+    if not isinstance(bc, int) or isinstance(bc, bool) or not 0 <= bc <= 16:
+        return f"batch_chunks: must be an integer in 0..16 (0 = auto), got {bc!r}"
     if not limits.interpreter:
         a = spec.attention
         e = element_bytes(spec)
@@ -248,7 +250,7 @@ def _decode_check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) -
 #: not prefetched): ``ops.with_config("decode", LEGACY)`` selects it for a same-run comparison
 LEGACY: dict[str, Any] = {
     "COMBINE": "kernel", "LSE_MERGE": "loop", "PREFETCH": 0, "SW_PREFETCH": 0, "CMP_PREFETCH": 0, "PDL": 0,
-    "WINDOW_AT": "sw", "SELECT": "sort",
+    "WINDOW_AT": "sw", "SELECT": "sort", "batch_chunks": 1,
 }
 
 
@@ -335,11 +337,27 @@ def _decode_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
         # (bench/results/decode_h200_s10_call2.md)
         "num_stages": 3,
         "cmp_stages": 0,
-        "batch_chunks": 1,
+        # two chains of launches on their own streams where one chain would be the fused single launch
+        # (auto_batch_chunks)
+        "batch_chunks": 0,
     }
     while _decode_check(spec, cfg, limits) and cfg["num_stages"] > 1:
         cfg["num_stages"] -= 1
     return cfg
+
+
+def auto_batch_chunks(spec: NSASpec, limits: DeviceLimits, *, B: int, S: int) -> int:  # noqa: N803
+    """``batch_chunks`` = 0: 2 when the step has between one and two (sequence, token, KV head) groups per
+    SM (one chain would be the single fused launch, each half of the batch takes the split path, and the
+    second half's compressed pass overlaps the first half's later launches), else 1; 1 on the interpreter.
+    H200, CUDA graph, cold L2 (bench/RESULTS.md, decode tenth pass): paper 64k B = 64 295.1 -> 284.5 /
+    283.3 us (two calls), small_group 64k B = 16 228.5 -> 218.1 us; paper B = 16 (64 groups, split path
+    either way) 90.8 -> 105.8 us with two chains, so it stays 1 below one group per SM."""
+    groups = B * S * spec.attention.kv_heads
+    sms = max(1, limits.sm_count)
+    if limits.interpreter or B < 2 or not sms <= groups < 2 * sms:
+        return 1
+    return 2
 
 
 def auto_splits(

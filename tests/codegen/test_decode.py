@@ -219,7 +219,7 @@ def test_batch_chunks_equal_one_chain(S):  # noqa: N803
         torch.testing.assert_close(want, decode_reference(qs, cache, gs), rtol=1e-4, atol=1e-5)
         one_each = [(0, 1), (1, 2), (2, 3)]
         for n, ranges in ((2, [(0, 2), (2, 3)]), (3, one_each), (5, one_each)):
-            ops = base.with_config("decode", {"batch_chunks": n})
+            ops = base.with_config("decode", {**OPTIONS["last_rows"], "batch_chunks": n})
             plan = decode_plan(ops, B=B, S=S, T=T)
             assert batch_chunks(plan, B) == ranges
             o, idx = decode(ops, qs, cache, gs, out=_poisoned(B, S, spec), splits=sp, return_indices=True)
@@ -227,8 +227,8 @@ def test_batch_chunks_equal_one_chain(S):  # noqa: N803
             assert torch.equal(idx, want_idx), (n, sp)
             chunk_ws = [key for key in cache._workspace if key[0] == "decode" and key[1] == plan.key]
             assert sorted(key[-2:] for key in chunk_ws) == ranges  # one scratch per chunk
-    for bad in (0, 17, "2", True):
-        with pytest.raises(ValueError, match="batch_chunks: must be an integer in 1..16"):
+    for bad in (-1, 17, "2", True):
+        with pytest.raises(ValueError, match="batch_chunks: must be an integer in 0..16"):
             make_plan(spec, "decode", {"batch_chunks": bad}, DeviceLimits.interpreter_limits())
 
 
@@ -268,6 +268,35 @@ def test_auto_splits_and_emitted_source():
     assert "def _cmp_kernel" in src and "def _topk_kernel" in src and "def _sw_kernel" in src
     with pytest.raises(ValueError, match="BLOCK_S"):
         make_plan(spec, "decode", {"BLOCK_S": 4}, h100)
+
+
+def test_auto_batch_chunks():
+    """batch_chunks = 0 (the GPU default): two chains where one chain would be the fused single launch and
+    half the batch takes the split path (132..263 groups on 132 SMs), one chain elsewhere; the automatic
+    splits are then those of one chunk (B = 64 paper: 32 sequences x 4 KV heads = 128 < 132 groups ->
+    split), and the interpreter keeps one chain."""
+    from nsa_dsl.codegen.decode import _splits
+    from nsa_dsl.codegen.kernels_decode import auto_batch_chunks, auto_splits
+
+    h100 = DeviceLimits("H100", (9, 0), 132, 227 * 1024)
+    paper, small = nsa_dsl.load_spec("nsa_paper"), nsa_dsl.load_spec("small_group")  # 4 / 16 KV heads
+    want = {(paper, 1): 1, (paper, 16): 1, (paper, 32): 1, (paper, 33): 2, (paper, 64): 2, (paper, 66): 1,
+            (paper, 128): 1, (small, 1): 1, (small, 8): 1, (small, 9): 2, (small, 16): 2, (small, 17): 1}
+    for (spec, B), n in want.items():  # noqa: N806
+        assert auto_batch_chunks(spec, h100, B=B, S=1) == n, (spec.name, B)
+    assert auto_batch_chunks(paper, h100, B=16, S=4) == 2  # 256 (sequence, token, KV head) groups
+    interp = DeviceLimits.interpreter_limits()
+    assert auto_batch_chunks(paper, interp, B=64, S=1) == 1
+    from nsa_dsl.codegen.ops import NSAOps
+
+    ops = NSAOps(paper, h100, use_tuned=False)
+    plan = make_plan(paper, "decode", None, h100)
+    assert plan.config["batch_chunks"] == 0
+    assert batch_chunks(plan, 64) == [(0, 32), (32, 64)] and batch_chunks(plan, 16) == [(0, 16)]
+    assert batch_chunks(make_plan(paper, "decode", None, interp), 64) == [(0, 64)]
+    # the splits of a two-chain step are those of one chunk: B = 32 takes the split path, B = 64 would not
+    assert _splits(ops, plan, 64, 1, 65536) == auto_splits(paper, plan.config, h100, B=32, S=1, max_len=65536)
+    assert _splits(ops, plan, 64, 1, 65536) != (1, 1, 1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -650,7 +679,7 @@ def test_gpu_batch_chunks_on_streams_equal_one_chain_eager_and_graph():
     B, T = 5, 8192  # noqa: N806
     cache = _gpu_cache(spec, B, T, "cuda", seed=4)
     for n in (2, 3):
-        op = ops.with_config("decode", {"batch_chunks": n})
+        op = ops.with_config("decode", {"COMBINE": "last_rows", "batch_chunks": n})  # (replaces the params)
         step = CapturedDecodeStep(op, cache, S=1, append=False)
         for rep in range(3):
             q, g = _gpu_qg(spec, B)
