@@ -714,6 +714,118 @@ def variants_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _graph_ms(step, reps: int = 10) -> float:
+    """Median milliseconds of one replay of ``step`` captured in a CUDA graph (warm-up on a side stream)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return timeit(graph.replay, min_runs=reps)
+
+
+def _host_ms(step, reps: int = 10) -> float:
+    """Median host milliseconds to issue ``step`` (the call returns before the GPU is done; synced after)."""
+    import time
+
+    out = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        out.append(1e3 * (time.perf_counter() - t0))
+        torch.cuda.synchronize()
+    return statistics.median(out)
+
+
+def _uncached_plan_keys():
+    """Context: every ``KernelPlan.key`` recomputed from the template files on disk, as before session 12
+    (each launch looked its module up by a key that re-read every template): the A/B control."""
+    import contextlib
+
+    from nsa_dsl.codegen import plan as P  # noqa: N812
+
+    def key(self):
+        parts = [(P.TEMPLATE_DIR / self.kdef.template).read_text()]
+        parts += [p.read_text() for p in sorted(P.TEMPLATE_DIR.glob("_*.j2"))]
+        return P._plan_key(self.spec.canonical_json(), self.kernel, P._canon(self.config),
+                           P.GENERATOR_VERSION, "\n".join(parts))
+
+    @contextlib.contextmanager
+    def ctx():
+        saved = P.KernelPlan.__dict__["key"]
+        P.KernelPlan.key = property(key)
+        try:
+            yield
+        finally:
+            P.KernelPlan.key = saved
+
+    return ctx()
+
+
+def run_overhead(spec_names, Ts) -> list[dict]:  # noqa: N803
+    """Eager vs CUDA-graph forward + backward (``torch.autograd.grad`` of the op's output) and forward alone
+    for the NSA op, and eager dense cuDNN SDPA, at each T in the order given, with the host time to issue one
+    eager call: where the eager time exceeds the graph's, the GPU waited for the host."""
+    rows = []
+    for T in Ts:  # noqa: N806
+        for name in spec_names:
+            spec = load_spec(name)
+            ops = nsa_dsl.compile(spec)
+            xs, do = nsa_inputs(spec, T, grad=True)
+
+            def nsa_step(xs=xs, do=do, ops=ops):
+                o = nsa_attention(*xs, ops)
+                return torch.autograd.grad(o, xs, do)
+
+            def nsa_fwd(xs=xs, ops=ops):
+                with torch.no_grad():
+                    return ops.forward(*xs)
+
+            rows.append({"impl": f"nsa-dsl {name}", "T": T, "eager_ms": timeit(nsa_step),
+                         "host_ms": _host_ms(nsa_step), "graph_ms": _graph_ms(nsa_step),
+                         "fwd_eager_ms": timeit(nsa_fwd), "fwd_host_ms": _host_ms(nsa_fwd),
+                         "fwd_graph_ms": _graph_ms(nsa_fwd)})
+            with _uncached_plan_keys():
+                rows.append({"impl": f"{name}, key per call", "T": T, "eager_ms": timeit(nsa_step),
+                             "host_ms": _host_ms(nsa_step), "graph_ms": None, "fwd_eager_ms": timeit(nsa_fwd),
+                             "fwd_host_ms": _host_ms(nsa_fwd), "fwd_graph_ms": None})
+            del xs, do
+            torch.cuda.empty_cache()
+        g = torch.Generator(device="cuda").manual_seed(0)
+        dk, dv = 192, 128
+        q = torch.randn(1, T, 64, dk, device="cuda", dtype=DT, generator=g, requires_grad=True)
+        k = torch.randn(1, T, 4, dk, device="cuda", dtype=DT, generator=g, requires_grad=True)
+        v = torch.randn(1, T, 4, dv, device="cuda", dtype=DT, generator=g, requires_grad=True)
+        do = torch.randn(1, 64, T, dv, device="cuda", dtype=DT, generator=g)
+        run = common.sdpa_dense(q, k, v, common.sdpa_backends()["cudnn"])
+
+        def dense_step(run=run, q=q, k=k, v=v, do=do):
+            return torch.autograd.grad(run(), (q, k, v), do)
+
+        def dense_fwd(run=run):
+            with torch.no_grad():
+                return run()
+
+        # (cuDNN's backward does not capture: it invalidates the capture on the H200, torch 2.11)
+        rows.append({"impl": "sdpa cudnn (dk = 192)", "T": T, "eager_ms": timeit(dense_step),
+                     "host_ms": _host_ms(dense_step), "graph_ms": None, "fwd_eager_ms": timeit(dense_fwd),
+                     "fwd_host_ms": _host_ms(dense_fwd), "fwd_graph_ms": None})
+        del q, k, v, do, run
+        torch.cuda.empty_cache()
+        for r in rows[-2 * len(spec_names) - 1:]:
+            graph = "-" if r["graph_ms"] is None else f"{r['graph_ms']:.2f}"
+            fgraph = "-" if r["fwd_graph_ms"] is None else f"{r['fwd_graph_ms']:.2f}"
+            print(f"T={T:>6} {r['impl']:>22}: fwd+bwd eager {r['eager_ms']:.2f} ms, graph {graph} ms, "
+                  f"host {r['host_ms']:.2f} ms per eager call | fwd eager {r['fwd_eager_ms']:.2f} ms, graph "
+                  f"{fgraph} ms, host {r['fwd_host_ms']:.2f} ms", flush=True)
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--T", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
@@ -734,9 +846,19 @@ def main() -> int:
     ap.add_argument("--e2e-compat", action="store_true", help="with --e2e: fla_compat old vs default too")
     ap.add_argument("--slc-layouts", nargs="+", metavar="SPEC",
                     help="compare the selection dQ layouts (SLC_LAYOUTS) on these specs and exit")
+    ap.add_argument("--overhead", nargs="+", metavar="SPEC",
+                    help="eager vs CUDA-graph fwd+bwd and host issue time per call, these specs and cuDNN, "
+                    "at each --T in the order given (bwd_overhead.json)")
     ap.add_argument("--reverse-index-ab", nargs="+", metavar="SPEC",
                     help="fwd+bwd, reverse index on a side stream vs inline, on these specs, and exit")
     args = ap.parse_args()
+    if args.overhead:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        rows = run_overhead(args.overhead, args.T)
+        doc = {"meta": common.env_info(), "rows": rows}
+        (out / "bwd_overhead.json").write_text(json.dumps(doc, indent=1))
+        return 0
     if args.reverse_index_ab:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ import math
 import pkgutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache, cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -310,15 +310,14 @@ class KernelPlan:
 
     @property
     def template_text(self) -> str:
-        """The kernel's template plus the shared macro files it may import (all part of the key)."""
-        parts = [(TEMPLATE_DIR / self.kdef.template).read_text()]
-        for p in sorted(TEMPLATE_DIR.glob("_*.j2")):
-            parts.append(p.read_text())
-        return "\n".join(parts)
+        """The kernel's template plus the shared macro files it may import (all part of the key; read once
+        per process)."""
+        return _template_text(self.kdef.template)
 
-    @property
+    @cached_property
     def key(self) -> str:
-        """Content hash (20 hex digits) of spec + kernel + config + generator version + template text."""
+        """Content hash (20 hex digits) of spec + kernel + config + generator version + template text
+        (computed once per plan: every launch looks its module up by it)."""
         return _plan_key(
             self.spec.canonical_json(),
             self.kernel,
@@ -329,6 +328,14 @@ class KernelPlan:
 
     def __hash__(self) -> int:
         return hash(self.key)
+
+
+@cache
+def _template_text(template: str) -> str:
+    parts = [(TEMPLATE_DIR / template).read_text()]
+    for p in sorted(TEMPLATE_DIR.glob("_*.j2")):
+        parts.append(p.read_text())
+    return "\n".join(parts)
 
 
 @lru_cache(maxsize=1024)
