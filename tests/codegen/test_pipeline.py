@@ -111,6 +111,28 @@ def test_key_covers_template_text(spec, monkeypatch):
     assert make_plan(spec, "cmp_fwd", None, lim).key != k0
 
 
+def test_warm_module_lookup_touches_no_file(spec, cache, monkeypatch):
+    """Every launch looks its module up through ``ops.module`` / ``load(plan)``: once a plan's module is
+    loaded, the lookup must not read any file (it re-read the nine template files per call until session 12:
+    ~160 us per launch, 3-5 ms of host time per forward + backward on the GPU)."""
+    import nsa_dsl
+
+    ops = nsa_dsl.compile(spec)
+    kernels = ["cmp_fwd", "slc_topk", "slc_fwd", "bwd_cmp", "bwd_slc", "decode"]
+    for k in kernels:
+        ops.module(k, T=64)
+
+    def no_read(*args, **kwargs):
+        raise AssertionError("a warm module lookup read a file")
+
+    monkeypatch.setattr(Path, "read_text", no_read)
+    monkeypatch.setattr(Path, "read_bytes", no_read)
+    monkeypatch.setattr(Path, "is_file", no_read)
+    for _ in range(2):
+        for k in kernels:
+            assert ops.module(k, T=64) is ops.module(k, T=60)  # same bucket, same module
+
+
 def test_make_plan_errors_name_the_parameter(spec):
     with pytest.raises(ValueError, match=r"^config.cmp_fwd.BLOCK_Q: unknown parameter"):
         make_plan(spec, "cmp_fwd", {"BLOCK_Q": 16})
