@@ -715,17 +715,8 @@ def variants_table(rows: list[dict]) -> str:
 
 
 def _graph_ms(step, reps: int = 10) -> float:
-    """Median milliseconds of one replay of ``step`` captured in a CUDA graph (warm-up on a side stream)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return timeit(graph.replay, min_runs=reps)
+    """Median milliseconds of one replay of ``step`` captured in a CUDA graph."""
+    return timeit(common.capture_graph(step).replay, min_runs=reps)
 
 
 def _host_ms(step, reps: int = 10) -> float:
@@ -826,6 +817,13 @@ def run_overhead(spec_names, Ts) -> list[dict]:  # noqa: N803
     return rows
 
 
+def _write_rows(out: str, name: str, rows: list[dict]) -> None:
+    """``rows`` with the environment to ``out/name`` (JSON)."""
+    path = Path(out)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / name).write_text(json.dumps({"meta": common.env_info(), "rows": rows}, indent=1))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--T", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
@@ -853,28 +851,18 @@ def main() -> int:
                     help="fwd+bwd, reverse index on a side stream vs inline, on these specs, and exit")
     args = ap.parse_args()
     if args.overhead:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        rows = run_overhead(args.overhead, args.T)
-        doc = {"meta": common.env_info(), "rows": rows}
-        (out / "bwd_overhead.json").write_text(json.dumps(doc, indent=1))
+        _write_rows(args.out, "bwd_overhead.json", run_overhead(args.overhead, args.T))
         return 0
     if args.reverse_index_ab:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
         rows = run_reverse_index_ab(args.reverse_index_ab, args.T)
-        doc = {"meta": common.env_info(), "rows": rows}
-        (out / "bwd_reverse_index_ab.json").write_text(json.dumps(doc, indent=1))
+        _write_rows(args.out, "bwd_reverse_index_ab.json", rows)
         for r in rows:
             print(f"{r['spec']:>10} T={r['T']:>6}: side {r['side_ms']:.2f} ms, "
                   f"serial {r['serial_ms']:.2f} ms, gain {r['gain']:.3f}x")
         return 0
     if args.slc_layouts:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
         rows = [r for sp in args.slc_layouts for r in run_slc_layouts(sp, args.T)]
-        doc = {"meta": common.env_info(), "rows": rows}
-        (out / "bwd_slc_layouts.json").write_text(json.dumps(doc, indent=1))
+        _write_rows(args.out, "bwd_slc_layouts.json", rows)
         return 0
     if args.warm:
         warm(args.warm[0], int(args.warm[1]))

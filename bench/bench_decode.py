@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import env_info, sdpa_backends  # noqa: E402
+from common import env_info, sdpa_backends, warm_on_side_stream  # noqa: E402
 from nsa_dsl.codegen.decode import _splits, decode, decode_plan  # noqa: E402
 
 import nsa_dsl  # noqa: E402
@@ -75,13 +75,7 @@ def graph_us(fn, *, calls: int = 10, reps: int = 3) -> float:
 
 
 def _graph_us(fn, *, calls: int, reps: int) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
+    warm_on_side_stream(fn)
 
     def capture(body):
         g = torch.cuda.CUDAGraph()

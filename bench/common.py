@@ -85,6 +85,27 @@ def bench_ms(fn: Callable[[], Any], *, warmup: int = 25, rep: int = 100) -> floa
     return statistics.median(times)
 
 
+def warm_on_side_stream(fn: Callable[[], Any], calls: int = 2) -> None:
+    """``calls`` eager calls of ``fn`` on a side stream, then synchronise: the usual warm-up before a
+    CUDA-graph capture (allocations and compilation happen outside it)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(calls):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+
+
+def capture_graph(fn: Callable[[], Any], *, warmup: int = 2) -> torch.cuda.CUDAGraph:
+    """``fn`` captured in a CUDA graph after ``warmup`` calls on a side stream (``warm_on_side_stream``)."""
+    warm_on_side_stream(fn, warmup)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
 def free_memory() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()

@@ -132,6 +132,18 @@ def test_kernel_token_by_token_matches_full_forward(name, option):
             _check_indices(spec, idx[b, 0], scores[b, t], ref_idx[b, t], t)
 
 
+def _mixed_lengths_cache(spec, seed):
+    """Three float32 sequences prefilled to lengths 50, 38, 57 of a 64-token cache: the inputs (q, k, v, g)
+    for all 64 positions, the compressors, the cache and the prefill lengths."""
+    B, T = 3, 64  # noqa: N806
+    q, k, v, g = inputs(spec, B, T, dtype=torch.float32, seed=seed)
+    ck, cv = compressors(spec, seed=seed + 1)
+    pre = [50, 38, 57]
+    cache = NSACache(spec, B, capacity=T, dtype=torch.float32, compress_k=ck, compress_v=cv)
+    cache.prefill(k[:, :57], v[:, :57], lengths=pre)
+    return (q, k, v, g), (ck, cv), cache, pre
+
+
 @pytest.mark.parametrize("option", ["rows_loop", "last_tile", "last_rows", "sm90", "win_topk_rows",
                                     "tma_win_topk", "cmp_tma_nopf", "win_cmp_rows"])
 @pytest.mark.parametrize("S", [1, 3])
@@ -139,19 +151,18 @@ def test_kernel_mixed_lengths_multi_token(S, option):  # noqa: N803
     spec = SPECS["tiny"]  # float32
     # the other top-n merge schedule (SKIP = 0) with the row combine / the last split program's merge
     ops = nsa_dsl.compile(spec, config={"decode": OPTIONS[option]})
-    B, T = 3, 64  # noqa: N806
-    q, k, v, g = inputs(spec, B, T, dtype=torch.float32, seed=21)
-    ck, cv = compressors(spec, seed=22)
-    pre = [50, 38, 57]
-    cache = NSACache(spec, B, capacity=T, dtype=torch.float32, compress_k=ck, compress_v=cv)
-    cache.prefill(k[:, :57], v[:, :57], lengths=pre)
+    (q, k, v, g), (ck, cv), cache, pre = _mixed_lengths_cache(spec, seed=21)
+    B = len(pre)  # noqa: N806
     bi = torch.arange(B)[:, None]
     for i in range(2):
         sel = torch.stack([torch.arange(n + i * S, n + (i + 1) * S) for n in pre])
         cache.append(k[bi, sel], v[bi, sel])
         want = decode_reference(q[bi, sel], cache, g[bi, sel])  # itself checked against the full forward
+        # twice where the last split program merges (COMBINE "last" / "last_rows"): its tickets must be reset
+        # after a step; once for the row combine, which has no tickets
+        reps = 2 if OPTIONS[option]["COMBINE"] in ("last", "last_rows") else 1
         for sp in (SPLITS[i], SPLITS[i + 2], SPLITS[4 - i], (8, 2, 2)):
-            for _ in range(2):  # twice: the "last program" tickets must be reset after a step
+            for _ in range(reps):
                 out = _poisoned(B, S, spec)
                 o = decode(ops, q[bi, sel], cache, g[bi, sel], out=out, splits=sp)
                 torch.testing.assert_close(o, want, rtol=1e-4, atol=1e-5, msg=f"step {i} splits {sp}")
@@ -201,12 +212,8 @@ def test_batch_chunks_equal_one_chain(S):  # noqa: N803
     scratch): every row must be bitwise what one chain gives (same splits), for 2 chunks and 3 (one per
     sequence; more chunks than sequences give the same ranges); indices concatenated in batch order."""
     spec = SPECS["tiny"]  # float32
-    B, T = 3, 64  # noqa: N806
-    q, k, v, g = inputs(spec, B, T, dtype=torch.float32, seed=31)
-    ck, cv = compressors(spec, seed=32)
-    pre = [50, 38, 57]
-    cache = NSACache(spec, B, capacity=T, dtype=torch.float32, compress_k=ck, compress_v=cv)
-    cache.prefill(k[:, :57], v[:, :57], lengths=pre)
+    (q, k, v, g), _, cache, pre = _mixed_lengths_cache(spec, seed=31)
+    B, T = len(pre), cache.capacity  # noqa: N806
     bi = torch.arange(B)[:, None]
     sel = torch.stack([torch.arange(n, n + S) for n in pre])
     cache.append(k[bi, sel], v[bi, sel])
