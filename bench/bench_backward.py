@@ -817,13 +817,6 @@ def run_overhead(spec_names, Ts) -> list[dict]:  # noqa: N803
     return rows
 
 
-def _write_rows(out: str, name: str, rows: list[dict]) -> None:
-    """``rows`` with the environment to ``out/name`` (JSON)."""
-    path = Path(out)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / name).write_text(json.dumps({"meta": common.env_info(), "rows": rows}, indent=1))
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--T", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
@@ -846,23 +839,24 @@ def main() -> int:
                     help="compare the selection dQ layouts (SLC_LAYOUTS) on these specs and exit")
     ap.add_argument("--overhead", nargs="+", metavar="SPEC",
                     help="eager vs CUDA-graph fwd+bwd and host issue time per call, these specs and cuDNN, "
-                    "at each --T in the order given (bwd_overhead.json)")
+                    "at each --T in the order given (bwd_overhead.json / .md)")
     ap.add_argument("--reverse-index-ab", nargs="+", metavar="SPEC",
                     help="fwd+bwd, reverse index on a side stream vs inline, on these specs, and exit")
     args = ap.parse_args()
     if args.overhead:
-        _write_rows(args.out, "bwd_overhead.json", run_overhead(args.overhead, args.T))
+        common.write_results("bwd_overhead", run_overhead(args.overhead, args.T), common.env_info(),
+                             outdir=Path(args.out))
         return 0
     if args.reverse_index_ab:
         rows = run_reverse_index_ab(args.reverse_index_ab, args.T)
-        _write_rows(args.out, "bwd_reverse_index_ab.json", rows)
+        common.write_results("bwd_reverse_index_ab", rows, common.env_info(), outdir=Path(args.out))
         for r in rows:
             print(f"{r['spec']:>10} T={r['T']:>6}: side {r['side_ms']:.2f} ms, "
                   f"serial {r['serial_ms']:.2f} ms, gain {r['gain']:.3f}x")
         return 0
     if args.slc_layouts:
         rows = [r for sp in args.slc_layouts for r in run_slc_layouts(sp, args.T)]
-        _write_rows(args.out, "bwd_slc_layouts.json", rows)
+        common.write_results("bwd_slc_layouts", rows, common.env_info(), outdir=Path(args.out))
         return 0
     if args.warm:
         warm(args.warm[0], int(args.warm[1]))

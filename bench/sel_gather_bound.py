@@ -14,7 +14,7 @@ indices (the real top-n of random inputs, from ``ops.forward``):
 
     python bench/sel_gather_bound.py [--T 8192 65536] [--out DIR]
 
-Prints a Markdown table and writes JSON (``sel_gather_bound.json``) to --out.
+Prints a Markdown table and writes ``sel_gather_bound.json`` / ``.md`` (``common.write_results``) to --out.
 """
 
 from __future__ import annotations
@@ -26,7 +26,16 @@ from pathlib import Path
 import torch
 import triton
 import triton.language as tl
-from common import bench_ms, env_info, free_memory, make_inputs, matmul_tflops, sdpa_backends, sdpa_dense
+from common import (
+    bench_ms,
+    env_info,
+    free_memory,
+    make_inputs,
+    matmul_tflops,
+    sdpa_backends,
+    sdpa_dense,
+    write_results,
+)
 
 import nsa_dsl
 
@@ -112,9 +121,7 @@ def main() -> None:
         rows.append(measure(ops, spec, T))
         print(json.dumps(rows[-1]), flush=True)
         free_memory()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sel_gather_bound.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    write_results("sel_gather_bound", rows, meta, outdir=Path(args.out))
     print(f"\n{meta.get('card')}, torch {meta.get('torch')}, triton {meta.get('triton')}, "
           f"{meta.get('date_utc')}; bf16 matmul {meta['matmul_tflops_bf16']:.0f} TFLOP/s, "
           f"L2 {meta['l2_bytes']} B; spec {spec.name}\n")
