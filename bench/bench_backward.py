@@ -435,19 +435,14 @@ def _q(cfg, q_chunk, order="tiles"):
 #: in git history (session 5: the fourth to sixth sweeps).
 _CMP_KV = _kv(32, 64, 4, 2, 1)
 VARIANTS = {
-    # ninth sweep (session 9): tiles, stages and warps around the defaults now that the dense branches and the
-    # one-token selection dQ read through TMA descriptors (fewer address registers; the eighth sweep, TMA
-    # against pointer loads, and the seventh, 8 warps: git history and bench/RESULTS.md)
+    # tenth sweep (session 13): the dense branches' dK/dV as one loop over (head, query tile) pairs
+    # (KV_LOOP "flat"), alone and with the stage / query-chunk choices it may shift (the ninth sweep, session
+    # 9, tiles, stages and warps around the TMA defaults: git history and bench/RESULTS.md)
     "nsa_paper": {
-        "bwd_cmp.dkdv": [{}, {"num_stages": 3}, {"BLOCK_M": 64}, {"Q_CHUNK": 2048},
-                         {"BLOCK_N": 128, "num_warps": 8}],
-        "bwd_cmp.dq": [{}, {"dq_stages": 2}, {"DQ_BLOCK_N": 64, "dq_stages": 2}, {"dq_stages": 4},
-                       {"DQ_BLOCK_M": 128, "dq_warps": 8}],
-        "bwd_win.dkdv": [{}, {"num_stages": 3}, {"BLOCK_M": 64}, {}, {"BLOCK_N": 128, "num_warps": 8}],
-        "bwd_win.dq": [{}, {"dq_stages": 2}, {"DQ_BLOCK_N": 64, "dq_stages": 2}, {"dq_stages": 4},
-                       {"DQ_BLOCK_M": 128, "dq_warps": 8}],
-        "bwd_slc.dq": [{}, {"dq_warps": 8}, {"dq_stages": 3, "dq_warps": 8}, {"dq_warps": 2}],
-        "bwd_slc.dkdv": [{}, {"num_stages": 3}, {"BLOCK_T": 4}, {"num_warps": 8}],
+        "bwd_cmp.dkdv": [{}, {"KV_LOOP": "flat"}, {"KV_LOOP": "flat", "num_stages": 3},
+                         {"KV_LOOP": "flat", "Q_CHUNK": 2048}, {"KV_LOOP": "flat", "Q_CHUNK": 4096}],
+        "bwd_win.dkdv": [{}, {"KV_LOOP": "flat"}, {"KV_LOOP": "flat", "num_stages": 3},
+                         {"KV_LOOP": "flat", "BLOCK_N": 32}],
     },
     # sixth sweep (session 5)
     "fla_compat": {

@@ -13,6 +13,9 @@ Config parameters (constexprs baked into the emitted source):
   DQ_BLOCK_M, DQ_BLOCK_N, dq_warps, dq_stages  the same for their dQ kernel;
   KV_PASSES         1: dK and dV accumulated together; 2: two passes over the queries (dV, then dK), one
                     accumulator live at a time (+30% FLOPs, far fewer registers -> larger MMA tiles);
+  KV_LOOP           bwd_cmp / bwd_win dK/dV: "nested" (a loop over the G heads around the loop over the
+                    query tiles) or "flat" (one loop over the (head, query tile) pairs: the software pipeline
+                    does not drain after each head's tiles);
   Q_CHUNK           query tokens per dK/dV program before the query range is split over more programs
                     (fp32 partials summed in order; 0 = never split);
   ORDER             launch order of bwd_cmp / bwd_win: "tiles" (key / query tile the fastest grid axis, so
@@ -171,6 +174,7 @@ def _dense_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
         "ORDER": ["tiles", "lpt"],
         # the dK/dV loop's query tiles and the dQ loop's key tiles through pointer loads or TMA descriptors
         "LOADS": ["pointers", "tma"],
+        "KV_LOOP": ["nested", "flat"],
     }
 
 
@@ -191,6 +195,8 @@ def _dense_check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) ->
         return f"KV_PASSES: must be 1 or 2, got {cfg.get('KV_PASSES')}"
     if cfg.get("ORDER", "tiles") not in ("tiles", "lpt"):
         return f"ORDER: must be 'tiles' or 'lpt', got {cfg.get('ORDER')!r}"
+    if cfg.get("KV_LOOP", "nested") not in ("nested", "flat"):
+        return f"KV_LOOP: must be 'nested' or 'flat', got {cfg.get('KV_LOOP')!r}"
     if not isinstance(cfg["Q_CHUNK"], int) or cfg["Q_CHUNK"] < 0:
         return f"Q_CHUNK: must be an integer >= 0, got {cfg['Q_CHUNK']}"
     why = loads_check(spec, cfg, limits)

@@ -195,6 +195,9 @@ def test_grads_varlen():
     # the dense branches' tiles through TMA descriptors (tiles crossing into the next packed sequence)
     tma = {k: {**v, "LOADS": "tma"} for k, v in qsplit.items()}
     assert_close(kernel_grads(spec, xs, do, cu_seqlens=cu, config=tma), want)
+    # one loop over (head, query tile) pairs in the dK/dV kernels (programs with no query tile included)
+    flat = {k: {**v, "KV_LOOP": "flat"} for k, v in qsplit.items()}
+    assert_close(kernel_grads(spec, xs, do, cu_seqlens=cu, config=flat), want)
 
 
 def test_schedule_variants_agree():
@@ -212,6 +215,8 @@ def test_schedule_variants_agree():
         {"bwd_slc": {"CHUNK": 5, "BLOCK_T": 8, "KEY_SPLIT": 2, "DQ_TOKENS": 1, "dq_stages": 2,
                      "num_stages": 2},
          "bwd_win": {"DQ_BLOCK_N": 32, "BLOCK_N": 32, "KV_PASSES": 2}},
+        {"bwd_cmp": {"KV_LOOP": "flat", "KV_PASSES": 2, "Q_CHUNK": 16},
+         "bwd_win": {"KV_LOOP": "flat", "BLOCK_M": 32}},
     ]
     for cfg in variants:
         assert_close(kernel_grads(spec, xs, do, config=cfg), want)
@@ -564,6 +569,14 @@ def test_gpu_dense_branches_tma_equals_pointer_loads():
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA needs compute capability >= 9.0")
     cfgs = ({"bwd_cmp": {"LOADS": x}, "bwd_win": {"LOADS": x}} for x in ("pointers", "tma"))
+    _assert_same_grads_bitwise(3, *cfgs)
+
+
+@pytest.mark.gpu
+def test_gpu_dense_kv_loop_flat_equals_nested():
+    """KV_LOOP = "flat" (one loop over (head, query tile) pairs) gives bitwise the nested loops' gradients:
+    the same products accumulated in the same order (paper spec, bf16, odd T)."""
+    cfgs = ({"bwd_cmp": {"KV_LOOP": x}, "bwd_win": {"KV_LOOP": x}} for x in ("nested", "flat"))
     _assert_same_grads_bitwise(3, *cfgs)
 
 
