@@ -308,13 +308,6 @@ def variants() -> dict[str, dict]:
         "bc4": {"batch_chunks": 4},
         "bc2_pdl1": {"batch_chunks": 2, "PDL": 1},
         "bc2_win_cmp": {"batch_chunks": 2, "WINDOW_AT": "cmp"},
-        # session 13: the split step as one launch, phases chained per (sequence, KV head) by counters
-        "tickets": {"CHAIN": "tickets", "WINDOW_AT": "sw"},
-        "tickets_last": {"CHAIN": "tickets", "WINDOW_AT": "sw", "COMBINE": "last"},
-        "tickets_w8": {"CHAIN": "tickets", "WINDOW_AT": "sw", "num_warps": 8},
-        "tickets_bn32_cs4": {"CHAIN": "tickets", "WINDOW_AT": "sw", "BLOCK_N": 32, "cmp_stages": 4},
-        "tickets_ns2": {"CHAIN": "tickets", "WINDOW_AT": "sw", "num_stages": 2},
-        "launches_sw": {"WINDOW_AT": "sw", "COMBINE": "last_rows"},  # the tickets schedule as launches
     }
 
 

@@ -75,15 +75,6 @@ Config parameters:
               priority). The split counts are chosen for one chunk. 1 = one chain (no streams); 0 = auto
               (``auto_batch_chunks``: 2 where one chain would be the fused single launch and half the batch
               takes the split path, i.e. one to two (sequence, token, KV head) groups per SM);
-  CHAIN       how the split step's phases are chained: "launches" (one kernel per phase, ordered by the
-              stream, optionally PDL) or "tickets" (when split_cmp > 1: compressed attention, top-n, selected
-              + window and the final merge as ONE launch; each program takes its role from an atomic ticket in
-              the order the programs start, and a phase's programs wait for the previous phase of their own
-              (sequence, KV head) on a counter, so the top-n of the first groups overlaps the compressed
-              attention of the last ones and no kernel boundary drains the card; waits only ever point at
-              programs with smaller tickets, which are resident, so they cannot deadlock; the selected
-              programs attend to their window tiles before waiting; the merge is "last_rows", or "last" when
-              COMBINE is "last"; WINDOW_AT must be "sw");
   num_warps, num_stages.
 """
 
@@ -171,7 +162,6 @@ def _decode_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
         "num_stages": [1, 2, 3],
         "cmp_stages": [0, 2, 3, 4, 5],
         "batch_chunks": [0, 1, 2, 3, 4],
-        "CHAIN": ["launches", "tickets"],
     }
 
 
@@ -236,12 +226,6 @@ def _decode_check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) -
     cs = cfg.get("cmp_stages", 0)
     if not isinstance(cs, int) or isinstance(cs, bool) or not 0 <= cs <= 6:
         return f"cmp_stages: must be an integer in 0..6 (0 = num_stages), got {cs!r}"
-    chain = cfg.get("CHAIN", "launches")
-    if chain not in ("launches", "tickets"):
-        return f"CHAIN: must be 'launches' or 'tickets', got {chain!r}"
-    if chain == "tickets" and cfg.get("WINDOW_AT", "sw") != "sw":
-        return (f"WINDOW_AT: CHAIN 'tickets' attends to the window in the selected programs, needs 'sw', got "
-                f"{cfg.get('WINDOW_AT')!r}")
     bc = cfg.get("batch_chunks", 1)
     if not isinstance(bc, int) or isinstance(bc, bool) or not 0 <= bc <= 16:
         return f"batch_chunks: must be an integer in 0..16 (0 = auto), got {bc!r}"
@@ -266,7 +250,7 @@ def _decode_check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) -
 #: not prefetched): ``ops.with_config("decode", LEGACY)`` selects it for a same-run comparison
 LEGACY: dict[str, Any] = {
     "COMBINE": "kernel", "LSE_MERGE": "loop", "PREFETCH": 0, "SW_PREFETCH": 0, "CMP_PREFETCH": 0, "PDL": 0,
-    "WINDOW_AT": "sw", "SELECT": "sort", "batch_chunks": 1, "CHAIN": "launches",
+    "WINDOW_AT": "sw", "SELECT": "sort", "batch_chunks": 1,
 }
 
 
@@ -284,7 +268,7 @@ def _decode_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
             "WINDOW_AT": "topk",
             "SELECT": default_select(), "LOADS": "pointers", "CMP_LOADS": "pointers",
             "topk_warps": 0, "combine_warps": 4, "num_warps": 4, "num_stages": 1, "cmp_stages": 0,
-            "batch_chunks": 1, "CHAIN": "launches",
+            "batch_chunks": 1,
         }
     while bs * 2 * rp <= 256:  # one program scores the blocks of one step: wide chunks, few sorts
         bs *= 2
@@ -356,7 +340,6 @@ def _decode_default(spec: NSASpec, limits: DeviceLimits) -> dict[str, Any]:
         # two chains of launches on their own streams where one chain would be the fused single launch
         # (auto_batch_chunks)
         "batch_chunks": 0,
-        "CHAIN": "launches",
     }
     while _decode_check(spec, cfg, limits) and cfg["num_stages"] > 1:
         cfg["num_stages"] -= 1

@@ -73,11 +73,6 @@ OPTIONS = {
     # overlapping the first's top-n and selected launches)
     "bc2": {"COMBINE": "last_rows", "LSE_MERGE": "tile", "PREFETCH": 1, "SW_PREFETCH": 2, "CMP_PREFETCH": 0,
             "WINDOW_AT": "topk", "batch_chunks": 2},
-    # the split step as one launch, its phases chained by per-group counters (roles by start ticket)
-    "tickets": {"COMBINE": "last_rows", "LSE_MERGE": "tile", "PREFETCH": 1, "SW_PREFETCH": 2,
-                "CMP_PREFETCH": 0, "WINDOW_AT": "sw", "CHAIN": "tickets"},
-    "tickets_last": {"COMBINE": "last", "LSE_MERGE": "loop", "PREFETCH": 0, "SW_PREFETCH": 1,
-                     "CMP_PREFETCH": 2, "WINDOW_AT": "sw", "SKIP": 0, "CHAIN": "tickets"},
 }
 #: options whose top-n is only equal to the reference's within a rounding (not run by the exact-score tests)
 ROUNDED = {"lg16", "lg16_loop"}
@@ -108,8 +103,7 @@ def _check_indices(spec, idx, scores, ref_idx, t, rtol=1e-4):
 # masked sub-tile of rows past the block; l = d and no window: the compressed tiles alone)
 TOKEN_CASES = [(n, o) for o in ("legacy", "new", "sm90", "last_rows", "win_topk") for n in SPECS]
 TOKEN_CASES += [("tiny", "tma"), ("lp24", "tma"), ("tiny", "cmp_tma"), ("l_eq_d", "cmp_tma"),
-                ("tiny", "win_cmp"), ("g1", "win_cmp"), ("tiny", "bc2"), ("tiny", "tickets"),
-                ("g1", "tickets"), ("l_eq_d", "tickets_last")]
+                ("tiny", "win_cmp"), ("g1", "win_cmp"), ("tiny", "bc2")]
 
 
 @pytest.mark.parametrize("name,option", TOKEN_CASES)
@@ -151,7 +145,7 @@ def _mixed_lengths_cache(spec, seed):
 
 
 @pytest.mark.parametrize("option", ["rows_loop", "last_tile", "last_rows", "sm90", "win_topk_rows",
-                                    "tma_win_topk", "cmp_tma_nopf", "win_cmp_rows", "tickets_last"])
+                                    "tma_win_topk", "cmp_tma_nopf", "win_cmp_rows"])
 @pytest.mark.parametrize("S", [1, 3])
 def test_kernel_mixed_lengths_multi_token(S, option):  # noqa: N803
     spec = SPECS["tiny"]  # float32
@@ -166,7 +160,7 @@ def test_kernel_mixed_lengths_multi_token(S, option):  # noqa: N803
         want = decode_reference(q[bi, sel], cache, g[bi, sel])  # itself checked against the full forward
         # twice where the last split program merges (COMBINE "last" / "last_rows"): its tickets must be reset
         # after a step; once for the row combine, which has no tickets
-        reps = 2 if OPTIONS[option]["COMBINE"] in ("last", "last_rows") or "CHAIN" in OPTIONS[option] else 1
+        reps = 2 if OPTIONS[option]["COMBINE"] in ("last", "last_rows") else 1
         for sp in (SPLITS[i], SPLITS[i + 2], SPLITS[4 - i], (8, 2, 2)):
             for _ in range(reps):
                 out = _poisoned(B, S, spec)
@@ -245,61 +239,6 @@ def test_batch_chunks_equal_one_chain(S):  # noqa: N803
     for bad in (-1, 17, "2", True):
         with pytest.raises(ValueError, match="batch_chunks: must be an integer in 0..16"):
             make_plan(spec, "decode", {"batch_chunks": bad}, DeviceLimits.interpreter_limits())
-
-
-@pytest.mark.parametrize("S", [1, 2])
-def test_chain_tickets_equals_launches(S, tmp_path):  # noqa: N803
-    """CHAIN = "tickets" runs a split step as one launch (``_step_kernel``) whose programs take their roles
-    from a start-order ticket and chain the phases per (sequence, KV head) through counters. Every output and
-    index must be bitwise those of the same schedule as separate launches, for the final store in the selected
-    programs (split_sw = 1) and both last-program merges; twice on one workspace, so the counters must have
-    been reset by the step's last program (stale role tickets would hand every program a wrong role)."""
-    spec = SPECS["tiny"]  # float32
-    (q, k, v, g), _, cache, pre = _mixed_lengths_cache(spec, seed=41)
-    B = len(pre)  # noqa: N806
-    bi = torch.arange(B)[:, None]
-    sel = torch.stack([torch.arange(n, n + S) for n in pre])
-    cache.append(k[bi, sel], v[bi, sel])
-    qs, gs = q[bi, sel], g[bi, sel]
-    want_ref = decode_reference(qs, cache, gs)
-    for combine in ("last_rows", "last"):
-        base = dict(make_plan(spec, "decode", None, DeviceLimits.interpreter_limits()).config)
-        base.update(OPTIONS["last_rows"], COMBINE=combine, WINDOW_AT="sw", tokens=2)
-        mods = {}
-        for chain in ("launches", "tickets"):
-            plan = make_plan(spec, "decode", {**base, "CHAIN": chain}, DeviceLimits.interpreter_limits())
-            path = tmp_path / f"decode_{chain}_{combine}.py"
-            path.write_text(render(plan))
-            mods[chain] = load_path(path, f"test_decode_chain_{chain}_{combine}_{plan.key}")
-        assert "_step_kernel" in path.read_text()
-        assert "_step_kernel" not in (tmp_path / f"decode_launches_{combine}.py").read_text()
-        for sp in ((3, 2, 2), (2, 1, 3), (2, 4, 1)):
-            o0, i0, _ = _run_module(mods["launches"], qs, cache, gs, sp)
-            ws = None
-            for _ in range(2):
-                o1, i1, ws = _run_module(mods["tickets"], qs, cache, gs, sp, ws)
-                assert torch.equal(o1, o0) and torch.equal(i1, i0), (combine, S, sp)
-                assert int(ws["sync"].abs().sum()) == 0  # the last program zeroed the counters
-            torch.testing.assert_close(o1, want_ref, rtol=1e-4, atol=1e-5, msg=f"{combine} S={S} splits {sp}")
-    # the launch: one kernel for a split step, the ordinary chain for the fused one (split_cmp = 1)
-    log: list = []
-    mods["tickets"]._step_kernel = _KwRecorder("_step_kernel", log)
-    mods["tickets"]._cmp_kernel = _KwRecorder("_cmp_kernel", log)
-    ws = mods["tickets"].workspace(B, S, cache.k_cmp_buf.shape[1], 2, 2, 2, "cpu")
-    mods["tickets"].run(qs.contiguous(), cache.k, cache.v, cache.k_cmp_buf, cache.v_cmp_buf, cache.lengths,
-                        gs.contiguous(), _poisoned(B, S, spec), ws)
-    assert [n for n, _ in log] == ["_step_kernel"]
-
-
-def test_chain_config_validation():
-    spec = SPECS["tiny"]
-    lim = DeviceLimits.interpreter_limits()
-    plan = make_plan(spec, "decode", {"CHAIN": "tickets", "WINDOW_AT": "sw"}, lim)
-    assert plan.config["CHAIN"] == "tickets"
-    with pytest.raises(ValueError, match="CHAIN: must be 'launches' or 'tickets'"):
-        make_plan(spec, "decode", {"CHAIN": "graph"}, lim)
-    with pytest.raises(ValueError, match="WINDOW_AT: CHAIN 'tickets' .* needs 'sw'"):
-        make_plan(spec, "decode", {"CHAIN": "tickets", "WINDOW_AT": "topk"}, lim)
 
 
 def test_cmp_stages_emitted_and_checked():
@@ -763,36 +702,6 @@ def test_gpu_batch_chunks_on_streams_equal_one_chain_eager_and_graph():
             assert torch.equal(idx, want_idx), msg
             torch.testing.assert_close(o, want, rtol=0, atol=0, msg=msg)
             torch.testing.assert_close(step(q, g), want, rtol=0, atol=0, msg=msg + " (graph)")
-
-
-@pytest.mark.gpu
-def test_gpu_chain_tickets_equals_launches_eager_and_graph():
-    """CHAIN = "tickets" on the GPU (one launch, roles by start ticket, phases chained by spin-waits on
-    per-group counters): bitwise the outputs and indices of the same schedule as separate launches, paper spec
-    bf16 at 8k, B = 1 and 5, automatic splits, a many-program split and split_sw = 1 (the final store),
-    eager and replayed from a captured step, repeated so that counters left unreset would show (a stale role
-    ticket hands programs the wrong role; a stale counter lets a wait pass early)."""
-    spec = nsa_dsl.load_spec("nsa_paper")
-    fixed = {"COMBINE": "last_rows", "WINDOW_AT": "sw", "PDL": 0}
-    ops = nsa_dsl.compile(spec, device="cuda", config={"decode": fixed})
-    op = ops.with_config("decode", {**fixed, "CHAIN": "tickets"})
-    T = 8192  # noqa: N806
-    for B in (1, 5):  # noqa: N806
-        cache = _gpu_cache(spec, B, T, "cuda", seed=6 + B)
-        for splits in (None, (32, 16, 8), (8, 1, 4)):
-            step = CapturedDecodeStep(op, cache, S=1, append=False, splits=splits)
-            for rep in range(3):
-                q, g = _gpu_qg(spec, B)
-                want, want_idx = decode(ops, q, cache, g, splits=step.splits, plan_length=step.plan_length,
-                                        return_indices=True)
-                want, want_idx = want.clone(), want_idx.clone()
-                assert torch.isfinite(want).all()
-                o, idx = decode(op, q, cache, g, splits=step.splits, plan_length=step.plan_length,
-                                return_indices=True)
-                msg = f"B {B} splits {step.splits} rep {rep}"
-                assert torch.equal(idx, want_idx), msg
-                torch.testing.assert_close(o, want, rtol=0, atol=0, msg=msg)
-                torch.testing.assert_close(step(q, g), want, rtol=0, atol=0, msg=msg + " (graph)")
 
 
 def _gpu_qg(spec, B):  # noqa: N803
