@@ -124,7 +124,7 @@ def _dense_default(branch: str):
         if limits.interpreter:
             return {"BLOCK_M": 16, "BLOCK_N": 16, "Q_CHUNK": 0, "num_warps": 4, "num_stages": 1,
                     "KV_PASSES": 1, "DQ_BLOCK_M": 16, "DQ_BLOCK_N": 16, "dq_warps": 4, "dq_stages": 1,
-                    "ORDER": "tiles", "LOADS": "pointers"}
+                    "ORDER": "tiles", "LOADS": "pointers", "KV_LOOP": "nested"}
         wide = _padded(spec.attention.head_dim_qk) + _padded(spec.attention.head_dim_v) > 256
         # All measured on an H200 with bench_backward (sweeps 2026-11-28, --variants 2026-11-29; paper
         # spec unless named). wgmma tiles (64+ rows) beat spill-free 32-row mma.sync tiles despite spills.
@@ -153,7 +153,11 @@ def _dense_default(branch: str):
         # Query tiles (dK/dV) and key tiles (dQ) through TMA descriptors where they apply (H200, paper spec,
         # bench_backward --variants, 2026-11-29 16:35 UTC, ms at 64k): compressed dK/dV 36.7 -> 32.8, window
         # dK/dV 11.3 -> 10.5.
-        cfg = {**kv, "Q_CHUNK": q_chunk, **dq, "ORDER": "tiles"}
+        # Window dK/dV as one loop over (head, query tile) pairs (KV_LOOP "flat"; H200, paper spec,
+        # bench_backward --variants, tenth sweep, 2026-11-30): 10.66 -> 10.42 ms at 64k, 2.66 -> 2.55 at 16k;
+        # the compressed one lost (33.22 -> 33.67 ms at 64k, 3.03 / 3.04 at 16k) and stays nested.
+        loop = "flat" if branch == "win" else "nested"
+        cfg = {**kv, "Q_CHUNK": q_chunk, **dq, "ORDER": "tiles", "KV_LOOP": loop}
         return prefer_tma(_dense_check, spec, cfg, limits)
 
     return default
