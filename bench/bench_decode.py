@@ -308,13 +308,6 @@ def variants() -> dict[str, dict]:
         "bc4": {"batch_chunks": 4},
         "bc2_pdl1": {"batch_chunks": 2, "PDL": 1},
         "bc2_win_cmp": {"batch_chunks": 2, "WINDOW_AT": "cmp"},
-        # session 13: the selected loop's block index as a scalar load (pipelinable) instead of a reduction
-        "sel_load": {"SEL_INDEX": "load"},
-        "sel_load_pf1": {"SEL_INDEX": "load", "SW_PREFETCH": 1},
-        "sel_load_pf0": {"SEL_INDEX": "load", "SW_PREFETCH": 0},
-        "sel_load_bk64": {"SEL_INDEX": "load", "BLOCK_K": 64},
-        "sel_load_ns4": {"SEL_INDEX": "load", "num_stages": 4},
-        "pf1": {"SW_PREFETCH": 1},
     }
 
 

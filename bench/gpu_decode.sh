@@ -10,8 +10,7 @@ OUT=${OUT:-/tmp/nsa_decode_out}
 source "$(dirname "${BASH_SOURCE[0]}")/gpu_common.sh"
 run_gpu_tests "${TEST_LIMIT:-180}" tests/codegen/test_decode.py tests/codegen/test_decode.py \
   test_gpu_bf16_decode_8k_matches_reference test_gpu_cuda_graph_replay_equals_eager \
-  test_gpu_pdl_equals_no_pdl_eager_and_graph test_gpu_batch_chunks_on_streams_equal_one_chain_eager_and_graph \
-  test_gpu_sel_index_load_equals_reduce &
+  test_gpu_pdl_equals_no_pdl_eager_and_graph test_gpu_batch_chunks_on_streams_equal_one_chain_eager_and_graph &
 # "I:P/N" warm-up jobs: every N-th variant of shape I from the P-th, one process each
 # shellcheck disable=SC2086  # DEC_ARGS holds several options
 JOBS=$($PY bench/bench_decode.py --warm-jobs ${DEC_ARGS:-})

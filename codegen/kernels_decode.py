@@ -75,10 +75,6 @@ Config parameters:
               priority). The split counts are chosen for one chunk. 1 = one chain (no streams); 0 = auto
               (``auto_batch_chunks``: 2 where one chain would be the fused single launch and half the batch
               takes the split path, i.e. one to two (sequence, token, KV head) groups per SM);
-  SEL_INDEX   how a selected tile's block index is found inside the selected-block loop: "reduce" (picked
-              out of the merged index tensor by a reduction across the program's threads) or "load" (read
-              back from the step's index output, which every split program of the (token, KV head) writes:
-              a scalar load the loop's software pipeline can issue ahead of the tile's K/V loads);
   num_warps, num_stages.
 """
 
@@ -166,7 +162,6 @@ def _decode_space(spec: NSASpec, limits: DeviceLimits) -> dict[str, list]:
         "num_stages": [1, 2, 3],
         "cmp_stages": [0, 2, 3, 4, 5],
         "batch_chunks": [0, 1, 2, 3, 4],
-        "SEL_INDEX": ["reduce", "load"],
     }
 
 
@@ -231,8 +226,6 @@ def _decode_check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) -
     cs = cfg.get("cmp_stages", 0)
     if not isinstance(cs, int) or isinstance(cs, bool) or not 0 <= cs <= 6:
         return f"cmp_stages: must be an integer in 0..6 (0 = num_stages), got {cs!r}"
-    if cfg.get("SEL_INDEX", "reduce") not in ("reduce", "load"):
-        return f"SEL_INDEX: must be 'reduce' or 'load', got {cfg.get('SEL_INDEX')!r}"
     bc = cfg.get("batch_chunks", 1)
     if not isinstance(bc, int) or isinstance(bc, bool) or not 0 <= bc <= 16:
         return f"batch_chunks: must be an integer in 0..16 (0 = auto), got {bc!r}"

@@ -73,11 +73,6 @@ OPTIONS = {
     # overlapping the first's top-n and selected launches)
     "bc2": {"COMBINE": "last_rows", "LSE_MERGE": "tile", "PREFETCH": 1, "SW_PREFETCH": 2, "CMP_PREFETCH": 0,
             "WINDOW_AT": "topk", "batch_chunks": 2},
-    # the selected loop's block index read back from the index output (every split program stores it)
-    "sel_load": {"COMBINE": "last_rows", "LSE_MERGE": "tile", "PREFETCH": 1, "SW_PREFETCH": 1,
-                 "CMP_PREFETCH": 0, "WINDOW_AT": "topk", "SEL_INDEX": "load"},
-    "sel_load_nopf": {"COMBINE": "rows", "LSE_MERGE": "tile", "PREFETCH": 0, "SW_PREFETCH": 0,
-                      "CMP_PREFETCH": 0, "WINDOW_AT": "sw", "SEL_INDEX": "load", "LOADS": "tma"},
 }
 #: options whose top-n is only equal to the reference's within a rounding (not run by the exact-score tests)
 ROUNDED = {"lg16", "lg16_loop"}
@@ -108,8 +103,7 @@ def _check_indices(spec, idx, scores, ref_idx, t, rtol=1e-4):
 # masked sub-tile of rows past the block; l = d and no window: the compressed tiles alone)
 TOKEN_CASES = [(n, o) for o in ("legacy", "new", "sm90", "last_rows", "win_topk") for n in SPECS]
 TOKEN_CASES += [("tiny", "tma"), ("lp24", "tma"), ("tiny", "cmp_tma"), ("l_eq_d", "cmp_tma"),
-                ("tiny", "win_cmp"), ("g1", "win_cmp"), ("tiny", "bc2"), ("tiny", "sel_load"),
-                ("lp24", "sel_load_nopf"), ("g1", "sel_load")]
+                ("tiny", "win_cmp"), ("g1", "win_cmp"), ("tiny", "bc2")]
 
 
 @pytest.mark.parametrize("name,option", TOKEN_CASES)
@@ -151,7 +145,7 @@ def _mixed_lengths_cache(spec, seed):
 
 
 @pytest.mark.parametrize("option", ["rows_loop", "last_tile", "last_rows", "sm90", "win_topk_rows",
-                                    "tma_win_topk", "cmp_tma_nopf", "win_cmp_rows", "sel_load"])
+                                    "tma_win_topk", "cmp_tma_nopf", "win_cmp_rows"])
 @pytest.mark.parametrize("S", [1, 3])
 def test_kernel_mixed_lengths_multi_token(S, option):  # noqa: N803
     spec = SPECS["tiny"]  # float32
@@ -706,31 +700,6 @@ def test_gpu_batch_chunks_on_streams_equal_one_chain_eager_and_graph():
                             return_indices=True)
             msg = f"batch_chunks {n} splits {step.splits} rep {rep}"
             assert torch.equal(idx, want_idx), msg
-            torch.testing.assert_close(o, want, rtol=0, atol=0, msg=msg)
-            torch.testing.assert_close(step(q, g), want, rtol=0, atol=0, msg=msg + " (graph)")
-
-
-@pytest.mark.gpu
-def test_gpu_sel_index_load_equals_reduce():
-    """SEL_INDEX = "load" (the selected loop reads each tile's block index back from the index output) gives
-    bitwise the outputs and indices of "reduce": paper spec bf16 at 8k, B = 5, automatic splits, a 16-way
-    selected split with the hand prefetch, and the fused single launch, eager and replayed from a graph."""
-    spec = nsa_dsl.load_spec("nsa_paper")
-    ops = nsa_dsl.compile(spec, device="cuda", config={"decode": {"COMBINE": "last_rows"}})
-    op = ops.with_config("decode", {"COMBINE": "last_rows", "SEL_INDEX": "load"})  # (replaces the params)
-    B, T = 5, 8192  # noqa: N806
-    cache = _gpu_cache(spec, B, T, "cuda", seed=9)
-    for splits in (None, (4, 16, 4), (1, 1, 1)):
-        step = CapturedDecodeStep(op, cache, S=1, append=False, splits=splits)
-        for rep in range(2):
-            q, g = _gpu_qg(spec, B)
-            want, want_idx = decode(ops, q, cache, g, splits=step.splits, plan_length=step.plan_length,
-                                    return_indices=True)
-            want, want_idx = want.clone(), want_idx.clone()
-            o, idx = decode(op, q, cache, g, splits=step.splits, plan_length=step.plan_length,
-                            return_indices=True)
-            msg = f"splits {step.splits} rep {rep}"
-            assert torch.isfinite(want).all() and torch.equal(idx, want_idx), msg
             torch.testing.assert_close(o, want, rtol=0, atol=0, msg=msg)
             torch.testing.assert_close(step(q, g), want, rtol=0, atol=0, msg=msg + " (graph)")
 
