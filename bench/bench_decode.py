@@ -25,6 +25,7 @@ import argparse
 import functools
 import json
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -185,6 +186,68 @@ def kernel_breakdown(step, n: int = 20) -> dict[str, float]:
         if tot and evt.count:
             out[evt.key[:60]] = tot / n
     return dict(sorted(out.items(), key=lambda kv: -kv[1])[:8])
+
+
+def kernel_timeline(step, n: int = 10) -> list[dict]:
+    """Where each kernel of an eager step runs, on the device clock (torch.profiler): ``n`` steps, each queued
+    behind a ~1 ms GPU sleep (so the host has issued every launch before the first starts, as in a graph
+    replay) and synchronised after; per kernel launch of the step, in start order, the median start and end
+    offsets from the step's first kernel start (µs) and the stream. Shows whether launches on several streams
+    (``batch_chunks``) overlap and where a step waits between kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def _kernels(prof) -> list:
+        evs = [e for e in prof.events() if str(getattr(e, "device_type", "")).endswith("CUDA")
+               and "sleep" not in e.name.lower()]
+        return sorted(evs, key=lambda e: e.time_range.start)
+
+    step()
+    torch.cuda.synchronize()
+    steps: list[list] = []
+    for _ in range(n):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            torch.cuda._sleep(2_000_000)
+            step()
+            torch.cuda.synchronize()
+        steps.append(_kernels(prof))
+    width = min(len(k) for k in steps)
+    out = []
+    for i in range(width):
+        starts = [k[i].time_range.start - k[0].time_range.start for k in steps]
+        ends = [k[i].time_range.end - k[0].time_range.start for k in steps]
+        ev = steps[-1][i]
+        out.append({"kernel": ev.name[:40], "stream": getattr(ev, "device_resource_id", None),
+                    "start_us": statistics.median(starts), "end_us": statistics.median(ends)})
+    return out
+
+
+def timeline(shapes: list[tuple[str, int, int]], names: list[str], outdir: Path) -> None:
+    """--timeline: kernel_timeline of the named variants (default: "new") at each spec:B:T shape."""
+    rows = []
+    meta = env_info()
+    for spec_name, B, T in shapes:  # noqa: N806
+        spec = nsa_dsl.load_spec(spec_name)
+        base = nsa_dsl.compile(spec, device=DEVICE)
+        a = spec.attention
+        cache = _nsa_cache(spec, B, T)
+        q = torch.randn(B, 1, a.heads, a.head_dim_qk, device=DEVICE, dtype=torch.bfloat16)
+        g = torch.rand(B, 1, a.heads, 3, device=DEVICE, dtype=torch.bfloat16)
+        out = torch.empty(B, 1, a.heads, a.head_dim_v, device=DEVICE, dtype=torch.bfloat16)
+        for name in names:
+            ops = base.with_config("decode", variants()[name]) if variants()[name] else base
+            splits = _splits(ops, decode_plan(ops, B=B, S=1, T=T), B, 1, T)
+            step = functools.partial(decode, ops, q, cache, g, out=out, splits=splits, plan_length=T)
+            tl_ = kernel_timeline(step)
+            rows.append({"spec": spec_name, "B": B, "T": T, "variant": name, "splits": list(splits),
+                         "kernels": tl_})
+            print(f"{spec_name} B={B} T={T} {name} splits {tuple(splits)}:", flush=True)
+            for k in tl_:
+                print(f"    {k['kernel']:40s} stream {k['stream']}: {k['start_us']:7.1f} -> "
+                      f"{k['end_us']:7.1f} us ({k['end_us'] - k['start_us']:.1f})", flush=True)
+        del cache
+        torch.cuda.empty_cache()
+    data = {"meta": meta, "rows": rows}
+    (outdir / "decode_timeline.json").write_text(json.dumps(data, indent=1, default=str))
 
 
 def run_dense(spec, B: int, T: int) -> dict:  # noqa: N803
@@ -509,6 +572,8 @@ def main() -> None:
     ap.add_argument("--part", default="0/1", help="with --warm: P/N, every N-th variant from the P-th")
     ap.add_argument("--variants", help="with --compare: comma-separated variant names (\"new\" always runs)")
     ap.add_argument("--shapes", help="with --compare: comma-separated spec:B:T shapes instead of the list")
+    ap.add_argument("--timeline", help="comma-separated spec:B:T shapes: kernel start/end offsets of one "
+                    "step of each --variants variant (default: new) on the device clock")
     ap.add_argument("--splits", help="with --variants: semicolon-separated split triples C,S,T timed for new "
                     "and each variant")
     args = ap.parse_args()
@@ -538,6 +603,10 @@ def main() -> None:
         return
     if args.compare:
         compare(outdir, args.tmax)
+        return
+    if args.timeline:
+        shapes = [(a, int(b), int(c)) for a, b, c in (x.split(":") for x in args.timeline.split(","))]
+        timeline(shapes, list(dict.fromkeys(["new", *(ONLY_VARIANTS or [])])), outdir)
         return
     _FLUSH = torch.empty(128 << 20, dtype=torch.bfloat16, device=DEVICE)
     meta = env_info()
