@@ -198,7 +198,7 @@ def kernel_timeline(step, n: int = 10) -> list[dict]:
 
     def _kernels(prof) -> list:
         evs = [e for e in prof.events() if str(getattr(e, "device_type", "")).endswith("CUDA")
-               and "sleep" not in e.name.lower()]
+               and not any(x in e.name.lower() for x in ("sleep", "spin_kernel"))]  # torch.cuda._sleep
         return sorted(evs, key=lambda e: e.time_range.start)
 
     step()
