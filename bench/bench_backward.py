@@ -435,14 +435,11 @@ def _q(cfg, q_chunk, order="tiles"):
 #: in git history (session 5: the fourth to sixth sweeps).
 _CMP_KV = _kv(32, 64, 4, 2, 1)
 VARIANTS = {
-    # tenth sweep (session 13): the dense branches' dK/dV as one loop over (head, query tile) pairs
-    # (KV_LOOP "flat"), alone and with the stage / query-chunk choices it may shift (the ninth sweep, session
-    # 9, tiles, stages and warps around the TMA defaults: git history and bench/RESULTS.md)
+    # eleventh sweep (session 13): the compressed dQ inside the window's dQ kernel (bwd_win DQ_CMP; compare
+    # bwd_total: the compressed dQ launch disappears). The tenth, KV_LOOP "flat" for the dense dK/dV, and the
+    # ninth, tiles / stages / warps around the TMA defaults: git history and bench/RESULTS.md
     "nsa_paper": {
-        "bwd_cmp.dkdv": [{}, {"KV_LOOP": "flat"}, {"KV_LOOP": "flat", "num_stages": 3},
-                         {"KV_LOOP": "flat", "Q_CHUNK": 2048}, {"KV_LOOP": "flat", "Q_CHUNK": 4096}],
-        "bwd_win.dkdv": [{}, {"KV_LOOP": "flat"}, {"KV_LOOP": "flat", "num_stages": 3},
-                         {"KV_LOOP": "flat", "BLOCK_N": 32}],
+        "bwd_win.dq": [{}, {"DQ_CMP": 1}],
     },
     # sixth sweep (session 5)
     "fla_compat": {

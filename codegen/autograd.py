@@ -183,8 +183,12 @@ def nsa_backward(
     win_on = spec.window_size > 0 and o_win is not None and o_win.numel() > 0
     dg, delta = mod("bwd_pre").run(do, o_cmp, o_slc, o_win if win_on else None, g)
     mark("bwd_pre")
-    # compressed branch: writes dq (no accumulation) and dk_cmp / dv_cmp
-    mod("bwd_cmp").run(q, k_cmp, v_cmp, do, g, f32c(saved["lse_cmp"]), delta[0], dq, dkc, dvc,
+    # bwd_win's DQ_CMP: the window's dQ kernel also does the compressed branch's dQ (no dQ kernel of its own
+    # here, and the selection's dQ kernel stores first)
+    fuse_dq = win_on and ops.plan("bwd_win", T=max_len, B=nseq).config.get("DQ_CMP", 0) == 1
+    lse_cmp = f32c(saved["lse_cmp"])
+    # compressed branch: writes dq (no accumulation; not with fuse_dq) and dk_cmp / dv_cmp
+    mod("bwd_cmp").run(q, k_cmp, v_cmp, do, g, lse_cmp, delta[0], None if fuse_dq else dq, dkc, dvc,
                        cu_seqlens=cu_seqlens, cu_cmp=cu_cmp, max_len=max_len, profile=kprof)
     mark("bwd_cmp")
     # selection branch: dq += ; dk/dv written per selected block through the reverse index. The index (~50
@@ -197,16 +201,17 @@ def nsa_backward(
         join(indices, *[t for t in vars(rev).values() if isinstance(t, Tensor)])
     mark("reverse_index")
     slc.run(q, k, v, do, g, f32c(saved["lse_slc"]), delta[1], indices, rev, dq, dk, dv,
-            cu_seqlens=cu_seqlens, max_len=max_len, accum_q=True, profile=kprof)
+            cu_seqlens=cu_seqlens, max_len=max_len, accum_q=not fuse_dq, profile=kprof)
     mark("bwd_slc")
     dq_final = dq
     if win_on:
         kw_, vw_ = (k_win, v_win) if separate else (k, v)
         # the window's dQ kernel is the last to touch dq: it stores the sum in q's dtype (no cast pass)
         dq_final = dq if q.dtype == f32 else torch.empty(q.shape, device=q.device, dtype=q.dtype)
+        fused = {"cmp": (k_cmp, v_cmp, lse_cmp, delta[0]), "cu_cmp": cu_cmp} if fuse_dq else {}
         mod("bwd_win").run(q, kw_, vw_, do, g, f32c(saved["lse_win"]), delta[2], dq, dkw, dvw,
                            cu_seqlens=cu_seqlens, max_len=max_len, accum_q=True, accum_kv=True, profile=kprof,
-                           dq_out=dq_final)
+                           dq_out=dq_final, **fused)
         mark("bwd_win")
     out = (dq_final.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dkc.to(k_cmp.dtype), dvc.to(v_cmp.dtype),
            dg.to(g.dtype))

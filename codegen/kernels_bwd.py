@@ -16,6 +16,10 @@ Config parameters (constexprs baked into the emitted source):
   KV_LOOP           bwd_cmp / bwd_win dK/dV: "nested" (a loop over the G heads around the loop over the
                     query tiles) or "flat" (one loop over the (head, query tile) pairs: the software pipeline
                     does not drain after each head's tiles);
+  DQ_CMP            bwd_win only: 1 = its dQ kernel also computes the compressed branch's dQ (same query
+                    tile, one accumulator; bwd_cmp then runs no dQ kernel, the selection dQ stores first):
+                    one read of Q / dO and one fp32 round trip of dQ less; 0 = separate dQ kernels. A choice
+                    across two kernels, so not in the tuner's per-kernel space;
   Q_CHUNK           query tokens per dK/dV program before the query range is split over more programs
                     (fp32 partials summed in order; 0 = never split);
   ORDER             launch order of bwd_cmp / bwd_win: "tiles" (key / query tile the fastest grid axis, so
@@ -124,7 +128,7 @@ def _dense_default(branch: str):
         if limits.interpreter:
             return {"BLOCK_M": 16, "BLOCK_N": 16, "Q_CHUNK": 0, "num_warps": 4, "num_stages": 1,
                     "KV_PASSES": 1, "DQ_BLOCK_M": 16, "DQ_BLOCK_N": 16, "dq_warps": 4, "dq_stages": 1,
-                    "ORDER": "tiles", "LOADS": "pointers", "KV_LOOP": "nested"}
+                    "ORDER": "tiles", "LOADS": "pointers", "KV_LOOP": "nested", "DQ_CMP": 0}
         wide = _padded(spec.attention.head_dim_qk) + _padded(spec.attention.head_dim_v) > 256
         # All measured on an H200 with bench_backward (sweeps 2026-11-28, --variants 2026-11-29; paper
         # spec unless named). wgmma tiles (64+ rows) beat spill-free 32-row mma.sync tiles despite spills.
@@ -157,7 +161,7 @@ def _dense_default(branch: str):
         # bench_backward --variants, tenth sweep, 2026-11-30): 10.66 -> 10.42 ms at 64k, 2.66 -> 2.55 at 16k;
         # the compressed one lost (33.22 -> 33.67 ms at 64k, 3.03 / 3.04 at 16k) and stays nested.
         loop = "flat" if branch == "win" else "nested"
-        cfg = {**kv, "Q_CHUNK": q_chunk, **dq, "ORDER": "tiles", "KV_LOOP": loop}
+        cfg = {**kv, "Q_CHUNK": q_chunk, **dq, "ORDER": "tiles", "KV_LOOP": loop, "DQ_CMP": 0}
         return prefer_tma(_dense_check, spec, cfg, limits)
 
     return default
@@ -199,6 +203,8 @@ def _dense_check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) ->
         return f"KV_PASSES: must be 1 or 2, got {cfg.get('KV_PASSES')}"
     if cfg.get("ORDER", "tiles") not in ("tiles", "lpt"):
         return f"ORDER: must be 'tiles' or 'lpt', got {cfg.get('ORDER')!r}"
+    if cfg.get("DQ_CMP", 0) not in (0, 1) or isinstance(cfg.get("DQ_CMP", 0), bool):
+        return f"DQ_CMP: must be 0 or 1, got {cfg.get('DQ_CMP')!r}"
     if cfg.get("KV_LOOP", "nested") not in ("nested", "flat"):
         return f"KV_LOOP: must be 'nested' or 'flat', got {cfg.get('KV_LOOP')!r}"
     if not isinstance(cfg["Q_CHUNK"], int) or cfg["Q_CHUNK"] < 0:
@@ -222,6 +228,12 @@ def _dense_check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) ->
     return None
 
 
+def _cmp_check(spec: NSASpec, cfg: Mapping[str, Any], limits: DeviceLimits) -> str | None:
+    if cfg.get("DQ_CMP", 0):
+        return "DQ_CMP: only the window plan (bwd_win) can take the compressed branch's dQ; use 0 for bwd_cmp"
+    return _dense_check(spec, cfg, limits)
+
+
 for _branch, _enabled in (("cmp", None), ("win", lambda s: s.window_size > 0)):
     register(
         KernelDef(
@@ -229,7 +241,7 @@ for _branch, _enabled in (("cmp", None), ("win", lambda s: s.window_size > 0)):
             template="bwd_dense.py.j2",
             pass_="bwd",
             space=_dense_space,
-            check=_dense_check,
+            check=_cmp_check if _branch == "cmp" else _dense_check,
             default=_dense_default(_branch),
             constants=_dense_constants(_branch),
             enabled=_enabled,

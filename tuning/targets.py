@@ -471,11 +471,14 @@ class BwdTarget(_OpsTarget):
                     torch.zeros(k.shape, device=q.device, dtype=f32),
                     torch.zeros(v.shape, device=q.device, dtype=f32),
                 )
+                # DQ_CMP (not searched, but a default or a given config may have it): the window's dQ kernel
+                # also takes the compressed branch's dQ
+                fused = {"cmp": (kc, vc, sv["lse_cmp"].float(), delta[0])} if config.get("DQ_CMP", 0) else {}
                 calls.append(
                     (
                         mod.run,
                         (q, k, v, do, g, sv["lse_win"].float(), delta[2], *bufs),
-                        {"max_len": T, "accum_q": True, "accum_kv": True},
+                        {"max_len": T, "accum_q": True, "accum_kv": True, **fused},
                     )
                 )
             elif self.kernel == "bwd_slc":

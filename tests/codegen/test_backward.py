@@ -13,6 +13,7 @@ Fresh random inputs per case; fp32 gradient buffers that a kernel must fully wri
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -133,6 +134,27 @@ def test_grads_match_reference(case):
     assert_close(kernel_grads(spec, xs, do), ref_grads(spec, xs, do))
 
 
+@pytest.mark.parametrize("case", ["G2-B2", "G16-dk48", "G4-l=d"])
+@pytest.mark.parametrize("loads", ["pointers", "tma"])
+def test_grads_dq_cmp_fused_into_window(case, loads):
+    """bwd_win's DQ_CMP = 1: the window's dQ kernel also runs the compressed branch's dQ loop (bwd_cmp then
+    has no dQ kernel and the selection's dQ stores first). Every gradient against the reference, with
+    pointer loads and TMA descriptors; the compressed plan rejects the option."""
+    kw, B, T = CASES[case]
+    spec = make_spec(**kw)
+    gen = torch.Generator().manual_seed(hash((case, "dq_cmp", loads)) % 2**31)
+    xs = make_inputs(spec, B, T, gen)
+    do = torch.randn(B, T, spec.attention.heads, spec.attention.head_dim_v, generator=gen)
+    cfg = {"bwd_cmp": {"LOADS": loads}, "bwd_win": {"LOADS": loads, "DQ_CMP": 1}}
+    ops = NSAOps(spec=spec, limits=DeviceLimits.interpreter_limits(), config=cfg)
+    src = ops.module("bwd_win", T=T, B=B).__file__
+    assert "KC, VC, LSEC, DELTAC" in Path(src).read_text()
+    assert_close(kernel_grads(spec, xs, do, ops=ops), ref_grads(spec, xs, do))
+    with pytest.raises(ValueError, match="DQ_CMP: only the window plan"):
+        NSAOps(spec=spec, limits=DeviceLimits.interpreter_limits(), config={"bwd_cmp": {"DQ_CMP": 1}}).plan(
+            "bwd_cmp", T=T, B=B)
+
+
 @pytest.mark.parametrize("case", ["G2-B2", "G16-dk48", "G2-nowin"])
 def test_grads_dense_branches_tma(case):
     """The compressed and window backward with their tiles through TMA descriptors (LOADS = "tma": the dK/dV
@@ -157,7 +179,7 @@ def test_grads_short_sequence_no_nan(loads):
     cfg = None
     if loads == "tma":
         cfg = {"cmp_fwd": {"LOADS": "tma"}, "slc_fwd": {"LOADS": "tma"}, "win_fwd": {"LOADS": "tma"},
-               "bwd_cmp": {"LOADS": "tma"}, "bwd_win": {"LOADS": "tma"},
+               "bwd_cmp": {"LOADS": "tma"}, "bwd_win": {"LOADS": "tma", "DQ_CMP": 1},
                "bwd_slc": {"DQ_LAYOUT": "rows", "DQ_LOADS": "tma"}}
     assert_close(kernel_grads(spec, xs, do, config=cfg), ref_grads(spec, xs, do))
 
@@ -198,6 +220,9 @@ def test_grads_varlen():
     # one loop over (head, query tile) pairs in the dK/dV kernels (programs with no query tile included)
     flat = {k: {**v, "KV_LOOP": "flat"} for k, v in qsplit.items()}
     assert_close(kernel_grads(spec, xs, do, cu_seqlens=cu, config=flat), want)
+    # the compressed dQ inside the window's dQ kernel (a sequence without any compressed block in the pack)
+    fused = {"bwd_cmp": qsplit["bwd_cmp"], "bwd_win": {**qsplit["bwd_win"], "DQ_CMP": 1}}
+    assert_close(kernel_grads(spec, xs, do, cu_seqlens=cu, config=fused), want)
 
 
 def test_schedule_variants_agree():
@@ -578,6 +603,30 @@ def test_gpu_dense_kv_loop_flat_equals_nested():
     the same products accumulated in the same order (paper spec, bf16, odd T)."""
     cfgs = ({"bwd_cmp": {"KV_LOOP": x}, "bwd_win": {"KV_LOOP": x}} for x in ("nested", "flat"))
     _assert_same_grads_bitwise(3, *cfgs)
+
+
+@pytest.mark.gpu
+def test_gpu_dq_cmp_fused_matches_reference_and_is_deterministic():
+    """bwd_win DQ_CMP = 1 on the card (paper spec, bf16, odd T, pointer loads and TMA): every gradient against
+    the fp32 reference given the same indices, dk / dv / dk_cmp / dv_cmp / dg bitwise those of the separate dQ
+    kernels (the option changes only dQ's summation order), and two runs bitwise equal."""
+    spec, xs, do = _paper_case(4096 + 5, 5)
+    for loads in ("pointers", "tma"):
+        base = {"bwd_cmp": {"LOADS": loads}, "bwd_win": {"LOADS": loads}}
+        fused = {"bwd_cmp": {"LOADS": loads}, "bwd_win": {"LOADS": loads, "DQ_CMP": 1}}
+        runs = []
+        for cfg in (base, fused, fused):
+            ops = nsa_dsl.compile(spec, config=cfg)
+            xs_b = [x.detach().clone().requires_grad_(True) for x in xs]
+            o, idx = nsa_attention(*xs_b, ops, return_indices=True, deterministic=True)
+            runs.append(torch.autograd.grad(o, xs_b, do))
+        want = ref_grads_given_indices(spec, [x.float() for x in xs], do.float(), idx)
+        for name, a, b, c, w in zip(NAMES, *runs, want, strict=True):
+            assert bool(torch.isfinite(b).all()) and torch.equal(b, c), (loads, name)
+            if name != "dq":
+                assert torch.equal(a, b), (loads, name)
+            err = (b.float() - w).norm() / w.norm().clamp_min(1e-6)
+            assert err < 2e-2, f"{loads} {name}: relative error {err:.3e}"
 
 
 @pytest.mark.gpu
