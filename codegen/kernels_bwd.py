@@ -161,7 +161,11 @@ def _dense_default(branch: str):
         # bench_backward --variants, tenth sweep, 2026-11-30): 10.66 -> 10.42 ms at 64k, 2.66 -> 2.55 at 16k;
         # the compressed one lost (33.22 -> 33.67 ms at 64k, 3.03 / 3.04 at 16k) and stays nested.
         loop = "flat" if branch == "win" else "nested"
-        cfg = {**kv, "Q_CHUNK": q_chunk, **dq, "ORDER": "tiles", "KV_LOOP": loop, "DQ_CMP": 0}
+        # The compressed dQ inside the window's dQ kernel (DQ_CMP; H200, paper spec, bench_backward
+        # --variants, two calls, 2026-11-30 01:49 UTC, backward ms): 112.78 -> 111.95 and 113.01 -> 111.93 at
+        # 64k, 19.85 -> 19.35 at 16k (the fused kernel 22.66 ms against 17.4 + 6.3 for the two dQ kernels).
+        fuse = 1 if branch == "win" else 0
+        cfg = {**kv, "Q_CHUNK": q_chunk, **dq, "ORDER": "tiles", "KV_LOOP": loop, "DQ_CMP": fuse}
         return prefer_tma(_dense_check, spec, cfg, limits)
 
     return default
