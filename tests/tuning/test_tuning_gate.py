@@ -183,6 +183,21 @@ def test_backward_target_gate():
     assert why and why.startswith("dg")
 
 
+def test_backward_target_window_with_the_compressed_dq():
+    """A bwd_win config with DQ_CMP = 1 (the GPU default) passes the gate (the whole backward with it) and its
+    timing call runs: the window module is given the compressed branch's inputs it then needs."""
+    _need("bwd_win")
+    from nsa_dsl.tuning.targets import default_target
+
+    tg = default_target(SPEC, "bwd_win", T=24, limits=INTERP)
+    cfg = {**plan.get_kernel("bwd_win").default(SPEC, INTERP), "DQ_CMP": 1}
+    built = tg.build(cfg)
+    assert tg.gate(built, cfg) is None
+    cand = tg.candidate(built, cfg)
+    for i in range(cand.n_inputs):
+        cand.run(i)
+
+
 def test_schedule_choice_is_tuned_and_looked_up():
     """The fused-vs-separate compression+selection composition is a tunable record like a kernel's."""
     pytest.importorskip("nsa_dsl.codegen.ops")
