@@ -152,14 +152,19 @@ def _nsa_cache(spec, B: int, T: int):  # noqa: N803
     return cache
 
 
-def run_nsa(spec, ops, B: int, T: int, splits=None, sweep=None, profile=False) -> dict:  # noqa: N803
+def _step_tensors(spec, B: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # noqa: N803
+    """One decode step's inputs for B sequences (bf16, fresh random q and gates) and an output buffer."""
     a = spec.attention
+    q = torch.randn(B, 1, a.heads, a.head_dim_qk, device=DEVICE, dtype=torch.bfloat16)
+    g = torch.rand(B, 1, a.heads, 3, device=DEVICE, dtype=torch.bfloat16)
+    return q, g, torch.empty(B, 1, a.heads, a.head_dim_v, device=DEVICE, dtype=torch.bfloat16)
+
+
+def run_nsa(spec, ops, B: int, T: int, splits=None, sweep=None, profile=False) -> dict:  # noqa: N803
     cache = _nsa_cache(spec, B, T)
     if splits is None:
         splits = _splits(ops, decode_plan(ops, B=B, S=1, T=T), B, 1, T)
-    q = torch.randn(B, 1, a.heads, a.head_dim_qk, device=DEVICE, dtype=torch.bfloat16)
-    g = torch.rand(B, 1, a.heads, 3, device=DEVICE, dtype=torch.bfloat16)
-    out = torch.empty(B, 1, a.heads, a.head_dim_v, device=DEVICE, dtype=torch.bfloat16)
+    q, g, out = _step_tensors(spec, B)
     step = lambda: decode(ops, q, cache, g, out=out, splits=splits, plan_length=T)  # noqa: E731
     res = {"us": abs(graph_us(step)), "splits": list(splits), "finite": bool(torch.isfinite(out).all())}
     for alt in sweep or []:
@@ -228,11 +233,8 @@ def timeline(shapes: list[tuple[str, int, int]], names: list[str], outdir: Path)
     for spec_name, B, T in shapes:  # noqa: N806
         spec = nsa_dsl.load_spec(spec_name)
         base = nsa_dsl.compile(spec, device=DEVICE)
-        a = spec.attention
         cache = _nsa_cache(spec, B, T)
-        q = torch.randn(B, 1, a.heads, a.head_dim_qk, device=DEVICE, dtype=torch.bfloat16)
-        g = torch.rand(B, 1, a.heads, 3, device=DEVICE, dtype=torch.bfloat16)
-        out = torch.empty(B, 1, a.heads, a.head_dim_v, device=DEVICE, dtype=torch.bfloat16)
+        q, g, out = _step_tensors(spec, B)
         for name in names:
             ops = base.with_config("decode", variants()[name]) if variants()[name] else base
             splits = _splits(ops, decode_plan(ops, B=B, S=1, T=T), B, 1, T)
@@ -429,10 +431,8 @@ def warm(index: int, part: int = 0, parts: int = 1) -> None:
     spec_name, B, T = key  # noqa: N806
     spec = nsa_dsl.load_spec(spec_name)
     base = nsa_dsl.compile(spec, device=DEVICE)
-    a = spec.attention
     cache = _nsa_cache(spec, B, min(T, 65536))  # same specialisations as the full length, less memory
-    q = torch.randn(B, 1, a.heads, a.head_dim_qk, device=DEVICE, dtype=torch.bfloat16)
-    g = torch.rand(B, 1, a.heads, 3, device=DEVICE, dtype=torch.bfloat16)
+    q, g, _ = _step_tensors(spec, B)
     for name, sp in _shape_variants(key)[part::parts]:
         t0 = time.time()
         ops = base.with_config("decode", variants()[name]) if variants()[name] else base
@@ -462,16 +462,13 @@ def compare(outdir: Path, tmax: int) -> None:
             continue
         spec = nsa_dsl.load_spec(spec_name)
         base = ops_by_spec.setdefault(spec_name, nsa_dsl.compile(spec, device=DEVICE))
-        a = spec.attention
         row: dict = {"spec": spec_name, "B": B, "T": T, "nsa": {}}
         try:
             cache = _nsa_cache(spec, B, T)
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
             continue
-        q = torch.randn(B, 1, a.heads, a.head_dim_qk, device=DEVICE, dtype=torch.bfloat16)
-        g = torch.rand(B, 1, a.heads, 3, device=DEVICE, dtype=torch.bfloat16)
-        out = torch.empty(B, 1, a.heads, a.head_dim_v, device=DEVICE, dtype=torch.bfloat16)
+        q, g, out = _step_tensors(spec, B)
         ref = None
         auto_out = {}  # variant -> output with automatic splits (PDL variants checked bitwise against "new")
         for name, sp in _shape_variants(key):
